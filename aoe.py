@@ -1,0 +1,2479 @@
+#!/usr/bin/env python3
+"""aoe.py - a user-space ATA over Ethernet (AoE r11) initiator and target.
+
+Finds AoE targets on the LAN, shows, probes and configures them, reads and
+writes them, and serves files or disks as targets - without the kernel's aoe
+module.  One file, standard library only; an optional compiled helper
+(_aoeio, built by build_ffi.py) moves frames in batches for speed.
+
+The file reads top to bottom, each section using only those above it:
+
+    constants  -> codec -> transport -> discovery and control queries
+    -> engine (windowed ATA I/O) -> target (serve) -> commands -> CLI
+"""
+
+import argparse
+import collections
+import ctypes
+import errno
+import json
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import hashlib
+
+__version__ = "0.1.0"
+PROG = "aoe.py"
+
+
+# =============================================================================
+# Constants: wire values named as in the AoE r11 spec and the kernel headers
+# =============================================================================
+
+ETH_P_AOE = 0x88A2
+ETH_ALEN = 6
+ETH_HLEN = 14
+ETH_ZLEN = 60                    # minimum frame length without FCS
+BROADCAST_MAC = b"\xff" * ETH_ALEN
+
+AOE_HVER = 0x10                  # protocol version 1, in the high nibble
+AOEFL_RSP = 0x08                 # flags (low nibble): response
+AOEFL_ERR = 0x04                 # flags: error, see AOEERR_*
+AOE_SHELF_ANY = 0xFFFF           # broadcast shelf (major)
+AOE_SLOT_ANY = 0xFF              # broadcast slot (minor)
+AOE_MAX_SHELF = 0xFFFE
+AOE_MAX_SLOT = 0xFE
+
+AOECMD_ATA = 0
+AOECMD_CFG = 1
+AOECMD_MASK = 2
+AOECMD_RESERVE = 3
+
+AOEERR_BADCMD = 1
+AOEERR_BADARG = 2
+AOEERR_DEVUNAVAIL = 3
+AOEERR_CFGSET = 4
+AOEERR_BADVER = 5
+AOEERR_RESERVED = 6
+AOE_ERROR_NAMES = {
+    AOEERR_BADCMD: "unrecognized command code",
+    AOEERR_BADARG: "bad argument parameter",
+    AOEERR_DEVUNAVAIL: "device unavailable",
+    AOEERR_CFGSET: "config string present",
+    AOEERR_BADVER: "unsupported version",
+    AOEERR_RESERVED: "target is reserved",
+}
+
+AOEAFL_EXT = 0x40                # 48-bit LBA
+AOEAFL_DEV = 0x10                # obsolete device bit
+AOEAFL_ASYNC = 0x02
+AOEAFL_WRITE = 0x01
+
+AOECCMD_READ = 0                 # Query Config sub-commands
+AOECCMD_TEST = 1
+AOECCMD_PTEST = 2
+AOECCMD_SET = 3
+AOECCMD_FSET = 4
+CCMD_NAMES = {"read": AOECCMD_READ, "test": AOECCMD_TEST, "prefix": AOECCMD_PTEST,
+              "set": AOECCMD_SET, "fset": AOECCMD_FSET}
+AOE_MAX_CONFIG = 1024
+
+MCMD_READ = 0                    # Mac Mask List
+MCMD_EDIT = 1
+DCMD_NONE = 0
+DCMD_ADD = 1
+DCMD_DELETE = 2
+MERROR_UNSPEC = 1
+MERROR_BADDIR = 2
+MERROR_FULL = 3
+MERROR_NAMES = {MERROR_UNSPEC: "unspecified error", MERROR_BADDIR: "bad directive",
+                MERROR_FULL: "mask list full"}
+
+RCMD_READ = 0                    # Reserve/Release
+RCMD_SET = 1
+RCMD_FORCE = 2
+
+ATA_CMD_PIO_READ = 0x20
+ATA_CMD_PIO_READ_EXT = 0x24
+ATA_CMD_PIO_WRITE = 0x30
+ATA_CMD_PIO_WRITE_EXT = 0x34
+ATA_CMD_CHK_POWER = 0xE5
+ATA_CMD_FLUSH = 0xE7
+ATA_CMD_FLUSH_EXT = 0xEA
+ATA_CMD_ID_ATA = 0xEC
+
+ATA_BUSY = 0x80                  # status bits
+ATA_DRDY = 0x40
+ATA_DF = 0x20
+ATA_DRQ = 0x08
+ATA_ERR = 0x01
+ATA_ICRC = 0x80                  # error bits
+ATA_UNC = 0x40
+ATA_IDNF = 0x10
+ATA_ABORTED = 0x04
+ATA_ERROR_NAMES = {ATA_ICRC: "interface CRC", ATA_UNC: "uncorrectable data",
+                   ATA_IDNF: "sector not found (past the end)", ATA_ABORTED: "command aborted"}
+
+SECTOR_SIZE = 512
+AOE_HDR_LEN = 24                 # Ethernet + AoE common header
+ATA_HDR_LEN = AOE_HDR_LEN + 12   # ... + ATA header: 36 bytes before data
+CFG_HDR_LEN = AOE_HDR_LEN + 8
+MASK_HDR_LEN = AOE_HDR_LEN + 4
+RES_HDR_LEN = AOE_HDR_LEN + 2
+LBA28_MAX = 0x0FFFFFFF
+
+# Tags: bit 31 marks user-space initiators (the kernel driver leaves it clear,
+# aoetools set it); bit 30 separates the data engine from control queries.
+TAG_USER = 1 << 31
+TAG_ENGINE = 1 << 30
+
+# Defaults, as the Linux driver's module parameters.
+DEFAULT_DEADSECS = 180           # aoe_deadsecs
+DEFAULT_MAXOUT = 64              # aoe_maxout: cap on any target's window
+DEFAULT_SECTORS_PER_FRAME = 2    # used when a target advertises 0
+DISCOVER_WAIT = 1.0              # seconds to gather Query Config answers
+QUERY_TIMEOUT = 1.0              # per try of a unicast control query
+QUERY_TRIES = 3
+
+# Exit codes.
+EXIT_OK = 0
+EXIT_FAIL = 1                    # nothing answered, target error, data mismatch
+EXIT_USAGE = 2                   # bad input, missing privilege, bad interface
+
+# Linux interface facts (from <linux/if.h>, <linux/if_arp.h>, <linux/if_packet.h>).
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+ARPHRD_ETHER = 1
+PACKET_IGNORE_OUTGOING = 23
+SOL_PACKET = 263
+
+
+class AoeError(Exception):
+    """A failure to report as one line; `code` is the process exit status."""
+
+    def __init__(self, message, code=EXIT_FAIL):
+        super().__init__(message)
+        self.code = code
+
+
+def usage_error(message):
+    return AoeError(message, EXIT_USAGE)
+
+
+# =============================================================================
+# Codec: frames to and from bytes.  No sockets, no clocks.
+# =============================================================================
+
+_COMMON = struct.Struct(">6s6sHBBHBBI")          # 24 bytes
+_ATA = struct.Struct("<BBBB6sxx")                 # aflags, err/feature, count, cmd/status, lba
+_CFG = struct.Struct(">HHBBH")                    # bufcnt, fwver, scnt, ver|ccmd, len
+_MASK = struct.Struct(">BBBB")                    # reserved, mcmd, merror, dir count
+_RES = struct.Struct(">BB")                       # rcmd, nmacs
+
+
+def mac_str(mac):
+    return ":".join("%02x" % b for b in mac)
+
+
+def parse_mac(text):
+    """Accepts 00:11:22:33:44:55, 00-11-..., or 001122334455."""
+    digits = text.replace(":", "").replace("-", "").replace(".", "")
+    try:
+        mac = bytes.fromhex(digits)
+    except ValueError:
+        mac = b""
+    if len(mac) != ETH_ALEN:
+        raise usage_error("%r is not a MAC address (want six hex bytes, e.g. 02:00:00:00:00:01)" % text)
+    return mac
+
+
+def parse_device(text):
+    """'e3.7' or '3.7' -> (3, 7).  Anything else is a usage error."""
+    name = text[1:] if text[:1] in ("e", "E") else text
+    shelf_text, dot, slot_text = name.partition(".")
+    if not dot or not shelf_text.isdigit() or not slot_text.isdigit():
+        raise usage_error("%r is not an AoE device name: use eSHELF.SLOT, e.g. e0.1" % text)
+    shelf, slot = int(shelf_text), int(slot_text)
+    if shelf > AOE_MAX_SHELF or slot > AOE_MAX_SLOT:
+        raise usage_error("%s: shelf must be 0-%d and slot 0-%d" % (text, AOE_MAX_SHELF, AOE_MAX_SLOT))
+    return shelf, slot
+
+
+def device_name(shelf, slot):
+    return "e%d.%d" % (shelf, slot)
+
+
+class Frame:
+    """A parsed AoE frame: the common header plus the command body (a memoryview)."""
+
+    __slots__ = ("dst", "src", "flags", "error", "shelf", "slot", "command", "tag", "body")
+
+    @property
+    def is_response(self):
+        return bool(self.flags & AOEFL_RSP)
+
+    @property
+    def is_error(self):
+        return bool(self.flags & AOEFL_ERR)
+
+    def error_text(self):
+        return aoe_error_text(self.error)
+
+
+class FrameError(ValueError):
+    """A frame that cannot be parsed; the receiver counts it under `reason`."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def aoe_error_text(code):
+    return AOE_ERROR_NAMES.get(code, "unknown AoE error %d" % code)
+
+
+def ata_error_text(err):
+    names = [name for bit, name in ATA_ERROR_NAMES.items() if err & bit]
+    return ", ".join(names) or "error register 0x%02x" % err
+
+
+def pad_frame(frame):
+    if len(frame) < ETH_ZLEN:
+        frame += bytes(ETH_ZLEN - len(frame))
+    return frame
+
+
+def pack_header(dst, src, shelf, slot, command, tag, flags=0, error=0):
+    return _COMMON.pack(dst, src, ETH_P_AOE, AOE_HVER | flags, error, shelf, slot, command, tag)
+
+
+def parse_frame(data):
+    """Bytes -> Frame.  Raises FrameError naming the drop reason."""
+    if len(data) < AOE_HDR_LEN:
+        raise FrameError("short")
+    dst, src, etype, verfl, error, shelf, slot, command, tag = _COMMON.unpack_from(data)
+    if etype != ETH_P_AOE:
+        raise FrameError("not_aoe")
+    if verfl & 0xF0 != AOE_HVER:
+        raise FrameError("version")
+    f = Frame()
+    f.dst, f.src, f.flags, f.error = dst, src, verfl & 0x0F, error
+    f.shelf, f.slot, f.command, f.tag = shelf, slot, command, tag
+    f.body = memoryview(data)[AOE_HDR_LEN:]
+    return f
+
+
+def lba_bytes(lba, ext):
+    """Six little-endian LBA bytes; LBA28 keeps bits 24-27 under the 0xE0 mode bits."""
+    if ext:
+        return (lba & 0xFFFFFFFFFFFF).to_bytes(6, "little")
+    return bytes((lba & 0xFF, lba >> 8 & 0xFF, lba >> 16 & 0xFF, 0xE0 | (lba >> 24 & 0x0F), 0, 0))
+
+
+def lba_value(raw, ext):
+    if ext:
+        return int.from_bytes(raw, "little")
+    return raw[0] | raw[1] << 8 | raw[2] << 16 | (raw[3] & 0x0F) << 24
+
+
+class AtaFields:
+    """The ATA part of an AoE ATA frame (request or response)."""
+
+    __slots__ = ("aflags", "err_feature", "count", "cmd_status", "lba", "data")
+
+    def __init__(self, aflags=0, err_feature=0, count=0, cmd_status=0, lba=0, data=b""):
+        self.aflags, self.err_feature, self.count = aflags, err_feature, count
+        self.cmd_status, self.lba, self.data = cmd_status, lba, data
+
+    @property
+    def ext(self):
+        return bool(self.aflags & AOEAFL_EXT)
+
+
+def pack_ata(dst, src, shelf, slot, tag, ata, flags=0, error=0):
+    head = pack_header(dst, src, shelf, slot, AOECMD_ATA, tag, flags, error)
+    body = _ATA.pack(ata.aflags, ata.err_feature, ata.count, ata.cmd_status, lba_bytes(ata.lba, ata.ext))
+    return pad_frame(head + body + bytes(ata.data))
+
+
+def parse_ata(frame):
+    if len(frame.body) < _ATA.size:
+        raise FrameError("short")
+    aflags, ef, count, cs, raw = _ATA.unpack_from(frame.body)
+    ext = bool(aflags & AOEAFL_EXT)
+    return AtaFields(aflags, ef, count, cs, lba_value(raw, ext), frame.body[_ATA.size:])
+
+
+class ConfigInfo:
+    """Query Config Information body."""
+
+    __slots__ = ("bufcnt", "fwver", "scnt", "aoever", "ccmd", "config")
+
+    def __init__(self, bufcnt=0, fwver=0, scnt=0, aoever=1, ccmd=AOECCMD_READ, config=b""):
+        self.bufcnt, self.fwver, self.scnt = bufcnt, fwver, scnt
+        self.aoever, self.ccmd, self.config = aoever, ccmd, bytes(config)
+
+
+def pack_cfg(dst, src, shelf, slot, tag, info, flags=0, error=0):
+    if len(info.config) > AOE_MAX_CONFIG:
+        raise usage_error("config string is %d bytes; AoE allows at most %d" % (len(info.config), AOE_MAX_CONFIG))
+    head = pack_header(dst, src, shelf, slot, AOECMD_CFG, tag, flags, error)
+    body = _CFG.pack(info.bufcnt, info.fwver, info.scnt, (info.aoever << 4) | info.ccmd, len(info.config))
+    return pad_frame(head + body + info.config)
+
+
+def parse_cfg(frame):
+    """The config string length field decides, never the frame length (padding)."""
+    if len(frame.body) < _CFG.size:
+        raise FrameError("short")
+    bufcnt, fwver, scnt, verccmd, length = _CFG.unpack_from(frame.body)
+    if length > AOE_MAX_CONFIG or _CFG.size + length > len(frame.body):
+        raise FrameError("short")
+    config = bytes(frame.body[_CFG.size:_CFG.size + length])
+    return ConfigInfo(bufcnt, fwver, scnt, verccmd >> 4, verccmd & 0x0F, config)
+
+
+class MaskInfo:
+    """Mac Mask List body: directives are (dcmd, mac) pairs."""
+
+    __slots__ = ("mcmd", "merror", "directives")
+
+    def __init__(self, mcmd=MCMD_READ, merror=0, directives=()):
+        self.mcmd, self.merror, self.directives = mcmd, merror, list(directives)
+
+
+def pack_mask(dst, src, shelf, slot, tag, info, flags=0, error=0):
+    head = pack_header(dst, src, shelf, slot, AOECMD_MASK, tag, flags, error)
+    body = _MASK.pack(0, info.mcmd, info.merror, len(info.directives))
+    body += b"".join(bytes((0, dcmd)) + mac for dcmd, mac in info.directives)
+    return pad_frame(head + body)
+
+
+def parse_mask(frame):
+    if len(frame.body) < _MASK.size:
+        raise FrameError("short")
+    _, mcmd, merror, count = _MASK.unpack_from(frame.body)
+    if _MASK.size + 8 * count > len(frame.body):
+        raise FrameError("short")
+    dirs = []
+    for i in range(count):
+        off = _MASK.size + 8 * i
+        dirs.append((frame.body[off + 1], bytes(frame.body[off + 2:off + 8])))
+    return MaskInfo(mcmd, merror, dirs)
+
+
+class ReserveInfo:
+    __slots__ = ("rcmd", "macs")
+
+    def __init__(self, rcmd=RCMD_READ, macs=()):
+        self.rcmd, self.macs = rcmd, list(macs)
+
+
+def pack_reserve(dst, src, shelf, slot, tag, info, flags=0, error=0):
+    head = pack_header(dst, src, shelf, slot, AOECMD_RESERVE, tag, flags, error)
+    return pad_frame(head + _RES.pack(info.rcmd, len(info.macs)) + b"".join(info.macs))
+
+
+def parse_reserve(frame):
+    if len(frame.body) < _RES.size:
+        raise FrameError("short")
+    rcmd, count = _RES.unpack_from(frame.body)
+    if _RES.size + 6 * count > len(frame.body):
+        raise FrameError("short")
+    macs = [bytes(frame.body[_RES.size + 6 * i:_RES.size + 6 * i + 6]) for i in range(count)]
+    return ReserveInfo(rcmd, macs)
+
+
+class Identify:
+    """ATA IDENTIFY DEVICE data: 256 little-endian words."""
+
+    def __init__(self, data):
+        if len(data) < SECTOR_SIZE:
+            raise FrameError("short")
+        self.words = struct.unpack_from("<256H", data)
+        w = self.words
+        self.serial = self._text(10, 20)
+        self.firmware = self._text(23, 27)
+        self.model = self._text(27, 47)
+        self.lba28_sectors = w[60] | w[61] << 16
+        self.lba48 = bool(w[83] & (1 << 10))
+        self.lba48_sectors = w[100] | w[101] << 16 | w[102] << 32 | w[103] << 48
+        self.sectors = self.lba48_sectors if self.lba48 and self.lba48_sectors else self.lba28_sectors
+
+    def _text(self, first, end):
+        """ATA strings hold two characters per word, high byte first, space padded."""
+        raw = b"".join(struct.pack(">H", word) for word in self.words[first:end])
+        return raw.decode("ascii", "replace").strip(" \0")
+
+    def as_dict(self):
+        return {"model": self.model, "serial": self.serial, "firmware": self.firmware,
+                "lba48": self.lba48, "sectors": self.sectors,
+                "lba28_sectors": self.lba28_sectors, "lba48_sectors": self.lba48_sectors}
+
+
+def build_identify(sectors, model, serial, firmware):
+    """IDENTIFY data for a target of `sectors` sectors (what serve answers)."""
+    words = [0] * 256
+
+    def put_text(first, length, text):
+        raw = text.encode("ascii", "replace")[:length].ljust(length)
+        for i in range(0, length, 2):
+            words[first + i // 2] = raw[i] << 8 | raw[i + 1]
+
+    words[47] = 0x8000 | 1                      # one sector per DRQ block
+    words[49] = 0x0200                          # LBA supported
+    words[50] = 0x4000
+    words[80] = 0x00F0                          # ATA-4..ATA-7
+    words[82] = 0x4000
+    words[83] = 0x4000 | 1 << 10 | 1 << 13 | 1 << 12   # LBA48, FLUSH CACHE EXT, FLUSH CACHE
+    words[84] = 0x4000
+    words[85] = 0x4000 | 1 << 5                 # write cache enabled
+    words[86] = 0x0000 | 1 << 10 | 1 << 13 | 1 << 12
+    words[87] = 0x4000
+    put_text(10, 20, serial)
+    put_text(23, 8, firmware)
+    put_text(27, 40, model)
+    lba28 = min(sectors, LBA28_MAX)
+    words[60], words[61] = lba28 & 0xFFFF, lba28 >> 16
+    for i in range(4):
+        words[100 + i] = sectors >> (16 * i) & 0xFFFF
+    return struct.pack("<256H", *words)
+
+
+def frame_sectors(mtu):
+    """Sectors one ATA frame carries at this MTU: the MTU holds AoE (10) + ATA (12) headers + data."""
+    return max(0, (mtu + ETH_HLEN - ATA_HDR_LEN) // SECTOR_SIZE)
+
+
+def sectors_per_frame(mtu, advertised):
+    """What one frame may carry: the interface's limit, capped by the target's count."""
+    n = frame_sectors(mtu)
+    return min(n, advertised or DEFAULT_SECTORS_PER_FRAME)
+
+
+# =============================================================================
+# Transport: interfaces and AF_PACKET sockets
+# =============================================================================
+
+SYS_NET = "/sys/class/net"
+
+
+class Interface:
+    """A network interface as the system reports it."""
+
+    def __init__(self, name):
+        self.name = name
+        base = os.path.join(SYS_NET, name)
+        if not os.path.isdir(base):
+            raise usage_error("%s: no such network interface (see '%s interfaces')" % (name, PROG))
+
+        def read(attr, default=""):
+            try:
+                with open(os.path.join(base, attr)) as f:
+                    return f.read().strip()
+            except OSError:
+                return default
+
+        self.mtu = int(read("mtu", "0") or 0)
+        self.flags = int(read("flags", "0") or "0", 16)
+        self.type = int(read("type", "0") or 0)
+        self.operstate = read("operstate", "unknown")
+        mac = read("address", "")
+        self.mac = parse_mac(mac) if len(mac) == 17 else bytes(6)
+
+    @property
+    def up(self):
+        return bool(self.flags & IFF_UP)
+
+    @property
+    def is_ethernet(self):
+        return self.type == ARPHRD_ETHER and not self.flags & IFF_LOOPBACK
+
+    def as_dict(self):
+        return {"name": self.name, "mac": mac_str(self.mac), "mtu": self.mtu, "up": self.up,
+                "operstate": self.operstate, "ethernet": self.is_ethernet,
+                "payload": frame_sectors(self.mtu) * SECTOR_SIZE}
+
+
+def all_interfaces():
+    try:
+        names = sorted(os.listdir(SYS_NET))
+    except OSError:
+        names = []
+    return [Interface(n) for n in names]
+
+
+def iflist_from(option_values):
+    """The allow-list: --iface values if given, else $AOE_IFLIST, else None (all)."""
+    words = []
+    for value in option_values or [os.environ.get("AOE_IFLIST", "")]:
+        words += value.replace(",", " ").split()
+    return words or None
+
+
+def select_interfaces(allow=None):
+    """The interfaces AoE may use: the allow-list (checked), else all up Ethernet ones."""
+    if allow:
+        chosen = []
+        for name in allow:
+            ifc = Interface(name)
+            if not ifc.is_ethernet:
+                raise usage_error("%s is not an Ethernet interface; AoE needs one" % name)
+            if not ifc.up:
+                raise usage_error("%s is down: bring it up with 'ip link set %s up'" % (name, name))
+            chosen.append(ifc)
+        return chosen
+    chosen = [i for i in all_interfaces() if i.is_ethernet and i.up]
+    if not chosen:
+        raise usage_error("no Ethernet interface is up: bring one up, or name one with --iface")
+    return chosen
+
+
+def open_raw_socket(ifname):
+    """An AF_PACKET socket for AoE frames on one interface, not seeing our own sends."""
+    try:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_AOE))
+    except PermissionError:
+        raise AoeError("raw sockets need root or CAP_NET_RAW: run as root (sudo %s ...)" % PROG, EXIT_USAGE)
+    try:
+        sock.bind((ifname, ETH_P_AOE))
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+        except OSError:
+            pass                                 # kernels before 4.20: R flag filtering still drops them
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+    except OSError as e:
+        sock.close()
+        raise usage_error("%s: cannot open an AoE socket: %s" % (ifname, e.strerror))
+    sock.setblocking(False)
+    return sock
+
+
+class DropCounters(collections.Counter):
+    """Frames received but not used, by reason; shown with -v."""
+
+    def describe(self):
+        return ", ".join("%s %d" % (k, v) for k, v in sorted(self.items()) if v) or "none"
+
+
+class Port:
+    """One interface's socket: send frames, receive frames until a deadline."""
+
+    def __init__(self, ifc):
+        self.ifc = ifc
+        self.name = ifc.name
+        self.mac = ifc.mac
+        self.sock = open_raw_socket(ifc.name)
+        self.buf = bytearray(65536)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def send(self, frame):
+        try:
+            self.sock.send(frame)
+        except BlockingIOError:
+            select.select([], [self.sock], [], 1.0)
+            self.sock.send(frame)
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise AoeError("%s: frame of %d bytes exceeds MTU %d" % (self.name, len(frame), self.ifc.mtu))
+            raise AoeError("%s: send failed: %s" % (self.name, e.strerror))
+
+    def recv(self):
+        """One frame as bytes, or None when the socket is empty."""
+        try:
+            n = self.sock.recv_into(self.buf)
+        except (BlockingIOError, InterruptedError):
+            return None
+        return bytes(self.buf[:n])
+
+    def close(self):
+        self.sock.close()
+
+
+def open_ports(allow=None):
+    return [Port(i) for i in select_interfaces(allow)]
+
+
+def close_ports(ports):
+    for p in ports:
+        p.close()
+
+
+def receive_until(ports, deadline, drops):
+    """Yield (port, Frame) for well-formed responses until `deadline` (monotonic).
+
+    Malformed and non-response frames are dropped and counted in `drops`."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        ready, _, _ = select.select(ports, [], [], remaining)
+        for port in ready:
+            for _ in range(256):
+                data = port.recv()
+                if data is None:
+                    break
+                try:
+                    frame = parse_frame(data)
+                except FrameError as e:
+                    drops[e.reason] += 1
+                    continue
+                if not frame.is_response:
+                    drops["not_response"] += 1
+                    continue
+                yield port, frame
+
+
+# =============================================================================
+# Discovery and control queries: Query Config, IDENTIFY, masks, reservations
+# =============================================================================
+
+class Path:
+    """One way to reach a target: our port and the target's MAC behind it."""
+
+    __slots__ = ("port", "mac")
+
+    def __init__(self, port, mac):
+        self.port, self.mac = port, mac
+
+    def __repr__(self):
+        return "%s->%s" % (self.port.name, mac_str(self.mac))
+
+
+class Target:
+    """Everything learned about one eX.Y: its paths and its Query Config answer."""
+
+    def __init__(self, shelf, slot, info):
+        self.shelf, self.slot = shelf, slot
+        self.info = info
+        self.paths = []
+        self.identify = None
+        self.identify_error = None
+
+    @property
+    def name(self):
+        return device_name(self.shelf, self.slot)
+
+    def add_path(self, port, mac):
+        if not any(p.port is port and p.mac == mac for p in self.paths):
+            self.paths.append(Path(port, mac))
+
+    @property
+    def sectors_per_frame(self):
+        """The frame size every path can carry (the kernel also uses the smallest)."""
+        return min(sectors_per_frame(p.port.ifc.mtu, self.info.scnt) for p in self.paths)
+
+    @property
+    def sectors(self):
+        return self.identify.sectors if self.identify else None
+
+    def as_dict(self):
+        d = {"device": self.name, "shelf": self.shelf, "slot": self.slot,
+             "paths": [{"interface": p.port.name, "mac": mac_str(p.mac), "mtu": p.port.ifc.mtu}
+                       for p in self.paths],
+             "interfaces": sorted({p.port.name for p in self.paths}),
+             "macs": sorted({mac_str(p.mac) for p in self.paths}),
+             "buffers": self.info.bufcnt, "fwver": "0x%04x" % self.info.fwver,
+             "aoe_version": self.info.aoever,
+             "advertised_sectors": self.info.scnt, "sectors_per_frame": self.sectors_per_frame,
+             "payload": self.sectors_per_frame * SECTOR_SIZE,
+             "config": self.info.config.decode("utf-8", "replace")}
+        if self.identify:
+            d.update(self.identify.as_dict())
+            d["size_bytes"] = self.identify.sectors * SECTOR_SIZE
+            d["state"] = "up"
+        else:
+            d["state"] = "unresponsive"
+            d["error"] = self.identify_error
+        return d
+
+
+class Control:
+    """Control-plane conversations (one tag each) over a set of ports."""
+
+    def __init__(self, ports, verbose=False):
+        self.ports = ports
+        self.verbose = verbose
+        self.drops = DropCounters()
+        self._tag = TAG_USER | random.getrandbits(29) << 1
+
+    def next_tag(self):
+        self._tag = TAG_USER | ((self._tag + 1) & (TAG_ENGINE - 1))
+        return self._tag
+
+    def _broadcast(self, ports, build):
+        tag = self.next_tag()
+        for port in ports:
+            port.send(build(port, BROADCAST_MAC, tag))
+        return tag
+
+    def _answers(self, tags, deadline, want=None):
+        """Responses carrying one of `tags`; `want(frame)` rejects others' answers (counted)."""
+        for port, frame in receive_until(self.ports, deadline, self.drops):
+            if frame.tag not in tags or frame.shelf == AOE_SHELF_ANY or frame.slot == AOE_SLOT_ANY:
+                self.drops["unsolicited"] += 1
+                continue
+            if want is not None and not want(frame):
+                self.drops["foreign"] += 1
+                continue
+            yield port, frame
+
+    def query_config(self, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY, ccmd=AOECCMD_READ, config=b"",
+                     wait=DISCOVER_WAIT, ports=None, first_only=False):
+        """Broadcast Query Config; returns [(port, frame, ConfigInfo or None)] in arrival order."""
+        ports = ports or self.ports
+        request = ConfigInfo(ccmd=ccmd, config=config)
+
+        def build(port, dst, tag):
+            return pack_cfg(dst, port.mac, shelf, slot, tag, request)
+
+        tag = self._broadcast(ports, build)
+        results = []
+        want = lambda f: (f.command == AOECMD_CFG and shelf in (AOE_SHELF_ANY, f.shelf)
+                          and slot in (AOE_SLOT_ANY, f.slot))
+        for port, frame in self._answers((tag,), time.monotonic() + wait, want):
+            info = None
+            if not frame.is_error:
+                try:
+                    info = parse_cfg(frame)
+                except FrameError as e:
+                    self.drops[e.reason] += 1
+                    continue
+            results.append((port, frame, info))
+            if first_only:
+                break
+        return results
+
+    def discover(self, wait=DISCOVER_WAIT, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY):
+        """Targets that answer a broadcast Query Config, keyed by (shelf, slot)."""
+        targets = {}
+        for port, frame, info in self.query_config(shelf, slot, wait=wait):
+            if info is None:
+                continue
+            key = (frame.shelf, frame.slot)
+            if key not in targets:
+                targets[key] = Target(frame.shelf, frame.slot, info)
+            targets[key].add_path(port, frame.src)
+        return [targets[k] for k in sorted(targets)]
+
+    def unicast(self, path, shelf, slot, build, command, tries=QUERY_TRIES, timeout=QUERY_TIMEOUT):
+        """Send to one path and wait for its answer, resending up to `tries` times."""
+        for _ in range(tries):
+            tag = self.next_tag()
+            path.port.send(build(path.port.mac, path.mac, tag))
+            want = lambda f: (f.command == command and f.shelf == shelf and f.slot == slot
+                              and f.src == path.mac)
+            for _, frame in self._answers((tag,), time.monotonic() + timeout, want):
+                return frame
+        return None
+
+    def ata(self, target, ata, path=None, tries=QUERY_TRIES, timeout=QUERY_TIMEOUT):
+        """One ATA command to a target; returns the response Frame or None."""
+        path = path or target.paths[0]
+
+        def build(src, dst, tag):
+            return pack_ata(dst, src, target.shelf, target.slot, tag, ata)
+
+        return self.unicast(path, target.shelf, target.slot, build, AOECMD_ATA, tries, timeout)
+
+    def identify(self, targets, timeout=QUERY_TIMEOUT, tries=QUERY_TRIES):
+        """IDENTIFY every target at once; fills target.identify or target.identify_error."""
+        pending = {t: None for t in targets if t.paths}
+        for attempt in range(tries):
+            if not pending:
+                break
+            tags = {}
+            for t in pending:
+                tag = self.next_tag()
+                path = t.paths[attempt % len(t.paths)]
+                req = AtaFields(count=1, cmd_status=ATA_CMD_ID_ATA, lba=0)
+                path.port.send(pack_ata(path.mac, path.port.mac, t.shelf, t.slot, tag, req))
+                tags[tag] = t
+            want = lambda f: f.command == AOECMD_ATA and f.tag in tags and \
+                (f.shelf, f.slot) == (tags[f.tag].shelf, tags[f.tag].slot)
+            for _, frame in self._answers(tags, time.monotonic() + timeout, want):
+                t = tags.pop(frame.tag)
+                pending.pop(t, None)
+                t.identify, t.identify_error = self._identify_result(frame)
+                if not tags:
+                    break
+        for t in pending:
+            t.identify_error = t.identify_error or "no answer to IDENTIFY"
+
+    @staticmethod
+    def _identify_result(frame):
+        if frame.is_error:
+            return None, "AoE error: %s" % frame.error_text()
+        try:
+            ata = parse_ata(frame)
+            if ata.cmd_status & ATA_ERR:
+                return None, "ATA error: %s" % ata_error_text(ata.err_feature)
+            return Identify(ata.data), None
+        except FrameError:
+            return None, "IDENTIFY answer too short"
+
+
+def find_targets(control, devices=None, wait=DISCOVER_WAIT, identify=True):
+    """Discover, optionally narrowed to `devices` [(shelf, slot)], then IDENTIFY them."""
+    if devices and len(devices) == 1:
+        targets = control.discover(wait, *devices[0])
+    else:
+        targets = control.discover(wait)
+        if devices:
+            targets = [t for t in targets if (t.shelf, t.slot) in set(devices)]
+    if identify:
+        control.identify(targets)
+    return targets
+
+
+def find_target(control, device, wait=DISCOVER_WAIT):
+    """The one target named `device` (e.g. 'e0.1'), identified, or a clear error."""
+    shelf, slot = parse_device(device)
+    targets = find_targets(control, [(shelf, slot)], wait)
+    if not targets:
+        names = ", ".join(p.name for p in control.ports)
+        raise AoeError("%s: no answer on %s (is the target running? see '%s discover')"
+                       % (device_name(shelf, slot), names, PROG))
+    target = targets[0]
+    if target.identify is None:
+        raise AoeError("%s: %s" % (target.name, target.identify_error))
+    return target
+
+
+# =============================================================================
+# Engine: windowed ATA I/O to one target over all its paths
+# =============================================================================
+#
+# The pump moves frames (split requests, tag, send, match, copy, notice
+# expiry); the Engine decides (windows, retransmit timeouts, failover, dead
+# target).  The compiled helper provides a fast pump; PyPump is the same
+# mechanism in Python, used when the helper is not built.
+
+OP_READ, OP_WRITE, OP_FLUSH = 0, 1, 2
+STATUS_AOE_ERROR = 0x100         # status -(0x100 | AoE error code)
+STATUS_ATA_ERROR = 0x200         # status -(0x200 | ATA error register)
+MIN_RTO_US = 2000
+MAX_RTO_US = 4000000
+INITIAL_RTO_US = 250000          # before any sample (the kernel starts at 250 ms too)
+PATH_LOST_LIMIT = 4              # expiries in a row before a path counts as silent
+PATH_RETRY_US = 2000000          # a silent path is tried again after this
+MAX_FRAMES = 4096                # tag slots per engine
+
+
+def status_text(status):
+    """Engine status (0 or negative) -> words."""
+    code = -status
+    if code & STATUS_ATA_ERROR:
+        return "ATA error: " + ata_error_text(code & 0xFF)
+    if code & STATUS_AOE_ERROR:
+        return "AoE error: " + aoe_error_text(code & 0xFF)
+    return os.strerror(code)
+
+
+def ata_opcode(op, ext, flush_cmd=ATA_CMD_FLUSH_EXT):
+    if op == OP_FLUSH:
+        return flush_cmd
+    base = ATA_CMD_PIO_WRITE if op == OP_WRITE else ATA_CMD_PIO_READ
+    return base | (0x04 if ext else 0)
+
+
+class PumpPath:
+    """Per-path state shared by pump and engine (fields as in the helper's struct aoe_path)."""
+
+    __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us",
+                 "sent", "recv", "last_recv_us", "header")
+
+    def __init__(self, index, port, dst):
+        self.index, self.port, self.src, self.dst = index, port, port.mac, dst
+        self.maxout, self.outstanding, self.enabled = 1, 0, 1
+        self.rto_us, self.sent, self.recv, self.last_recv_us = INITIAL_RTO_US, 0, 0, 0
+
+
+def now_us():
+    return time.monotonic_ns() // 1000
+
+
+class PyPump:
+    """The frame mechanism in pure Python: one frame per system call."""
+
+    _ATA_REQ = struct.Struct(">IBBBB6sxx")       # tag, then the ATA header
+    _RSP = struct.Struct(">HBBHBBIBBBB")         # from offset 12: type .. ATA status
+
+    def __init__(self, shelf, slot, lba48, spf):
+        self.shelf, self.slot, self.lba48, self.spf = shelf, slot, lba48, spf
+        self.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
+        self.paths = []
+        self.drops = DropCounters()
+        self.stats = collections.Counter()
+        self.free = collections.deque(range(MAX_FRAMES))
+        self.gen = [0] * MAX_FRAMES
+        self.frame = [None] * MAX_FRAMES          # slot -> frame list, see submit()
+        self.inflight = {}                        # slot -> frame list
+        self.pending = collections.deque()        # frame lists waiting for a window
+        self.requests = {}                        # req_id -> [frames left, status, buffer, op]
+        self.done = []
+        self.rxbuf = bytearray(65536)
+        self.rxview = memoryview(self.rxbuf)
+        self.poller = select.poll()
+        self.rr = 0
+
+    def add_path(self, port, dst):
+        path = PumpPath(len(self.paths), port, dst)
+        path.header = bytearray(pack_header(dst, port.mac, self.shelf, self.slot, AOECMD_ATA, 0) + bytes(12))
+        self.paths.append(path)
+        self.poller.register(port.fileno(), select.POLLIN)
+        return len(self.paths) - 1
+
+    @property
+    def busy(self):
+        return bool(self.requests)
+
+    def submit(self, req_id, op, lba, nsect, buf):
+        # A frame: [req_id, lba, sectors, byte offset, path, sent_us, expiry reported, resent]
+        frames = []
+        if op == OP_FLUSH:
+            frames.append([req_id, 0, 0, 0, None, 0, False, False])
+        else:
+            off = 0
+            while off < nsect:
+                n = min(self.spf, nsect - off)
+                frames.append([req_id, lba + off, n, off * SECTOR_SIZE, None, 0, False, False])
+                off += n
+        self.requests[req_id] = [len(frames), 0, memoryview(buf).cast("B") if buf is not None else None, op]
+        self.pending.extend(frames)
+        return 0
+
+    def _pick_path(self):
+        n = len(self.paths)
+        for i in range(n):
+            p = self.paths[(self.rr + i) % n]
+            if p.enabled and p.outstanding < p.maxout:
+                self.rr = (self.rr + i + 1) % n
+                return p
+        return None
+
+    def _send_pending(self):
+        while self.pending and self.free:
+            path = self._pick_path()
+            if path is None:
+                return
+            fr = self.pending.popleft()
+            req = self.requests.get(fr[0])
+            if req is None:                       # failed meanwhile
+                continue
+            slot = self.free.popleft()
+            self.gen[slot] = gen = (self.gen[slot] + 1) & 0x3FFF
+            tag = TAG_USER | TAG_ENGINE | gen << 16 | slot
+            op = req[3]
+            aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
+            self._ATA_REQ.pack_into(path.header, 20, tag, aflags, 0, fr[2], ata_opcode(op, self.lba48, self.flush_cmd),
+                                    lba_bytes(fr[1], self.lba48))
+            parts = [path.header]
+            length = ATA_HDR_LEN
+            if op == OP_WRITE:
+                parts.append(req[2][fr[3]:fr[3] + fr[2] * SECTOR_SIZE])
+                length += fr[2] * SECTOR_SIZE
+            if length < ETH_ZLEN:
+                parts.append(bytes(ETH_ZLEN - length))
+            try:
+                path.port.sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                self.free.appendleft(slot)
+                self.pending.appendleft(fr)
+                self.stats["send_eagain"] += 1
+                return
+            fr[4], fr[5], fr[6] = path, now_us(), False
+            self.frame[slot] = fr
+            self.inflight[slot] = fr
+            path.outstanding += 1
+            path.sent += 1
+            self.stats["frames_sent"] += 1
+
+    def _finish_frame(self, slot, fr, status):
+        del self.inflight[slot]
+        self.frame[slot] = None
+        self.free.append(slot)
+        fr[4].outstanding -= 1
+        req = self.requests.get(fr[0])
+        if req is None:
+            return
+        if status and not req[1]:
+            req[1] = status
+        req[0] -= 1
+        if req[0] == 0:
+            del self.requests[fr[0]]
+            self.done.append((fr[0], req[1]))
+
+    def _receive(self, port_index_by_fd, rtt):
+        drops = self.drops
+        buf, view = self.rxbuf, self.rxview
+        for fd, _ in self.poller.poll(0):
+            sock = self.paths[port_index_by_fd[fd]].port.sock
+            for _ in range(512):
+                try:
+                    n = sock.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if n < ATA_HDR_LEN:
+                    drops["short"] += 1
+                    continue
+                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status = \
+                    self._RSP.unpack_from(buf, 12)
+                if etype != ETH_P_AOE or verfl & 0xF0 != AOE_HVER:
+                    drops["version"] += 1
+                    continue
+                if not verfl & AOEFL_RSP:
+                    drops["not_response"] += 1
+                    continue
+                if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
+                    drops["foreign"] += 1
+                    continue
+                slot = tag & 0xFFFF
+                fr = self.inflight.get(slot) if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
+                if fr is None or self.gen[slot] != (tag >> 16) & 0x3FFF:
+                    drops["stale"] += 1
+                    continue
+                path = fr[4]
+                if buf[6:12] != path.dst:
+                    drops["bad_mac"] += 1
+                    continue
+                if verfl & AOEFL_ERR:
+                    result = -(STATUS_AOE_ERROR | err)
+                elif status & (ATA_ERR | ATA_DF):
+                    result = -(STATUS_ATA_ERROR | aerr)
+                else:
+                    result = 0
+                    req = self.requests.get(fr[0])
+                    if req is not None and req[3] == OP_READ:
+                        size = fr[2] * SECTOR_SIZE
+                        if n < ATA_HDR_LEN + size:
+                            drops["short"] += 1
+                            continue
+                        req[2][fr[3]:fr[3] + size] = view[ATA_HDR_LEN:ATA_HDR_LEN + size]
+                        self.stats["bytes_data"] += size
+                t = now_us()
+                path.recv += 1
+                path.last_recv_us = t
+                self.stats["frames_recv"] += 1
+                if not fr[7]:
+                    rtt.append((path.index, t - fr[5]))
+                self._finish_frame(slot, fr, result)
+
+    def pump(self, timeout_us):
+        """One round: send, wait up to timeout_us, receive; returns (done, expired, rtt)."""
+        self.done = []
+        rtt = []
+        self._send_pending()
+        by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
+        if self.poller.poll(max(0, timeout_us) // 1000 if self.inflight else 0):
+            self._receive(by_fd, rtt)
+            self._send_pending()
+        expired = []
+        t = now_us()
+        for slot, fr in self.inflight.items():
+            if not fr[6] and t - fr[5] > fr[4].rto_us:
+                fr[6] = True
+                expired.append(slot)
+        return self.done, expired, rtt
+
+    def expired_path(self, slot):
+        return self.frame[slot][4].index
+
+    def resend(self, slot):
+        """Retransmit later with a new tag; a late answer to the old one is then stale."""
+        fr = self.inflight.pop(slot)
+        self.frame[slot] = None
+        fr[4].outstanding -= 1
+        self.gen[slot] = (self.gen[slot] + 1) & 0x3FFF
+        self.free.append(slot)
+        fr[4], fr[7] = None, True                 # Karn: no RTT sample from a resent frame
+        self.pending.appendleft(fr)
+        self.stats["frames_resent"] += 1
+
+    def fail_all(self, status):
+        for slot in list(self.inflight):
+            fr = self.inflight.pop(slot)
+            fr[4].outstanding -= 1
+            self.gen[slot] = (self.gen[slot] + 1) & 0x3FFF
+            self.frame[slot] = None
+            self.free.append(slot)
+        self.pending.clear()
+        failed = [(req_id, status) for req_id in self.requests]
+        self.requests.clear()
+        return failed
+
+    def close(self):
+        pass
+
+
+def load_helper():
+    """The compiled helper module, or None (pure-Python path).  AOE_NO_HELPER=1 forces None."""
+    if os.environ.get("AOE_NO_HELPER"):
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import _aoeio
+    except ImportError:
+        return None
+    return _aoeio
+
+
+class PathPolicy:
+    """The engine's view of one path: RTT estimate, window growth, silence."""
+
+    __slots__ = ("srtt", "rttvar", "ssthresh", "credit", "lost", "retry_at", "last_shrink")
+
+    def __init__(self, window):
+        self.srtt, self.rttvar = 0.0, 0.0
+        self.ssthresh, self.credit, self.lost = window, 0, 0
+        self.retry_at = self.last_shrink = 0
+
+
+class Engine:
+    """Reads, writes and flushes on one target: the policy over a pump.
+
+    Window per path bounded by the target's buffer count (and --maxout),
+    halved on loss and grown back as answers come, like the kernel driver;
+    retransmit timeout from smoothed RTT + 4 deviations; a path that stops
+    answering is set aside while others work; after `deadsecs` without any
+    answer every request fails with ETIMEDOUT."""
+
+    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None):
+        if target.identify is None:
+            raise AoeError("%s: %s" % (target.name, target.identify_error or "not identified"))
+        self.target = target
+        self.deadsecs = deadsecs
+        self.lba48 = target.identify.lba48
+        self.sectors = target.identify.sectors
+        self.spf = target.sectors_per_frame
+        self.window = max(1, min(target.info.bufcnt or 1, maxout))
+        self.helper_used = helper is not None
+        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf) if helper is None \
+            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf)
+        self.policy = []
+        for p in target.paths:
+            i = self.pump.add_path(p.port, p.mac)
+            self.pump.paths[i].maxout = self.window
+            self.policy.append(PathPolicy(self.window))
+        self.last_progress = now_us()
+        self.dead = None
+        self.next_id = 0
+        self.backlog = []                         # completions run() saw for other requests
+
+    def submit(self, op, lba, nsect, buf, req_id=None):
+        """Queue a request; returns its id.  Raises AoeError for bad ranges or a dead target."""
+        if self.dead:
+            raise AoeError(self.dead)
+        if op != OP_FLUSH and (lba < 0 or nsect <= 0 or lba + nsect > self.sectors):
+            raise AoeError("%s: sectors %d-%d are outside the device (%d sectors)"
+                           % (self.target.name, lba, lba + nsect - 1, self.sectors))
+        if not self.lba48 and op != OP_FLUSH and lba + nsect > LBA28_MAX:
+            raise AoeError("%s: sector %d needs LBA48, which the target lacks" % (self.target.name, lba + nsect))
+        if req_id is None:
+            req_id = self.next_id = self.next_id + 1
+        if not self.pump.busy:
+            self.last_progress = now_us()
+        rc = self.pump.submit(req_id, op, lba, nsect, buf)
+        if rc < 0:
+            raise AoeError("%s: cannot queue request: %s" % (self.target.name, os.strerror(-rc)))
+        return req_id
+
+    def poll(self, timeout_us=10000):
+        """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code)."""
+        done, expired, rtt = self.pump.pump(0 if self.backlog else timeout_us)
+        if self.backlog:
+            done, self.backlog = self.backlog + list(done), []
+        t = now_us()
+        if done or rtt:
+            self.last_progress = t
+        self._learn_rtt(rtt)
+        for slot in expired:
+            self._on_loss(self.pump.expired_path(slot), t)
+            self.pump.resend(slot)
+        self._revive_paths(t)
+        if self.pump.busy and t - self.last_progress > self.deadsecs * 1000000:
+            self.dead = ("%s: no answer for %d s (deadsecs); the target is down or unreachable"
+                         % (self.target.name, self.deadsecs))
+            done = list(done) + self.pump.fail_all(-errno.ETIMEDOUT)
+        return done
+
+    def _learn_rtt(self, samples):
+        """Jacobson/Karels per path, fed once per batch with its mean and spread."""
+        by_path = collections.defaultdict(list)
+        for index, us in samples:
+            by_path[index].append(us)
+        for index, values in by_path.items():
+            pol, path = self.policy[index], self.pump.paths[index]
+            mean = sum(values) / len(values)
+            spread = max(values) - mean
+            if pol.srtt == 0:
+                pol.srtt, pol.rttvar = mean, mean / 2
+            else:
+                err = mean - pol.srtt
+                pol.srtt += err / 8
+                pol.rttvar += (max(abs(err), spread) - pol.rttvar) / 4
+            path.rto_us = int(min(MAX_RTO_US, max(MIN_RTO_US, pol.srtt + 4 * pol.rttvar)))
+            pol.lost = 0
+            # Window growth: one more per answer below ssthresh, else one per window of answers.
+            if path.maxout < self.window:
+                if path.maxout < pol.ssthresh:
+                    path.maxout = min(self.window, path.maxout + len(values))
+                else:
+                    pol.credit += len(values)
+                    if pol.credit >= path.maxout:
+                        pol.credit = 0
+                        path.maxout += 1
+
+    def _on_loss(self, index, t):
+        pol, path = self.policy[index], self.pump.paths[index]
+        pol.lost += 1
+        if t - pol.last_shrink > path.rto_us:      # one decrease per loss episode
+            pol.last_shrink = t
+            pol.ssthresh = max(1, path.maxout // 2)
+            path.maxout = pol.ssthresh
+            path.rto_us = min(MAX_RTO_US, path.rto_us * 2)
+        others = [p for i, p in enumerate(self.pump.paths) if i != index and p.enabled]
+        if pol.lost >= PATH_LOST_LIMIT and others and path.enabled:
+            path.enabled = 0
+            pol.retry_at = t + PATH_RETRY_US
+
+    def _revive_paths(self, t):
+        for pol, path in zip(self.policy, self.pump.paths):
+            if not path.enabled and t >= pol.retry_at:
+                path.enabled, path.maxout, pol.lost = 1, 1, PATH_LOST_LIMIT - 1
+
+    def flush(self):
+        """Empty the target's write cache.  Targets that abort FLUSH CACHE EXT (vblade does)
+        get FLUSH CACHE from then on."""
+        try:
+            self.run(OP_FLUSH, 0, 0, None)
+        except AoeError:
+            if self.pump.flush_cmd != ATA_CMD_FLUSH_EXT or self.dead:
+                raise
+            self.pump.flush_cmd = ATA_CMD_FLUSH
+            self.run(OP_FLUSH, 0, 0, None)
+
+    def run(self, op, lba, nsect, buf):
+        """Do one request to completion; other requests' completions wait for the next poll()."""
+        req = self.submit(op, lba, nsect, buf)
+        while True:
+            for rid, status in self.poll(20000):
+                if rid != req:
+                    self.backlog.append((rid, status))
+                elif status:
+                    raise AoeError(io_error_text(self, op, lba, nsect, status))
+                else:
+                    return
+
+    def counters(self):
+        c = dict(self.pump.stats)
+        c.update(("drop_" + k, v) for k, v in self.pump.drops.items())
+        return c
+
+    def close(self):
+        self.pump.close()
+
+
+# =============================================================================
+# Target: serve a file or block device as eX.Y (what vblade does)
+# =============================================================================
+
+SERVE_FIRMWARE = 0x4019          # reported firmware version
+SERVE_MASK_MAX = 255             # mask list entries the target keeps
+SERVE_RESERVE_MAX = 255
+
+
+class Export:
+    """The backing store: a window [offset, offset+length) of a file or block device, in sectors."""
+
+    def __init__(self, path, readonly=False, direct=False, sync=False, offset=0, length=None):
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        if direct:
+            flags |= getattr(os, "O_DIRECT", 0)
+        if sync:
+            flags |= os.O_SYNC
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as e:
+            raise usage_error("%s: cannot open: %s" % (path, e.strerror))
+        size = os.lseek(self.fd, 0, os.SEEK_END) // SECTOR_SIZE
+        if offset < 0 or offset >= size:
+            raise usage_error("%s: offset %d is past its end (%d sectors)" % (path, offset, size))
+        if length is not None and (length < 1 or offset + length > size):
+            raise usage_error("%s: offset %d + length %d exceeds its %d sectors" % (path, offset, length, size))
+        self.path, self.readonly, self.sync = path, readonly, sync
+        self.base = offset * SECTOR_SIZE
+        self.sectors = (size - offset) if length is None else length
+
+    def read(self, lba, count):
+        return os.pread(self.fd, count * SECTOR_SIZE, self.base + lba * SECTOR_SIZE)
+
+    def write(self, lba, data):
+        return os.pwrite(self.fd, data, self.base + lba * SECTOR_SIZE)
+
+    def flush(self):
+        os.fsync(self.fd)
+
+    def close(self):
+        os.close(self.fd)
+
+
+class FaultPlan:
+    """Testing aid: drop, duplicate, delay or reorder a fraction of responses."""
+
+    def __init__(self, drop=0.0, duplicate=0.0, delay_ms=0.0, reorder=0.0, seed=None):
+        self.drop, self.duplicate, self.reorder = drop, duplicate, reorder
+        self.delay = delay_ms / 1000.0
+        self.rng = random.Random(seed)
+        self.held = []                            # (due time, port, frame) for delay/reorder
+
+    @property
+    def active(self):
+        return bool(self.drop or self.duplicate or self.delay or self.reorder)
+
+    def outgoing(self, frame):
+        """Frames to send now for one response (none, one or two); the rest are held."""
+        r = self.rng.random
+        if r() < self.drop:
+            return []
+        out = [frame, frame] if r() < self.duplicate else [frame]
+        if self.delay or r() < self.reorder:
+            due = time.monotonic() + (self.delay or 0.002)
+            self.held.extend((due, f) for f in out)
+            return []
+        return out
+
+    def due(self):
+        t = time.monotonic()
+        ready = [f for d, f in self.held if d <= t]
+        self.held = [(d, f) for d, f in self.held if d > t]
+        return ready
+
+
+class AoeTarget:
+    """The protocol side of a target: one request frame in, one response (or none) out."""
+
+    def __init__(self, shelf, slot, export, mac, mtu, bufcnt=16, masks=(), model="aoe.py export",
+                 serial=None):
+        self.shelf, self.slot, self.export, self.mac = shelf, slot, export, mac
+        self.bufcnt = bufcnt
+        self.scnt = min(255, frame_sectors(mtu))
+        self.config = b""
+        self.masks = list(masks)
+        self.reserved = []
+        self.drops = DropCounters()
+        self.stats = collections.Counter()
+        serial = serial or "%d.%d:%s" % (shelf, slot, socket.gethostname())
+        self.ident = build_identify(export.sectors, model, serial, "V" + __version__)
+
+    def config_info(self, ccmd=AOECCMD_READ):
+        return ConfigInfo(self.bufcnt, SERVE_FIRMWARE, self.scnt, 1, ccmd, self.config)
+
+    def announce(self):
+        """The unsolicited Query Config answer a target broadcasts when it starts."""
+        return pack_cfg(BROADCAST_MAC, self.mac, self.shelf, self.slot, 0, self.config_info(), AOEFL_RSP)
+
+    def handle(self, data):
+        """Request bytes -> response bytes, or None to stay silent (counted)."""
+        try:
+            f = parse_frame(data)
+        except FrameError as e:
+            self.drops[e.reason] += 1
+            return None
+        if f.is_response:
+            self.drops["response"] += 1
+            return None
+        if f.shelf not in (self.shelf, AOE_SHELF_ANY) or f.slot not in (self.slot, AOE_SLOT_ANY):
+            self.drops["other_target"] += 1
+            return None
+        if self.masks and f.src not in self.masks:
+            self.drops["masked"] += 1
+            return None
+        self.stats["requests"] += 1
+        try:
+            if f.command == AOECMD_ATA:
+                return self._ata(f)
+            if f.command == AOECMD_CFG:
+                return self._cfg(f)
+            if f.command == AOECMD_MASK:
+                return self._mask(f)
+            if f.command == AOECMD_RESERVE:
+                return self._reserve(f)
+            return self._error(f, AOEERR_BADCMD, data)
+        except FrameError as e:
+            self.drops[e.reason] += 1
+            return None
+
+    def _reply_header(self, f, command, flags=0, error=0):
+        return pack_header(f.src, self.mac, self.shelf, self.slot, command, f.tag, AOEFL_RSP | flags, error)
+
+    def _error(self, f, code, data):
+        return pad_frame(self._reply_header(f, f.command, AOEFL_ERR, code) + bytes(f.body))
+
+    def _ata(self, f):
+        if f.shelf != self.shelf or f.slot != self.slot:
+            self.drops["broadcast_ata"] += 1
+            return None
+        a = parse_ata(f)
+        cmd = a.cmd_status
+        if cmd != ATA_CMD_ID_ATA and self.reserved and f.src not in self.reserved:
+            return self._ata_reply(f, a, AOEFL_ERR, AOEERR_RESERVED)
+        status, err, data = ATA_DRDY, 0, b""
+        if cmd == ATA_CMD_ID_ATA:
+            if a.count != 1:
+                return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
+            data = self.ident
+        elif cmd in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT):
+            write = cmd in (ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT)
+            if a.count > self.scnt or (write and len(a.data) < a.count * SECTOR_SIZE):
+                return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
+            ext = cmd in (ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE_EXT)
+            lba = a.lba if ext else a.lba & LBA28_MAX
+            if lba + a.count > self.export.sectors:
+                status, err = ATA_DRDY | ATA_ERR, ATA_IDNF
+            elif write and self.export.readonly:
+                status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
+            else:
+                try:
+                    if write:
+                        self.export.write(lba, a.data[:a.count * SECTOR_SIZE])
+                        self.stats["sectors_written"] += a.count
+                    else:
+                        data = self.export.read(lba, a.count)
+                        self.stats["sectors_read"] += a.count
+                        if len(data) != a.count * SECTOR_SIZE:
+                            status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
+                except OSError:
+                    status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
+        elif cmd in (ATA_CMD_FLUSH, ATA_CMD_FLUSH_EXT):
+            try:
+                if not self.export.readonly:
+                    self.export.flush()
+            except OSError:
+                status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
+        elif cmd != ATA_CMD_CHK_POWER:
+            status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
+        reply = AtaFields(a.aflags, err, 0xFF if cmd == ATA_CMD_CHK_POWER else 0, status, a.lba, data)
+        return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP)
+
+    def _ata_reply(self, f, a, flags, error):
+        reply = AtaFields(a.aflags, a.err_feature, a.count, a.cmd_status, a.lba)
+        return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags, error)
+
+    def _cfg(self, f):
+        q = parse_cfg(f)
+        ours = self.config
+        if q.ccmd == AOECCMD_TEST and q.config != ours:
+            return None
+        if q.ccmd == AOECCMD_PTEST and not ours.startswith(q.config):
+            return None
+        flags = error = 0
+        if q.ccmd == AOECCMD_SET and ours and ours != q.config:
+            flags, error = AOEFL_ERR, AOEERR_CFGSET
+        elif q.ccmd in (AOECCMD_SET, AOECCMD_FSET):
+            self.config = q.config
+        elif q.ccmd > AOECCMD_FSET:
+            flags, error = AOEFL_ERR, AOEERR_BADARG
+        return pack_cfg(f.src, self.mac, self.shelf, self.slot, f.tag, self.config_info(q.ccmd),
+                        AOEFL_RSP | flags, error)
+
+    def _mask(self, f):
+        m = parse_mask(f)
+        merror = 0
+        if m.mcmd == MCMD_EDIT:
+            for i, (dcmd, mac) in enumerate(m.directives):
+                if dcmd == DCMD_ADD:
+                    if mac not in self.masks:
+                        if len(self.masks) >= SERVE_MASK_MAX:
+                            merror = MERROR_FULL
+                            break
+                        self.masks.append(mac)
+                elif dcmd == DCMD_DELETE:
+                    if mac in self.masks:
+                        self.masks.remove(mac)
+                elif dcmd != DCMD_NONE:
+                    merror = MERROR_BADDIR
+                    break
+        elif m.mcmd != MCMD_READ:
+            return pack_mask(f.src, self.mac, self.shelf, self.slot, f.tag, m, AOEFL_RSP | AOEFL_ERR,
+                             AOEERR_BADARG)
+        reply = MaskInfo(m.mcmd, merror, [(DCMD_NONE, mac) for mac in self.masks])
+        return pack_mask(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP)
+
+    def _reserve(self, f):
+        r = parse_reserve(f)
+        flags = error = 0
+        if r.rcmd == RCMD_SET and self.reserved and f.src not in self.reserved:
+            flags, error = AOEFL_ERR, AOEERR_RESERVED
+        elif r.rcmd in (RCMD_SET, RCMD_FORCE):
+            if len(r.macs) > SERVE_RESERVE_MAX:
+                flags, error = AOEFL_ERR, AOEERR_BADARG
+            else:
+                self.reserved = list(r.macs)
+        elif r.rcmd != RCMD_READ:
+            flags, error = AOEFL_ERR, AOEERR_BADARG
+        reply = ReserveInfo(r.rcmd, self.reserved)
+        return pack_reserve(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags, error)
+
+
+def serve_loop(target, port, faults=None, stop=lambda: False, status_every=0):
+    """Answer requests until stop() is true.  Pure Python: one frame per call."""
+    sock = port.sock
+    port.send(target.announce())
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    while not stop():
+        timeout = 2 if faults and faults.held else 200
+        poller.poll(timeout)
+        for _ in range(256):
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            reply = target.handle(view[:n])
+            if reply is None:
+                continue
+            for frame in (faults.outgoing(reply) if faults else (reply,)):
+                port.send(frame)
+        if faults and faults.held:
+            for frame in faults.due():
+                port.send(frame)
+
+
+# =============================================================================
+# Commands: one function per verb; human output, or JSON with --json
+# =============================================================================
+
+def emit_json(data):
+    json.dump(data, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def human_size(nbytes):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (nbytes, unit)
+        nbytes /= 1024.0
+
+
+def parse_size(text):
+    """'4096', '4k', '1M', '2G' (powers of 1024) -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("ib").rstrip("b") if text[-2:].lower() in ("ib", "kb", "mb", "gb") else text.strip().lower()
+    mult = units.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in units else t
+    if not digits.isdigit():
+        raise usage_error("%r is not a size (e.g. 4096, 4k, 1M, 2G)" % text)
+    return int(digits) * mult
+
+
+def sector_aligned(nbytes, what):
+    if nbytes % SECTOR_SIZE:
+        raise usage_error("%s %d is not a multiple of %d bytes" % (what, nbytes, SECTOR_SIZE))
+    return nbytes // SECTOR_SIZE
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total, label, enabled=None):
+        self.total, self.label = total, label
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, nbytes):
+        self.done += nbytes
+        t = time.monotonic()
+        if self.enabled and (t - self.last > 0.2 or self.done >= self.total):
+            self.last = t
+            rate = self.done / max(t - self.start, 1e-6)
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            bar = "#" * int(pct / 5)
+            sys.stderr.write("\r%s [%-20s] %5.1f%% %s/%s %6.1f MB/s ETA %d:%02d "
+                             % (self.label, bar, pct, human_size(self.done), human_size(self.total),
+                                rate / 1e6, eta // 60, eta % 60))
+            sys.stderr.flush()
+
+    def finish(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+        return time.monotonic() - self.start
+
+
+def open_control(args):
+    return Control(open_ports(iflist_from(args.iface)), args.verbose)
+
+
+def report_drops(args, control):
+    if args.verbose and control.drops:
+        sys.stderr.write("dropped frames: %s\n" % control.drops.describe())
+
+
+def cmd_interfaces(args):
+    allow = iflist_from(args.iface)
+    rows = []
+    for ifc in all_interfaces():
+        d = ifc.as_dict()
+        d["aoe"] = (ifc.name in allow) if allow else (ifc.is_ethernet and ifc.up)
+        rows.append(d)
+    if args.json:
+        emit_json({"allow_list": allow, "interfaces": rows})
+        return EXIT_OK
+    print("%-16s %-17s %6s %-5s %-8s %s" % ("interface", "mac", "mtu", "state", "payload", "aoe"))
+    for d in rows:
+        print("%-16s %-17s %6d %-5s %-8s %s" % (d["name"], d["mac"], d["mtu"], "up" if d["up"] else "down",
+                                               d["payload"] if d["ethernet"] else "-",
+                                               "yes" if d["aoe"] else "no"))
+    if allow:
+        print("allow-list: %s" % " ".join(allow))
+    return EXIT_OK
+
+
+def _devices_arg(args):
+    return [parse_device(d) for d in getattr(args, "devices", None) or []]
+
+
+def cmd_discover(args):
+    control = open_control(args)
+    targets = control.discover(args.wait)
+    if args.json:
+        emit_json([t.as_dict() for t in targets])
+    else:
+        for t in targets:
+            print("%-8s %-18s %-24s buffers %-4d sectors %-3d config %r"
+                  % (t.name, ",".join(sorted({p.port.name for p in t.paths})),
+                     ",".join(sorted({mac_str(p.mac) for p in t.paths})), t.info.bufcnt,
+                     t.info.scnt, t.info.config.decode("utf-8", "replace")))
+    report_drops(args, control)
+    if not targets:
+        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def stat_row(d):
+    """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state."""
+    size = "%.3fGB" % (d["size_bytes"] / 1e9) if "size_bytes" in d else "(NA)"
+    return "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]), d["payload"], d["state"])
+
+
+def cmd_stat(args):
+    control = open_control(args)
+    targets = find_targets(control, _devices_arg(args), args.wait)
+    rows = [t.as_dict() for t in targets]
+    shown = rows if args.all else [r for r in rows if r["state"] == "up"]
+    if args.json:
+        emit_json(shown)
+    else:
+        for d in shown:
+            print(stat_row(d))
+        hidden = len(rows) - len(shown)
+        if hidden:
+            sys.stderr.write("%d more device(s) answered discovery but not IDENTIFY; -a shows them\n" % hidden)
+    report_drops(args, control)
+    if not rows:
+        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_ping(args):
+    shelf, slot = args.shelf, args.slot
+    control = Control(open_ports([args.interface]), args.verbose)
+    deadline = time.monotonic() + args.timeout
+    t0 = time.monotonic()
+    answers = control.query_config(shelf, slot, wait=args.timeout, first_only=True)
+    answers = [a for a in answers if a[2] is not None]
+    if not answers:
+        report_drops(args, control)
+        raise AoeError("e%d.%d: no answer on %s within %g s" % (shelf, slot, args.interface, args.timeout))
+    port, frame, info = answers[0]
+    rtt = (time.monotonic() - t0) * 1000
+    target = Target(frame.shelf, frame.slot, info)
+    target.add_path(port, frame.src)
+    result = {"device": target.name, "interface": port.name, "mac": mac_str(frame.src),
+              "rtt_ms": round(rtt, 3), "buffers": info.bufcnt, "fwver": "0x%04x" % info.fwver,
+              "sectors": info.scnt, "config": info.config.decode("utf-8", "replace")}
+    if args.identify or args.identify_hex:
+        remaining = max(0.1, deadline - time.monotonic())
+        control.identify([target], timeout=remaining / QUERY_TRIES)
+        if target.identify is None:
+            raise AoeError("%s: %s" % (target.name, target.identify_error))
+        result["identify"] = target.identify.as_dict()
+    if args.json:
+        emit_json(result)
+    else:
+        print("%s answered on %s from %s in %.3f ms" % (target.name, port.name, mac_str(frame.src), rtt))
+        if args.verbose:
+            print("buffers %d, firmware 0x%04x, sectors %d, config %r"
+                  % (info.bufcnt, info.fwver, info.scnt, result["config"]))
+        if args.identify_hex:
+            raw = struct.pack("<256H", *target.identify.words)
+            for i in range(0, SECTOR_SIZE, 16):
+                print(" ".join("%02x" % b for b in raw[i:i + 16]))
+        elif args.identify:
+            ident = target.identify
+            print("device identify fields:")
+            print("serial_number: %s" % ident.serial)
+            print("firmware_rev: %s" % ident.firmware)
+            print("model: %s" % ident.model)
+            print("lba48: %s" % ("yes" if ident.lba48 else "no"))
+            print("sectors: %d (%s)" % (ident.sectors, human_size(ident.sectors * SECTOR_SIZE)))
+    report_drops(args, control)
+    return EXIT_OK
+
+
+def _target_args(words):
+    """cfg's positional words: [eX.Y | SHELF SLOT] [IFACE ...] -> (shelf, slot, ifaces)."""
+    words = list(words)
+    shelf, slot = AOE_SHELF_ANY, AOE_SLOT_ANY
+    if words and (words[0][:1] in "eE" and "." in words[0] or "." in words[0] and words[0][0].isdigit()):
+        shelf, slot = parse_device(words.pop(0))
+    elif len(words) >= 2 and words[0].isdigit() and words[1].isdigit():
+        shelf, slot = parse_device("%s.%s" % (words[0], words[1]))
+        words = words[2:]
+    return shelf, slot, words
+
+
+def cmd_cfg(args):
+    shelf, slot, ifaces = _target_args(args.target)
+    ccmd = CCMD_NAMES[args.command]
+    config = args.string.encode("utf-8") if args.string is not None else b""
+    if ccmd in (AOECCMD_SET, AOECCMD_FSET) and args.string is None:
+        raise usage_error("cfg -c %s needs the new string: -s STRING" % args.command)
+    control = Control(open_ports(ifaces or iflist_from(args.iface)), args.verbose)
+    one = shelf != AOE_SHELF_ANY and slot != AOE_SLOT_ANY
+    if args.mac:
+        answers = _cfg_unicast(control, parse_mac(args.mac), shelf, slot, ccmd, config, args.timeout)
+    else:
+        answers = control.query_config(shelf, slot, ccmd, config, wait=args.timeout, first_only=one)
+    results, failed = [], False
+    for port, frame, info in answers:
+        r = {"device": device_name(frame.shelf, frame.slot), "interface": port.name, "mac": mac_str(frame.src)}
+        if frame.is_error:
+            r["error"] = frame.error_text()
+            failed = True
+        else:
+            r["config"] = info.config.decode("utf-8", "replace")
+        results.append(r)
+    if args.json:
+        emit_json(results)
+    else:
+        for r in results:
+            text = r.get("config") if "error" not in r else "error: " + r["error"]
+            print(text if one else "%s\t%s" % (r["device"], text))
+    report_drops(args, control)
+    if not results:
+        where = ", ".join(p.name for p in control.ports)
+        if ccmd in (AOECCMD_TEST, AOECCMD_PTEST):
+            what = "%s does not match" % device_name(shelf, slot) if one else "no target matched"
+        else:
+            what = "%s: no answer" % device_name(shelf, slot) if one else "no AoE target answered"
+        sys.stderr.write("%s: %s on %s\n" % (PROG, what, where))
+        return EXIT_FAIL
+    if failed:
+        for r in results:
+            if "error" in r:
+                sys.stderr.write("%s: %s: %s\n" % (PROG, r["device"], r["error"]))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def _cfg_unicast(control, mac, shelf, slot, ccmd, config, timeout):
+    request = ConfigInfo(ccmd=ccmd, config=config)
+    answers = []
+    for port in control.ports:
+        def build(src, dst, tag, port=port):
+            return pack_cfg(dst, src, shelf, slot, tag, request)
+        frame = control.unicast(Path(port, mac), shelf, slot, build, AOECMD_CFG, 1, timeout)
+        if frame is not None:
+            answers.append((port, frame, None if frame.is_error else parse_cfg(frame)))
+            break
+    return answers
+
+
+def _one_target(args):
+    control = open_control(args)
+    shelf, slot = parse_device(args.device)
+    targets = control.discover(args.wait, shelf, slot)
+    if not targets:
+        raise AoeError("%s: no answer on %s (see '%s discover')"
+                       % (device_name(shelf, slot), ", ".join(p.name for p in control.ports), PROG))
+    return control, targets[0]
+
+
+def _control_exchange(control, target, command, build):
+    frame = control.unicast(target.paths[0], target.shelf, target.slot, build, command)
+    if frame is None:
+        raise AoeError("%s: no answer from %s" % (target.name, target.paths[0]))
+    if frame.is_error:
+        raise AoeError("%s: %s" % (target.name, frame.error_text()))
+    return frame
+
+
+def cmd_mask(args):
+    control, target = _one_target(args)
+    directives = [(DCMD_ADD, parse_mac(m)) for m in args.add] + [(DCMD_DELETE, parse_mac(m)) for m in args.delete]
+    request = MaskInfo(MCMD_EDIT if directives else MCMD_READ, 0, directives)
+    frame = _control_exchange(control, target, AOECMD_MASK,
+                              lambda src, dst, tag: pack_mask(dst, src, target.shelf, target.slot, tag, request))
+    info = parse_mask(frame)
+    macs = [mac_str(m) for _, m in info.directives]
+    if args.json:
+        emit_json({"device": target.name, "masks": macs, "error": MERROR_NAMES.get(info.merror)})
+    else:
+        print("%s mask list: %s" % (target.name, " ".join(macs) if macs else "(empty: every initiator allowed)"))
+    if info.merror:
+        raise AoeError("%s: mask edit failed: %s" % (target.name, MERROR_NAMES.get(info.merror, info.merror)))
+    return EXIT_OK
+
+
+def cmd_reserve(args):
+    control, target = _one_target(args)
+    ours = sorted({p.port.mac for p in target.paths})
+    if args.release:
+        request = ReserveInfo(RCMD_FORCE if args.force else RCMD_SET, [])
+    elif args.set is not None:
+        macs = [parse_mac(m) for m in args.set] or ours
+        request = ReserveInfo(RCMD_FORCE if args.force else RCMD_SET, macs)
+    else:
+        request = ReserveInfo(RCMD_READ)
+    frame = control.unicast(target.paths[0], target.shelf, target.slot,
+                            lambda src, dst, tag: pack_reserve(dst, src, target.shelf, target.slot, tag, request),
+                            AOECMD_RESERVE)
+    if frame is None:
+        raise AoeError("%s: no answer from %s" % (target.name, target.paths[0]))
+    if frame.is_error:
+        hint = " (another initiator holds it; --force takes it over)" if frame.error == AOEERR_RESERVED else ""
+        raise AoeError("%s: %s%s" % (target.name, frame.error_text(), hint))
+    macs = [mac_str(m) for m in parse_reserve(frame).macs]
+    if args.json:
+        emit_json({"device": target.name, "reserved_for": macs})
+    else:
+        print("%s reserved for: %s" % (target.name, " ".join(macs) if macs else "(nobody: released)"))
+    return EXIT_OK
+
+
+def probe_path(control, target, path, sectors):
+    """Does a read of `sectors` sectors come back whole over this path?"""
+    req = AtaFields(AOEAFL_EXT if target.identify and target.identify.lba48 else 0, 0, sectors,
+                    ATA_CMD_PIO_READ_EXT if target.identify and target.identify.lba48 else ATA_CMD_PIO_READ, 0)
+    frame = control.ata(target, req, path, tries=2, timeout=0.5)
+    if frame is None or frame.is_error:
+        return False
+    try:
+        return len(parse_ata(frame).data) >= sectors * SECTOR_SIZE
+    except FrameError:
+        return False
+
+
+def cmd_sancheck(args):
+    control = open_control(args)
+    targets = find_targets(control, _devices_arg(args), args.wait)
+    report, problems = [], 0
+    for t in targets:
+        advice, checks = [], []
+        mtus = sorted({p.port.ifc.mtu for p in t.paths})
+        want = t.info.scnt or DEFAULT_SECTORS_PER_FRAME
+        for p in t.paths:
+            fits = frame_sectors(p.port.ifc.mtu)
+            works = None
+            if t.identify is not None:
+                n = min(fits, want)
+                works = n
+                while n > 0 and not probe_path(control, t, p, n):
+                    n -= 1
+                    works = n
+            checks.append({"interface": p.port.name, "mac": mac_str(p.mac), "mtu": p.port.ifc.mtu,
+                           "mtu_sectors": fits, "path_sectors": works})
+            if fits < want:
+                need = want * SECTOR_SIZE + ATA_HDR_LEN - ETH_HLEN
+                advice.append("%s: MTU %d but %s needs %d for %d-sector frames (ip link set %s mtu %d)"
+                              % (p.port.name, p.port.ifc.mtu, t.name, need, want, p.port.name, need))
+            if works is not None and works < min(fits, want):
+                advice.append("%s -> %s: only %d-sector frames get through (MTU %d says %d): check the switch"
+                              " and the target's MTU" % (p.port.name, mac_str(p.mac), works, p.port.ifc.mtu,
+                                                         min(fits, want)))
+        if len(mtus) > 1:
+            advice.append("%s: paths have different MTUs %s; every path runs at the smallest"
+                          % (t.name, "/".join(map(str, mtus))))
+        if t.identify is None:
+            advice.append("%s: %s" % (t.name, t.identify_error))
+        problems += len(advice)
+        report.append({"device": t.name, "macs": len({p.mac for p in t.paths}),
+                       "payload": t.sectors_per_frame * SECTOR_SIZE,
+                       "interfaces": sorted({p.port.name for p in t.paths}), "paths": checks, "advice": advice})
+    if args.json:
+        emit_json(report)
+    else:
+        print("%-10s %-5s %-8s %s" % ("device", "macs", "payload", "local interfaces"))
+        for r in report:
+            print("%-10s %-5d %-8d %s" % (r["device"], r["macs"], r["payload"], " ".join(r["interfaces"])))
+            for line in r["advice"]:
+                print("    " + line)
+    report_drops(args, control)
+    if not targets:
+        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
+        return EXIT_FAIL
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+def cmd_version(args):
+    helper = load_helper()
+    info = {"version": __version__, "python": sys.version.split()[0],
+            "helper": "built" if helper else "not built (pure-Python data path; run build_ffi.py)"}
+    if args.json:
+        emit_json(info)
+    else:
+        print("%s %s (python %s, helper %s)" % (PROG, info["version"], info["python"], info["helper"]))
+    return EXIT_OK
+
+
+STREAM_CHUNK = 1 << 20           # bytes per request when streaming an image
+STREAM_DEPTH = 8                 # requests in flight when streaming
+
+
+def stream(engine, op, lba, nsect, produce=None, consume=None, progress=None):
+    """Move `nsect` sectors from `lba` through a ring of buffers, requests in flight
+    together, handing them back in order: produce(view) fills a buffer before a
+    write, consume(view) takes one after a read.  Memory stays flat whatever the size."""
+    chunk = STREAM_CHUNK // SECTOR_SIZE
+    buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(STREAM_DEPTH)]
+    free = collections.deque(range(STREAM_DEPTH))
+    order = collections.deque()
+    inflight, finished = {}, set()
+    next_lba, end = lba, lba + nsect
+    while next_lba < end or order:
+        while free and next_lba < end:
+            i = free.popleft()
+            n = min(chunk, end - next_lba)
+            view = buffers[i][:n * SECTOR_SIZE]
+            if produce is not None:
+                produce(view, next_lba)
+            rid = engine.submit(op, next_lba, n, view)
+            inflight[rid] = (i, next_lba, n)
+            order.append(rid)
+            next_lba += n
+        for rid, status in engine.poll(50000):
+            if status:
+                _, at, n = inflight[rid]
+                raise AoeError(io_error_text(engine, op, at, n, status))
+            finished.add(rid)
+        while order and order[0] in finished:
+            rid = order.popleft()
+            finished.discard(rid)
+            i, at, n = inflight.pop(rid)
+            if consume is not None:
+                consume(buffers[i][:n * SECTOR_SIZE])
+            if progress is not None:
+                progress.update(n * SECTOR_SIZE)
+            free.append(i)
+
+
+def io_error_text(engine, op, lba, n, status):
+    name = engine.target.name
+    if engine.dead:
+        return engine.dead
+    if op == OP_WRITE and status == -(STATUS_ATA_ERROR | ATA_ABORTED):
+        return ("%s refused the write at sector %d (ATA command aborted): the target is probably"
+                " exported read-only" % (name, lba))
+    return "%s: %s %d sectors at %d failed: %s" % (name, ("read", "write", "flush")[op], n, lba, status_text(status))
+
+
+def make_engine(args, target):
+    helper = None if args.no_helper else load_helper()
+    return Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper)
+
+
+def io_range(args, target):
+    """--offset/--length in bytes -> (first sector, sector count), checked against the device."""
+    size = target.sectors * SECTOR_SIZE
+    offset = parse_size(args.offset) if args.offset else 0
+    sector_aligned(offset, "--offset")
+    if offset >= size:
+        raise usage_error("--offset %d is past the end of %s (%d bytes)" % (offset, target.name, size))
+    length = parse_size(args.length) if args.length else size - offset
+    sector_aligned(length, "--length")
+    if offset + length > size:
+        raise usage_error("%s has %d bytes; offset %d + length %d goes past its end"
+                          % (target.name, size, offset, length))
+    return offset // SECTOR_SIZE, length // SECTOR_SIZE
+
+
+def summary(target, engine, verb, nbytes, seconds):
+    rate = nbytes / max(seconds, 1e-9) / 1e6
+    path = "helper" if engine.helper_used else "pure Python"
+    return "%s %s %s in %.2f s (%.1f MB/s, %s)" % (verb, human_size(nbytes), target.name, seconds, rate, path)
+
+
+def cmd_read(args):
+    control = open_control(args)
+    target = find_target(control, args.device, args.wait)
+    first, count = io_range(args, target)
+    hasher = hashlib.new(args.checksum) if args.checksum else None
+    if args.output == "-":
+        if args.resume:
+            raise usage_error("--resume needs an output file, not standard output")
+        out = sys.stdout.buffer
+    else:
+        try:
+            out = open(args.output, "r+b" if args.resume and os.path.exists(args.output) else "wb")
+        except OSError as e:
+            raise usage_error("%s: cannot open for writing: %s" % (args.output, e.strerror))
+        if args.resume:
+            have = min(os.fstat(out.fileno()).st_size // SECTOR_SIZE, count)
+            out.truncate(have * SECTOR_SIZE)
+            if hasher:
+                out.seek(0)
+                for block in iter(lambda: out.read(STREAM_CHUNK), b""):
+                    hasher.update(block)
+            out.seek(have * SECTOR_SIZE)
+            first, count = first + have, count - have
+            if have:
+                sys.stderr.write("resuming %s at byte %d\n" % (args.output, have * SECTOR_SIZE))
+
+    def consume(view):
+        out.write(view)
+        if hasher:
+            hasher.update(view)
+
+    engine = make_engine(args, target)
+    progress = Progress(count * SECTOR_SIZE, "read %s" % target.name)
+    try:
+        stream(engine, OP_READ, first, count, consume=consume, progress=progress)
+        out.flush()
+    finally:
+        seconds = progress.finish()
+        engine.close()
+        if out is not sys.stdout.buffer:
+            out.close()
+    if args.verbose or out is not sys.stdout.buffer:
+        sys.stderr.write(summary(target, engine, "read", count * SECTOR_SIZE, seconds) + "\n")
+    if hasher:
+        line = "%s  %s\n" % (hasher.hexdigest(), target.name)
+        (sys.stderr if out is sys.stdout.buffer else sys.stdout).write(line)
+    return EXIT_OK
+
+
+def confirm(question):
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+def cmd_write(args):
+    try:
+        src = open(args.input, "rb")
+    except OSError as e:
+        raise usage_error("%s: cannot open: %s" % (args.input, e.strerror))
+    size = os.fstat(src.fileno()).st_size
+    if not os.path.isfile(args.input) or size == 0:
+        raise usage_error("%s: write needs a non-empty regular file (its size is checked first)" % args.input)
+    control = open_control(args)
+    target = find_target(control, args.device, args.wait)
+    devsize = target.sectors * SECTOR_SIZE
+    offset = parse_size(args.offset) if args.offset else 0
+    first = sector_aligned(offset, "--offset")
+    if offset + size > devsize:
+        raise usage_error("%s is %d bytes but %s has only %d bytes from offset %d"
+                          % (args.input, size, target.name, devsize - offset, offset))
+    if not args.yes and not confirm("Overwrite %s of %s at offset %d with %s?"
+                                    % (human_size(size), target.name, offset, args.input)):
+        raise usage_error("not writing to %s: confirm at the prompt, or pass --yes" % target.name)
+    engine = make_engine(args, target)
+    count = (size + SECTOR_SIZE - 1) // SECTOR_SIZE
+    written = [0]
+
+    def produce(view, lba):
+        got = src.readinto(view)
+        while got and got < len(view):
+            more = src.readinto(view[got:])
+            if not more:
+                break
+            got += more
+        if got < len(view):
+            # Keep the bytes after the image's last partial sector as they are on the target.
+            tail = (got // SECTOR_SIZE) * SECTOR_SIZE
+            old = bytearray(SECTOR_SIZE)
+            engine.run(OP_READ, lba + tail // SECTOR_SIZE, 1, old)
+            view[got:tail + SECTOR_SIZE] = old[got - tail:]
+        written[0] += got
+
+    progress = Progress(size, "write %s" % target.name)
+    try:
+        stream(engine, OP_WRITE, first, count, produce=produce, progress=progress)
+        engine.flush()
+    finally:
+        seconds = progress.finish()
+        engine.close()
+        src.close()
+    sys.stderr.write(summary(target, engine, "wrote", written[0], seconds) + ", flushed\n")
+    return EXIT_OK
+
+
+def percentile(sorted_values, fraction):
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def bench_one(engine, op, pattern, block, depth, seconds, span, rng):
+    """Keep `depth` requests of `block` sectors in flight for `seconds`; returns the figures."""
+    buffers = [bytearray(block * SECTOR_SIZE) for _ in range(depth)]
+    for b in buffers:
+        b[:] = os.urandom(len(b)) if op == OP_WRITE else b
+    slots = span // block
+    started, latencies = {}, []
+    free = collections.deque(range(depth))
+    owner = {}
+    position = 0
+    t0 = time.monotonic()
+    stop = t0 + seconds
+    while True:
+        t = time.monotonic()
+        while free and t < stop:
+            i = free.popleft()
+            if pattern == "seq":
+                lba = (position % slots) * block
+                position += 1
+            else:
+                lba = rng.randrange(slots) * block
+            rid = engine.submit(op, lba, block, buffers[i])
+            started[rid] = time.monotonic()
+            owner[rid] = i
+        if not started:
+            break
+        for rid, status in engine.poll(20000):
+            if status:
+                raise AoeError(io_error_text(engine, op, 0, block, status))
+            latencies.append(time.monotonic() - started.pop(rid))
+            free.append(owner.pop(rid))
+    elapsed = time.monotonic() - t0
+    latencies.sort()
+    n = len(latencies)
+    return {"test": "%s-%s" % (pattern, ("read", "write")[op]), "block": block * SECTOR_SIZE, "depth": depth,
+            "requests": n, "seconds": round(elapsed, 3),
+            "mb_per_s": round(n * block * SECTOR_SIZE / elapsed / 1e6, 2), "iops": round(n / elapsed, 1),
+            "lat_p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
+            "lat_p99_ms": round(percentile(latencies, 0.99) * 1000, 3)}
+
+
+def cmd_bench(args):
+    control = open_control(args)
+    target = find_target(control, args.device, args.wait)
+    block = sector_aligned(parse_size(args.bs), "--bs")
+    if block <= 0:
+        raise usage_error("--bs must be at least %d bytes" % SECTOR_SIZE)
+    span = min(target.sectors, sector_aligned(parse_size(args.span), "--span") if args.span else target.sectors)
+    if span < block:
+        raise usage_error("%s is smaller than one block of %s" % (target.name, args.bs))
+    engine = make_engine(args, target)
+    rng = random.Random(1)
+    ops = [OP_READ] + ([OP_WRITE] if args.write else [])
+    results = []
+    try:
+        for pattern in args.pattern.split(","):
+            if pattern not in ("seq", "rand"):
+                raise usage_error("--pattern takes seq, rand or seq,rand; not %r" % pattern)
+            for op in ops:
+                results.append(bench_one(engine, op, pattern, block, args.qd, args.seconds, span, rng))
+    finally:
+        engine.close()
+    if args.json:
+        emit_json({"device": target.name, "helper": engine.helper_used, "results": results})
+    else:
+        print("%-11s %8s %5s %10s %10s %10s %10s" % ("test", "block", "depth", "MB/s", "IOPS", "p50 ms", "p99 ms"))
+        for r in results:
+            print("%-11s %8s %5d %10.1f %10.0f %10.3f %10.3f" % (r["test"], human_size(r["block"]), r["depth"],
+                                                                 r["mb_per_s"], r["iops"], r["lat_p50_ms"],
+                                                                 r["lat_p99_ms"]))
+        print("(%s, %s data path)" % (target.name, "helper" if engine.helper_used else "pure-Python"))
+    return EXIT_OK
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM so long-running loops end cleanly."""
+
+    def __init__(self):
+        self.set = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def __call__(self):
+        return self.set
+
+
+def cmd_serve(args):
+    shelf, slot = parse_device("%s.%s" % (args.shelf, args.slot))
+    ifc = Interface(args.interface)
+    if not ifc.up:
+        raise usage_error("%s is down: bring it up with 'ip link set %s up'" % (ifc.name, ifc.name))
+    length = sector_aligned(parse_size(args.length), "-l") if args.length else None
+    export = Export(args.file, args.readonly, args.direct, args.sync,
+                    sector_aligned(parse_size(args.offset), "-o") if args.offset else 0, length)
+    masks = [parse_mac(m) for m in (args.mask or "").replace(",", " ").split()]
+    port = Port(ifc)
+    target = AoeTarget(shelf, slot, export, ifc.mac, ifc.mtu, args.bufcnt, masks)
+    faults = FaultPlan(args.fault_drop, args.fault_duplicate, args.fault_delay, args.fault_reorder,
+                       args.fault_seed)
+    print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per frame%s"
+          % (os.getpid(), device_name(shelf, slot), export.sectors, "O_RDONLY" if args.readonly else "O_RDWR",
+             ifc.name, mac_str(ifc.mac), args.bufcnt, target.scnt,
+             ", FAULT INJECTION ON" if faults.active else ""), flush=True)
+    stop = StopFlag()
+    try:
+        serve_loop(target, port, faults if faults.active else None, stop)
+    finally:
+        port.close()
+        export.close()
+        if args.verbose:
+            sys.stderr.write("served %s; dropped: %s\n" % (dict(target.stats), target.drops.describe()))
+    return EXIT_OK
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+EXAMPLES = {
+    "interfaces": "aoe.py interfaces            # which interfaces AoE may use\n"
+                  "AOE_IFLIST='eth1 eth2' aoe.py interfaces",
+    "discover": "aoe.py discover\naoe.py discover --iface eth1 --json",
+    "stat": "aoe.py stat\naoe.py stat e0.1 --json\naoe.py stat -a",
+    "ping": "aoe.py ping 0 1 eth1\naoe.py ping -I -s 3 0 1 eth1",
+    "cfg": "aoe.py cfg                           # read every target's config string\n"
+           "aoe.py cfg e3.7                      # read one\n"
+           "aoe.py cfg -c fset -s 'rack 4' 3 7 eth1\n"
+           "aoe.py cfg -c set -s host-a e3.7     # only if still empty\n"
+           "aoe.py cfg -c test -s host-a         # which targets have exactly this string",
+    "mask": "aoe.py mask e0.1\naoe.py mask e0.1 --add 02:00:00:00:00:01 --delete 02:00:00:00:00:02",
+    "reserve": "aoe.py reserve e0.1\naoe.py reserve e0.1 --set\naoe.py reserve e0.1 --release --force",
+    "sancheck": "aoe.py sancheck\naoe.py sancheck --json",
+    "read": "aoe.py read e0.1 disk.img\naoe.py read e0.1 - --offset 1M --length 4k | xxd\n"
+            "aoe.py read e0.1 disk.img --resume --checksum sha256",
+    "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
+    "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\naoe.py bench e0.1 --write --json",
+    "serve": "aoe.py serve 0 1 eth1 disk.img\naoe.py serve -r -b 32 0 2 eth1 /dev/sdb",
+    "version": "aoe.py version",
+    "demo": "sudo python3 aoe.py demo",
+}
+
+
+def add_common(p, json_flag=True, iface=True):
+    p.add_argument("-v", "--verbose", action="store_true", help="more detail, including dropped frames")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    if iface:
+        p.add_argument("--iface", "-i", action="append", metavar="IFACE",
+                       help="use only these interfaces (repeat or comma-separate; default $AOE_IFLIST, else "
+                            "every up Ethernet interface)")
+
+
+def add_wait(p):
+    p.add_argument("-w", "--wait", type=float, default=DISCOVER_WAIT, metavar="SECS",
+                   help="how long to gather discovery answers (default %(default)s)")
+
+
+def add_engine(p):
+    p.add_argument("--deadsecs", type=float, default=DEFAULT_DEADSECS, metavar="SECS",
+                   help="fail I/O after the target is silent this long (default %(default)s)")
+    p.add_argument("--maxout", type=int, default=DEFAULT_MAXOUT, metavar="N",
+                   help="cap on frames in flight per path (default %(default)s; the target's buffer count "
+                        "also caps it)")
+    p.add_argument("--no-helper", action="store_true", help="use the pure-Python data path")
+
+
+def positive(kind):
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be greater than 0")
+        return value
+    return check
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit status 2."""
+
+    def error(self, message):
+        raise usage_error("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+
+
+def build_parser():
+    parser = Parser(prog=PROG, description="User-space ATA over Ethernet initiator and target.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Run '%s COMMAND --help' for a command's options and examples." % PROG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="examples:\n" + "\n".join("  " + l for l in EXAMPLES[name].splitlines()),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("interfaces", cmd_interfaces, "list network interfaces and which ones AoE uses")
+    add_common(p)
+
+    p = command("discover", cmd_discover, "find AoE targets (broadcast Query Config)")
+    add_common(p)
+    add_wait(p)
+
+    p = command("stat", cmd_stat, "show AoE devices: size, interfaces, payload, state")
+    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these devices")
+    p.add_argument("-a", "--all", action="store_true", help="also devices that do not answer IDENTIFY")
+    add_common(p)
+    add_wait(p)
+
+    p = command("ping", cmd_ping, "check that one target answers (like aoeping)")
+    p.add_argument("shelf", type=int)
+    p.add_argument("slot", type=int)
+    p.add_argument("interface")
+    p.add_argument("-I", dest="identify", action="store_true", help="print IDENTIFY fields")
+    p.add_argument("-i", dest="identify_hex", action="store_true", help="dump IDENTIFY data as hex")
+    p.add_argument("-s", dest="timeout", type=positive(float), default=5.0, metavar="SECS",
+                   help="give up after this long (default %(default)s)")
+    add_common(p, iface=False)
+
+    p = command("cfg", cmd_cfg, "read, test or set config strings (like aoecfg)")
+    p.add_argument("target", nargs="*", metavar="[eX.Y | SHELF SLOT] [IFACE]")
+    p.add_argument("-c", dest="command", choices=sorted(CCMD_NAMES), default="read",
+                   help="read (default), test (exact match), prefix, set (only if empty), fset (force)")
+    p.add_argument("-s", dest="string", metavar="STRING", help="the config string")
+    p.add_argument("-t", dest="timeout", type=positive(float), default=DISCOVER_WAIT, metavar="SECS",
+                   help="how long to wait for answers (default %(default)s)")
+    p.add_argument("--mac", help="send to this target MAC instead of broadcasting")
+    add_common(p)
+
+    p = command("mask", cmd_mask, "read or edit a target's MAC mask list")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--add", action="append", default=[], metavar="MAC")
+    p.add_argument("--delete", action="append", default=[], metavar="MAC")
+    add_common(p)
+    add_wait(p)
+
+    p = command("reserve", cmd_reserve, "read, set or release a target's reservation")
+    p.add_argument("device", metavar="eX.Y")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--set", nargs="*", metavar="MAC", help="reserve for these MACs (default: ours)")
+    g.add_argument("--release", action="store_true", help="release the reservation")
+    p.add_argument("--force", action="store_true", help="override another initiator's reservation")
+    add_common(p)
+    add_wait(p)
+
+    p = command("sancheck", cmd_sancheck, "check that MTUs and paths carry each target's frames")
+    p.add_argument("devices", nargs="*", metavar="eX.Y")
+    add_common(p)
+    add_wait(p)
+
+    p = command("read", cmd_read, "copy a device (or part) to a file or standard output")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("output", metavar="FILE|-")
+    p.add_argument("--offset", help="start here (bytes; k/M/G suffixes)")
+    p.add_argument("--length", help="this many bytes (default: to the end)")
+    p.add_argument("--resume", action="store_true", help="continue a partial image")
+    p.add_argument("--checksum", choices=["md5", "sha1", "sha256", "sha512"], help="print a checksum of the data")
+    add_common(p, json_flag=False)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("write", cmd_write, "copy a file onto a device, then flush the target's cache")
+    p.add_argument("input", metavar="FILE")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--offset", help="write starting here (bytes; k/M/G suffixes)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    add_common(p, json_flag=False)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("bench", cmd_bench, "measure throughput, IOPS and latency")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--bs", default="1M", help="block size (default %(default)s)")
+    p.add_argument("--qd", type=positive(int), default=16, help="requests in flight (default %(default)s)")
+    p.add_argument("--pattern", default="seq,rand", help="seq, rand or seq,rand (default %(default)s)")
+    p.add_argument("--seconds", type=positive(float), default=3.0, help="per test (default %(default)s)")
+    p.add_argument("--span", help="confine to the first SIZE bytes")
+    p.add_argument("--write", action="store_true", help="also run write tests (destroys data on the target)")
+    add_common(p)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("serve", cmd_serve, "export a file or block device as an AoE target (like vblade)")
+    p.add_argument("shelf")
+    p.add_argument("slot")
+    p.add_argument("interface")
+    p.add_argument("file")
+    p.add_argument("-b", dest="bufcnt", type=positive(int), default=16, help="buffer count to advertise")
+    p.add_argument("-d", dest="direct", action="store_true", help="O_DIRECT")
+    p.add_argument("-s", dest="sync", action="store_true", help="O_SYNC: acknowledge writes once durable")
+    p.add_argument("-r", dest="readonly", action="store_true", help="read-only")
+    p.add_argument("-m", dest="mask", metavar="MAC[,MAC...]", help="answer only these initiators")
+    p.add_argument("-o", dest="offset", help="start of the export in the file (bytes)")
+    p.add_argument("-l", dest="length", help="length of the export (bytes)")
+    t = p.add_argument_group("testing aids (fault injection; never for production)")
+    t.add_argument("--fault-drop", type=fraction, default=0.0, metavar="P", help="drop this fraction of responses")
+    t.add_argument("--fault-duplicate", type=fraction, default=0.0, metavar="P", help="send some responses twice")
+    t.add_argument("--fault-delay", type=float, default=0.0, metavar="MS", help="delay every response")
+    t.add_argument("--fault-reorder", type=fraction, default=0.0, metavar="P", help="hold back some responses")
+    t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("version", cmd_version, "print versions")
+    add_common(p, iface=False)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return args.func(args)
+    except AoeError as e:
+        sys.stderr.write("%s: %s\n" % (PROG, e))
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("%s: interrupted\n" % PROG)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None
+        finally:
+            return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

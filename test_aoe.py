@@ -1,0 +1,524 @@
+"""Tests for aoe.py.
+
+Groups (pytest markers), each needing more of the machine:
+  codec  - pure functions on bytes; need nothing.
+  net    - two network namespaces joined by a veth pair, created and removed by
+           the test, with real vblade and aoetools on the far side; need root,
+           iproute2, vblade and aoetools.
+When a group's needs are missing it is skipped with the reason, except under
+CI (CI=true), where a missing need is a failure: CI must run everything.
+"""
+
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import aoe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+AOE_PY = os.path.join(HERE, "aoe.py")
+
+
+def need(condition, reason):
+    """Skip (or, under CI, fail) a test whose environment is missing."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must run this test but: " + reason)
+    pytest.skip(reason)
+
+
+# -----------------------------------------------------------------------------
+# codec: byte vectors written out from the AoE r11 spec
+# -----------------------------------------------------------------------------
+
+MAC_I = bytes.fromhex("020000000001")
+MAC_T = bytes.fromhex("020000000002")
+
+
+def spec_header(dst, src, verfl, err, major, minor, cmd, tag):
+    """The common header written field by field, independent of aoe.py's packer."""
+    return (dst + src + b"\x88\xa2" + bytes([verfl, err]) + major.to_bytes(2, "big")
+            + bytes([minor, cmd]) + tag.to_bytes(4, "big"))
+
+
+@pytest.mark.codec
+def test_query_config_request_bytes():
+    frame = aoe.pack_cfg(aoe.BROADCAST_MAC, MAC_I, 0xFFFF, 0xFF, 0x80000001,
+                         aoe.ConfigInfo(ccmd=aoe.AOECCMD_FSET, config=b"abc"))
+    expect = spec_header(b"\xff" * 6, MAC_I, 0x10, 0, 0xFFFF, 0xFF, 1, 0x80000001)
+    expect += b"\x00\x00" + b"\x00\x00" + b"\x00" + b"\x14" + b"\x00\x03" + b"abc"
+    assert frame[:len(expect)] == expect
+    assert len(frame) == 60 and frame[len(expect):] == bytes(60 - len(expect))
+
+
+@pytest.mark.codec
+def test_query_config_response_parse_ignores_padding():
+    body = b"\x00\x10" + b"\x40\x19" + b"\x11" + b"\x10" + b"\x00\x05" + b"hello"
+    raw = spec_header(MAC_I, MAC_T, 0x18, 0, 3, 7, 1, 0x80000002) + body  # 37 bytes, unpadded like vblade
+    f = aoe.parse_frame(raw)
+    assert (f.shelf, f.slot, f.command, f.tag, f.src) == (3, 7, 1, 0x80000002, MAC_T)
+    assert f.is_response and not f.is_error
+    info = aoe.parse_cfg(f)
+    assert (info.bufcnt, info.fwver, info.scnt, info.aoever, info.ccmd, info.config) == \
+        (16, 0x4019, 17, 1, 0, b"hello")
+    padded = aoe.parse_cfg(aoe.parse_frame(raw + b"\xee" * 23))
+    assert padded.config == b"hello"
+
+
+@pytest.mark.codec
+def test_ata_read_request_lba48_bytes():
+    ata = aoe.AtaFields(aoe.AOEAFL_EXT, 0, 17, aoe.ATA_CMD_PIO_READ_EXT, 0x0123456789AB)
+    frame = aoe.pack_ata(MAC_T, MAC_I, 0, 1, 0xC0010002, ata)
+    expect = spec_header(MAC_T, MAC_I, 0x10, 0, 0, 1, 0, 0xC0010002)
+    expect += bytes([0x40, 0, 17, 0x24]) + bytes([0xAB, 0x89, 0x67, 0x45, 0x23, 0x01]) + b"\x00\x00"
+    assert frame[:36] == expect and len(frame) == 60
+
+
+@pytest.mark.codec
+def test_ata_lba28_puts_high_nibble_under_mode_bits():
+    ata = aoe.AtaFields(0, 0, 2, aoe.ATA_CMD_PIO_WRITE, 0x0ABCDEF1, b"\x55" * 1024)
+    frame = aoe.pack_ata(MAC_T, MAC_I, 5, 9, 7, ata)
+    assert frame[28:34] == bytes([0xF1, 0xDE, 0xBC, 0xEA, 0, 0])
+    assert frame[36:] == b"\x55" * 1024
+    back = aoe.parse_ata(aoe.parse_frame(frame))
+    assert back.lba == 0x0ABCDEF1 and back.count == 2 and bytes(back.data) == b"\x55" * 1024
+
+
+@pytest.mark.codec
+def test_mask_and_reserve_round_trip():
+    info = aoe.MaskInfo(aoe.MCMD_EDIT, 0, [(aoe.DCMD_ADD, MAC_I), (aoe.DCMD_DELETE, MAC_T)])
+    frame = aoe.pack_mask(MAC_T, MAC_I, 1, 2, 3, info)
+    assert frame[24:28] == bytes([0, 1, 0, 2])
+    assert frame[28:36] == b"\x00\x01" + MAC_I and frame[36:44] == b"\x00\x02" + MAC_T
+    back = aoe.parse_mask(aoe.parse_frame(frame))
+    assert back.mcmd == aoe.MCMD_EDIT and back.directives == info.directives
+    frame = aoe.pack_reserve(MAC_T, MAC_I, 1, 2, 3, aoe.ReserveInfo(aoe.RCMD_FORCE, [MAC_I, MAC_T]))
+    assert frame[24:26] == bytes([2, 2]) and frame[26:38] == MAC_I + MAC_T
+    back = aoe.parse_reserve(aoe.parse_frame(frame))
+    assert back.rcmd == aoe.RCMD_FORCE and back.macs == [MAC_I, MAC_T]
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("raw, reason", [
+    (b"", "short"),
+    (b"\x00" * 23, "short"),
+    (spec_header(MAC_I, MAC_T, 0x18, 0, 0, 1, 1, 1)[:12] + b"\x08\x00" + bytes(10), "not_aoe"),
+    (spec_header(MAC_I, MAC_T, 0x28, 0, 0, 1, 1, 1), "version"),
+])
+def test_malformed_frames_are_rejected_by_reason(raw, reason):
+    with pytest.raises(aoe.FrameError) as e:
+        aoe.parse_frame(raw)
+    assert e.value.reason == reason
+
+
+@pytest.mark.codec
+def test_truncated_bodies_are_rejected():
+    head = spec_header(MAC_I, MAC_T, 0x18, 0, 0, 1, 1, 1)
+    for parse, body in ((aoe.parse_cfg, b"\x00" * 7), (aoe.parse_cfg, b"\x00" * 6 + b"\x00\x09" + b"x"),
+                        (aoe.parse_ata, b"\x00" * 11), (aoe.parse_mask, b"\x00\x00\x00\x02" + bytes(8)),
+                        (aoe.parse_reserve, b"\x00\x01" + bytes(5))):
+        with pytest.raises(aoe.FrameError):
+            parse(aoe.parse_frame(head + body))
+
+
+def vblade_style_identify(sectors):
+    """IDENTIFY data laid out the way vblade's ata.c fills it, written independently."""
+    words = [0] * 256
+    words[83] = 0x5400
+    def text(first, length, s):
+        s = s.ljust(length)
+        for i in range(0, length, 2):
+            words[first + i // 2] = ord(s[i]) << 8 | ord(s[i + 1])
+    text(27, 40, "Coraid EtherDrive vblade")
+    text(23, 8, "V25")
+    text(10, 20, "0.1:host")
+    lba28 = min(sectors, 0x0FFFFFFF)
+    words[60], words[61] = lba28 & 0xFFFF, lba28 >> 16
+    for i in range(4):
+        words[100 + i] = sectors >> (16 * i) & 0xFFFF
+    return struct.pack("<256H", *words)
+
+
+@pytest.mark.codec
+def test_identify_parse_lba48_and_strings():
+    ident = aoe.Identify(vblade_style_identify(0x123456789))
+    assert ident.model == "Coraid EtherDrive vblade"
+    assert ident.firmware == "V25" and ident.serial == "0.1:host"
+    assert ident.lba48 and ident.sectors == 0x123456789 and ident.lba28_sectors == 0x0FFFFFFF
+
+
+@pytest.mark.codec
+def test_identify_lba28_only_device_uses_words_60_61():
+    data = bytearray(vblade_style_identify(1000))
+    data[83 * 2:83 * 2 + 2] = b"\x00\x00"            # no LBA48 support
+    data[200:208] = bytes(8)
+    ident = aoe.Identify(bytes(data))
+    assert not ident.lba48 and ident.sectors == 1000
+
+
+@pytest.mark.codec
+def test_build_identify_is_parsed_back():
+    ident = aoe.Identify(aoe.build_identify(131072, "model x", "serial y", "V1"))
+    assert (ident.model, ident.serial, ident.firmware, ident.sectors, ident.lba48) == \
+        ("model x", "serial y", "V1", 131072, True)
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("text, expect", [("e0.1", (0, 1)), ("3.7", (3, 7)), ("E65534.254", (65534, 254))])
+def test_device_names(text, expect):
+    assert aoe.parse_device(text) == expect
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("text", ["e0", "x0.1", "e0.1.2", "e-1.0", "e65535.0", "e0.255", "", "e.1"])
+def test_bad_device_names(text):
+    with pytest.raises(aoe.AoeError) as e:
+        aoe.parse_device(text)
+    assert e.value.code == aoe.EXIT_USAGE
+
+
+@pytest.mark.codec
+def test_frame_sizes_follow_mtu_and_target():
+    assert aoe.frame_sectors(1500) == 2 and aoe.frame_sectors(9000) == 17
+    assert aoe.sectors_per_frame(9000, 2) == 2
+    assert aoe.sectors_per_frame(1500, 17) == 2
+    assert aoe.sectors_per_frame(9000, 0) == aoe.DEFAULT_SECTORS_PER_FRAME
+
+
+@pytest.mark.codec
+def test_status_text_names_errors():
+    assert "target is reserved" in aoe.status_text(-(aoe.STATUS_AOE_ERROR | aoe.AOEERR_RESERVED))
+    assert "past the end" in aoe.status_text(-(aoe.STATUS_ATA_ERROR | aoe.ATA_IDNF))
+    assert aoe.status_text(-5) == os.strerror(5)
+
+
+# -----------------------------------------------------------------------------
+# net: namespaces, veth, vblade and aoetools
+# -----------------------------------------------------------------------------
+
+class Bench:
+    """Two network namespaces joined by a veth pair: the initiator side ('ini')
+    and the target side ('tgt').  Everything it makes is removed by close()."""
+
+    def __init__(self, mtu, tmp_path):
+        need(os.geteuid() == 0, "needs root to create network namespaces")
+        need(shutil.which("ip"), "needs iproute2 (ip)")
+        tag = uuid.uuid4().hex[:6]
+        self.ini_ns, self.tgt_ns = "aoeti" + tag, "aoett" + tag
+        self.ini_if, self.tgt_if = "ai" + tag, "at" + tag
+        self.tmp = tmp_path
+        self.procs = []
+        self.mtu = mtu
+        try:
+            self._ip("netns", "add", self.ini_ns)
+            self._ip("netns", "add", self.tgt_ns)
+            self._ip("link", "add", self.ini_if, "netns", self.ini_ns, "type", "veth",
+                     "peer", "name", self.tgt_if, "netns", self.tgt_ns)
+            for ns, ifname in ((self.ini_ns, self.ini_if), (self.tgt_ns, self.tgt_if)):
+                self._ip("-n", ns, "link", "set", ifname, "mtu", str(mtu), "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def _ip(*args):
+        subprocess.run(("ip",) + args, check=True, capture_output=True, timeout=20)
+
+    def mac(self, side):
+        ns, ifname = (self.ini_ns, self.ini_if) if side == "ini" else (self.tgt_ns, self.tgt_if)
+        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", ifname], capture_output=True,
+                             text=True, check=True).stdout
+        return json.loads(out)[0]["address"]
+
+    def start(self, ns, argv, ready=None):
+        """A long-running process in a namespace, killed by close() (and by timeout anyway)."""
+        log = open(os.path.join(str(self.tmp), "proc%d.log" % len(self.procs)), "w+")
+        p = subprocess.Popen(["ip", "netns", "exec", ns, "timeout", "900"] + list(argv),
+                             stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((p, log))
+        if ready:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                log.seek(0)
+                if ready in log.read():
+                    break
+                assert p.poll() is None, "process %s exited early" % argv
+                time.sleep(0.05)
+            else:
+                raise AssertionError("%s did not become ready" % argv)
+        return p
+
+    def vblade(self, shelf, slot, path, *opts):
+        need(shutil.which("vblade"), "needs vblade (apt-get install vblade)")
+        return self.start(self.tgt_ns, ["vblade"] + list(opts) + [str(shelf), str(slot), self.tgt_if, path],
+                          ready="pid ")
+
+    def run(self, ns, argv, timeout=120, input=None):
+        return subprocess.run(["ip", "netns", "exec", ns] + list(argv), capture_output=True, text=True,
+                              timeout=timeout, input=input)
+
+    def aoe(self, *args, timeout=300, ns=None, env=None, binary=False):
+        """Run aoe.py in the initiator namespace, limited to the test's interface."""
+        cmd = [sys.executable, AOE_PY] + list(args)
+        full_env = dict(os.environ, AOE_IFLIST=self.ini_if, **(env or {}))
+        return subprocess.run(["ip", "netns", "exec", ns or self.ini_ns] + cmd, capture_output=True,
+                              text=not binary, timeout=timeout, env=full_env)
+
+    def aoe_json(self, *args):
+        r = self.aoe(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def close(self):
+        for p, log in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+            log.close()
+        for ns in (self.ini_ns, self.tgt_ns):
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def make_file(path, size, random_bytes=0):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if random_bytes:
+            f.write(os.urandom(random_bytes))
+    return str(path)
+
+
+CONFIG_37 = "rack 4, host-a: config string for e3.7"   # >= 28 bytes so vblade's answer is not a runt
+
+
+@pytest.fixture(scope="module", params=[1500, 9000], ids=["mtu1500", "mtu9000"])
+def vblades(request, tmp_path_factory):
+    """vblade exporting 0.1 (64 MiB), 0.2 (8 MiB, read-only) and 3.7 (16 MiB, config string)."""
+    tmp = tmp_path_factory.mktemp("vblades")
+    bench = Bench(request.param, tmp)
+    try:
+        bench.files = {
+            "e0.1": make_file(tmp / "d01", 64 << 20, 4 << 20),
+            "e0.2": make_file(tmp / "d02", 8 << 20, 1 << 20),
+            "e3.7": make_file(tmp / "d37", 16 << 20),
+        }
+        bench.vblade(0, 1, bench.files["e0.1"])
+        bench.vblade(0, 2, bench.files["e0.2"], "-r")
+        bench.vblade(3, 7, bench.files["e3.7"])
+        r = bench.aoe("cfg", "-c", "fset", "-s", CONFIG_37, "e3.7")
+        assert r.returncode == 0, r.stderr
+        yield bench
+    finally:
+        bench.close()
+
+
+@pytest.mark.net
+def test_discover_lists_exactly_the_exports(vblades):
+    found = vblades.aoe_json("discover")
+    assert [d["device"] for d in found] == ["e0.1", "e0.2", "e3.7"]
+    mac = vblades.mac("tgt")
+    for d in found:
+        assert d["macs"] == [mac] and d["interfaces"] == [vblades.ini_if]
+        assert d["buffers"] == 16
+        assert d["advertised_sectors"] == (vblades.mtu - 36) // 512
+    assert [d["config"] for d in found] == ["", "", CONFIG_37]
+    human = vblades.aoe("discover")
+    assert human.returncode == 0 and len(human.stdout.splitlines()) == 3
+
+
+@pytest.mark.net
+def test_stat_json_sizes_flags_and_identify(vblades):
+    rows = {d["device"]: d for d in vblades.aoe_json("stat")}
+    assert sorted(rows) == ["e0.1", "e0.2", "e3.7"]
+    for name, path in vblades.files.items():
+        d = rows[name]
+        assert d["size_bytes"] == os.path.getsize(path)
+        assert d["state"] == "up" and d["lba48"] is True
+        assert d["model"] == "Coraid EtherDrive vblade" and d["firmware"].startswith("V")
+        assert d["serial"].startswith(name[1:] + ":")
+        assert d["sectors_per_frame"] == (2 if vblades.mtu == 1500 else 17)
+        assert d["payload"] == d["sectors_per_frame"] * 512
+    assert rows["e3.7"]["config"] == CONFIG_37
+    human = vblades.aoe("stat")
+    line = [l for l in human.stdout.splitlines() if "e0.1" in l][0].split()
+    assert line == ["e0.1", "0.067GB", vblades.ini_if, str(rows["e0.1"]["payload"]), "up"]
+
+
+@pytest.mark.net
+def test_cfg_round_trip_and_aoecfg_agrees(vblades):
+    need(shutil.which("aoecfg"), "needs aoetools (aoecfg)")
+    ours = "set by aoe.py, read back by aoecfg here"
+    assert vblades.aoe("cfg", "-c", "fset", "-s", ours, "e3.7").returncode == 0
+    r = vblades.aoe("cfg", "e3.7")
+    assert r.returncode == 0 and r.stdout.strip() == ours
+    theirs = vblades.run(vblades.ini_ns, ["aoecfg", "-t", "2", "3", "7", vblades.ini_if], timeout=10)
+    assert theirs.stdout.strip() == ours
+    other = "set by aoecfg, read back by aoe.py ok"
+    vblades.run(vblades.ini_ns, ["aoecfg", "-c", "fset", "-s", other, "-t", "2", "3", "7", vblades.ini_if], timeout=10)
+    r = vblades.aoe("cfg", "e3.7")
+    assert r.stdout.strip() == other
+    # set only when empty: refused by name, exit 1
+    r = vblades.aoe("cfg", "-c", "set", "-s", "x", "e3.7")
+    assert r.returncode == 1 and "config string present" in r.stderr
+    assert vblades.aoe("cfg", "-c", "test", "-s", other, "e3.7").returncode == 0
+    assert vblades.aoe("cfg", "-c", "test", "-s", "no such", "e3.7").returncode == 1
+    assert vblades.aoe("cfg", "-c", "prefix", "-s", "set by aoecfg").stdout.strip() == "e3.7\t" + other
+    mac = vblades.mac("tgt")
+    r = vblades.aoe("cfg", "--mac", mac, "-c", "fset", "-s", CONFIG_37, "e3.7")
+    assert r.returncode == 0 and r.stdout.strip() == CONFIG_37
+
+
+@pytest.mark.net
+def test_ping_identify(vblades):
+    r = vblades.aoe("ping", "-I", "0", "1", vblades.ini_if)
+    assert r.returncode == 0, r.stderr
+    assert "model: Coraid EtherDrive vblade" in r.stdout and "serial_number: 0.1:" in r.stdout
+    assert "sectors: %d " % (64 << 11) in r.stdout
+    r = vblades.aoe("ping", "-s", "1", "0", "9", vblades.ini_if)
+    assert r.returncode == 1 and "e0.9: no answer" in r.stderr
+
+
+@pytest.mark.net
+def test_read_write_round_trip_and_read_only(vblades):
+    out = os.path.join(str(vblades.tmp), "img%d" % vblades.mtu)
+    r = vblades.aoe("read", "e0.1", out, "--checksum", "sha256")
+    assert r.returncode == 0, r.stderr
+    with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
+        assert a.read() == b.read()
+    data = os.urandom(3 << 20) + b"tail not sector aligned"
+    src = make_file(os.path.join(str(vblades.tmp), "src"), 0)
+    with open(src, "wb") as f:
+        f.write(data)
+    with open(vblades.files["e0.1"], "rb") as f:
+        f.seek((1 << 20) + len(data))
+        after = f.read(512)
+    r = vblades.aoe("write", "--yes", "--offset", "1M", src, "e0.1")
+    assert r.returncode == 0, r.stderr
+    with open(vblades.files["e0.1"], "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(len(data)) == data
+        assert f.read(512 - len(data) % 512) == after[:512 - len(data) % 512]
+    r = vblades.aoe("read", "e0.1", "-", "--offset", "1M", "--length", str(len(data) // 512 * 512), binary=True)
+    assert r.returncode == 0 and r.stdout == data[:len(data) // 512 * 512]
+    r = vblades.aoe("write", "--yes", src, "e0.2")
+    assert r.returncode == 1 and "read-only" in r.stderr
+
+
+@pytest.mark.net
+def test_reserve_blocks_others_and_mask_edits(vblades):
+    stranger = "02:00:00:00:00:09"
+    r = vblades.aoe("reserve", "e3.7", "--set", stranger)
+    assert r.returncode == 0 and stranger in r.stdout
+    try:
+        r = vblades.aoe("read", "e3.7", "-", "--length", "512")
+        assert r.returncode == 1 and "target is reserved" in r.stderr
+        r = vblades.aoe("reserve", "e3.7", "--set")
+        assert r.returncode == 1 and "target is reserved" in r.stderr and "--force" in r.stderr
+    finally:
+        r = vblades.aoe("reserve", "e3.7", "--release", "--force")
+    assert r.returncode == 0 and "released" in r.stdout
+    assert vblades.aoe("read", "e3.7", "-", "--length", "512").returncode == 0
+    # vblade 25 keeps one mask entry correctly and crashes on delete (its rmmask
+    # miscounts), so against vblade only one add is checked; serve's tests do the rest.
+    assert vblades.aoe_json("mask", "e3.7")["masks"] == []
+    me = vblades.mac("ini")
+    assert vblades.aoe_json("mask", "e3.7", "--add", me)["masks"] == [me]
+    assert vblades.aoe_json("mask", "e3.7")["masks"] == [me]
+
+
+@pytest.mark.net
+def test_sancheck_reports_fit(vblades):
+    report = vblades.aoe_json("sancheck")
+    assert [r["device"] for r in report] == ["e0.1", "e0.2", "e3.7"]
+    for r in report:
+        assert r["advice"] == []
+        assert r["paths"][0]["path_sectors"] == (2 if vblades.mtu == 1500 else 17)
+
+
+INJECT = r"""
+import socket, sys, time
+ifname, dst = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', ''))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((ifname, 0))
+src = bytes.fromhex('02aabbccddee')
+def hdr(verfl, shelf, slot, cmd, tag):
+    return dst + src + b'\x88\xa2' + bytes([verfl, 0]) + shelf.to_bytes(2, 'big') + bytes([slot, cmd]) + tag.to_bytes(4, 'big')
+frames = [dst + src + b'\x88\xa2' + b'\x18',                      # truncated header
+          hdr(0x28, 0, 1, 1, 0x80000000) + bytes(40),              # version 2
+          hdr(0x18, 0, 1, 1, 0x81234567) + bytes(8),               # unsolicited response
+          hdr(0x18, 0, 1, 1, 0x80000000) + b'\x00\x10\x00\x00\x02\x10\x03\xff',   # config length past end
+          hdr(0x10, 0, 1, 1, 0x80000000) + bytes(40),              # a request, not a response
+          hdr(0x18, 0, 1, 0, 0xC0000001) + bytes(12)]              # unknown data tag
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    s.send(frames[0])                                             # runt: veth carries it as is
+    for f in frames[1:]:
+        s.send(f + bytes(max(0, 60 - len(f))))
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.net
+def test_garbage_frames_are_dropped_and_counted(vblades):
+    injector = vblades.start(vblades.tgt_ns, [sys.executable, "-c", INJECT, vblades.tgt_if,
+                                              vblades.mac("ini"), "4"])
+    try:
+        time.sleep(0.3)
+        r = vblades.aoe("discover", "-v", "-w", "1.5")
+        assert r.returncode == 0 and "Traceback" not in r.stderr
+        assert len(r.stdout.splitlines()) == 3
+        counts = dict(item.rsplit(" ", 1) for item in
+                      r.stderr.split("dropped frames: ", 1)[1].strip().split(", "))
+        for reason in ("short", "version", "unsolicited", "not_response"):
+            assert int(counts.get(reason, 0)) > 0, (reason, r.stderr)
+        out = os.path.join(str(vblades.tmp), "inj%d" % vblades.mtu)
+        r = vblades.aoe("read", "e0.1", out, "--length", "8M", "-v")
+        assert r.returncode == 0, r.stderr
+        with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
+            assert a.read() == b.read(8 << 20)
+    finally:
+        injector.kill()
+
+
+@pytest.mark.net
+def test_bad_input_gives_one_line_and_exit_code(vblades):
+    cases = [
+        (("stat", "e0"), 2, "not an AoE device name"),
+        (("discover", "--iface", "nosuchif0"), 2, "nosuchif0: no such network interface"),
+        (("ping", "0", "1", "lo"), 2, "lo is not an Ethernet interface"),
+        (("read", "e0.1", "-", "--offset", "100"), 2, "not a multiple of 512"),
+        (("read", "e9.9", "-"), 1, "e9.9: no answer"),
+        (("cfg", "-c", "fset", "e3.7"), 2, "needs the new string"),
+        (("bench", "e0.1", "--qd", "0"), 2, "must be greater than 0"),
+    ]
+    for args, code, text in cases:
+        r = vblades.aoe(*args)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert r.stderr.count("\n") == 1 and text in r.stderr, (args, r.stderr)
+    r = vblades.run(vblades.ini_ns, ["ip", "link", "add", "down0", "type", "veth", "peer", "name", "down1"])
+    assert r.returncode == 0, r.stderr
+    r = vblades.aoe("discover", "--iface", "down0")
+    assert r.returncode == 2 and "down0 is down" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.net
+def test_without_privilege_says_so(vblades):
+    need(shutil.which("setpriv"), "needs setpriv (util-linux)")
+    r = vblades.run(vblades.ini_ns, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                     "--inh-caps=-all", sys.executable, AOE_PY, "discover",
+                                     "--iface", vblades.ini_if])
+    assert r.returncode == 2 and "need root or CAP_NET_RAW" in r.stderr and r.stderr.count("\n") == 1
