@@ -272,7 +272,7 @@ class Bench:
         cmd = [sys.executable, AOE_PY] + list(args)
         full_env = dict(os.environ, AOE_IFLIST=self.ini_if, **(env or {}))
         return subprocess.run(["ip", "netns", "exec", ns or self.ini_ns] + cmd, capture_output=True,
-                              text=not binary, timeout=timeout, env=full_env)
+                              timeout=timeout, env=full_env, **({} if binary else {"errors": "replace"}))
 
     def aoe_json(self, *args):
         r = self.aoe(*args, "--json")
@@ -522,3 +522,174 @@ def test_without_privilege_says_so(vblades):
                                      "--inh-caps=-all", sys.executable, AOE_PY, "discover",
                                      "--iface", vblades.ini_if])
     assert r.returncode == 2 and "need root or CAP_NET_RAW" in r.stderr and r.stderr.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# net: aoe.py serve as the target
+# -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[1500, 9000], ids=["mtu1500", "mtu9000"])
+def served(request, tmp_path_factory):
+    """aoe.py serve exporting 1.1 (32 MiB of random data) and 1.2 (read-only, offset window)."""
+    tmp = tmp_path_factory.mktemp("served")
+    bench = Bench(request.param, tmp)
+    try:
+        bench.files = {"e1.1": make_file(tmp / "s11", 32 << 20, 32 << 20),
+                       "e1.2": make_file(tmp / "s12", 4 << 20, 4 << 20)}
+        bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "1", "1", bench.tgt_if,
+                                   bench.files["e1.1"]], ready="pid ")
+        bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "-r", "-o", "1M", "-l", "2M", "1", "2",
+                                   bench.tgt_if, bench.files["e1.2"]], ready="pid ")
+        yield bench
+    finally:
+        bench.close()
+
+
+@pytest.mark.net
+def test_serve_discovered_with_window_and_identify(served):
+    rows = {d["device"]: d for d in served.aoe_json("stat")}
+    assert sorted(rows) == ["e1.1", "e1.2"]
+    assert rows["e1.1"]["size_bytes"] == 32 << 20 and rows["e1.2"]["size_bytes"] == 2 << 20
+    assert rows["e1.1"]["advertised_sectors"] == aoe.frame_sectors(served.mtu)
+    assert rows["e1.1"]["lba48"] and rows["e1.1"]["serial"].startswith("1.1:")
+
+
+@pytest.mark.net
+def test_serve_read_write_and_window(served):
+    out = os.path.join(str(served.tmp), "s11.img")
+    assert served.aoe("read", "e1.1", out).returncode == 0
+    with open(out, "rb") as a, open(served.files["e1.1"], "rb") as b:
+        assert a.read() == b.read()
+    r = served.aoe("read", "e1.2", "-", binary=True)
+    with open(served.files["e1.2"], "rb") as f:
+        f.seek(1 << 20)
+        assert r.returncode == 0 and r.stdout == f.read(2 << 20)
+    src = make_file(os.path.join(str(served.tmp), "w"), 0)
+    with open(src, "wb") as f:
+        f.write(os.urandom(1 << 20))
+    r = served.aoe("write", "--yes", src, "e1.2")
+    assert r.returncode == 1 and "read-only" in r.stderr
+    r = served.aoe("write", "--yes", "--offset", "31M", src, "e1.1")
+    assert r.returncode == 0, r.stderr
+    with open(served.files["e1.1"], "rb") as f, open(src, "rb") as g:
+        f.seek(31 << 20)
+        assert f.read() == g.read()
+    r = served.aoe("read", "e1.1", "-", "--offset", "31M", "--length", "2M")
+    assert r.returncode == 2 and "past its end" in r.stderr
+
+
+@pytest.mark.net
+def test_aoetools_against_serve(served):
+    need(shutil.which("aoeping") and shutil.which("aoecfg"), "needs aoetools")
+    r = served.run(served.ini_ns, ["aoeping", "-I", "-s", "5", "1", "1", served.ini_if], timeout=10)
+    assert r.returncode == 0, r.stderr
+    assert "model: aoe.py export" in r.stdout and "serial_number: 1.1:" in r.stdout
+    r = served.run(served.ini_ns, ["aoecfg", "-c", "fset", "-s", "short", "-t", "2", "1", "1", served.ini_if],
+                   timeout=10)
+    assert r.stdout.strip() == "short"
+    assert served.aoe("cfg", "e1.1").stdout.strip() == "short"
+    assert served.aoe("cfg", "-c", "fset", "-s", "from aoe.py", "e1.1").returncode == 0
+    r = served.run(served.ini_ns, ["aoecfg", "-t", "2", "1", "1", served.ini_if], timeout=10)
+    assert r.stdout.strip() == "from aoe.py"
+    r = served.run(served.ini_ns, ["aoecfg", "-c", "set", "-s", "other", "-t", "2", "1", "1", served.ini_if],
+                   timeout=10)
+    assert r.stdout.strip() == "*badcfg*"
+
+
+@pytest.mark.net
+def test_serve_mask_and_reserve(served):
+    path = make_file(os.path.join(str(served.tmp), "masked"), 1 << 20, 1 << 20)
+    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "3", served.tgt_if, path], ready="pid ")
+    me, stranger = served.mac("ini"), "02:00:00:00:00:09"
+    r = served.aoe("reserve", "e2.3", "--set", stranger)
+    assert r.returncode == 0 and stranger in r.stdout
+    r = served.aoe("read", "e2.3", "-", "--length", "4k")
+    assert r.returncode == 1 and "target is reserved" in r.stderr
+    assert served.aoe("reserve", "e2.3", "--release", "--force").returncode == 0
+    assert served.aoe("read", "e2.3", "-", "--length", "4k").returncode == 0
+    assert served.aoe_json("mask", "e2.3", "--add", me, "--add", stranger)["masks"] == [me, stranger]
+    assert served.aoe_json("mask", "e2.3", "--delete", stranger)["masks"] == [me]
+    assert served.aoe_json("mask", "e2.3", "--delete", me)["masks"] == []
+    assert served.aoe_json("mask", "e2.3", "--add", stranger)["masks"] == [stranger]
+    r = served.aoe("stat", "e2.3", "-w", "0.5")         # masked out: the target stays silent to us
+    assert r.returncode == 1 and "no AoE target answered" in r.stderr
+
+
+@pytest.mark.net
+def test_engine_survives_faulty_target(served):
+    """Dropped, duplicated and reordered answers still give identical data."""
+    path = make_file(os.path.join(str(served.tmp), "faulty"), 8 << 20, 8 << 20)
+    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-drop", "0.05", "--fault-duplicate",
+                                 "0.05", "--fault-reorder", "0.05", "--fault-seed", "7", "2", "1", served.tgt_if,
+                                 path], ready="pid ")
+    out = os.path.join(str(served.tmp), "faulty.img")
+    r = served.aoe("read", "e2.1", out, "-v")
+    assert r.returncode == 0, r.stderr
+    with open(out, "rb") as a, open(path, "rb") as b:
+        assert a.read() == b.read()
+    src = os.path.join(str(served.tmp), "faulty.src")
+    with open(src, "wb") as f:
+        f.write(os.urandom(4 << 20))
+    r = served.aoe("write", "--yes", src, "e2.1")
+    assert r.returncode == 0, r.stderr
+    with open(path, "rb") as a, open(src, "rb") as b:
+        assert a.read(4 << 20) == b.read()
+
+
+def slow_target_read(served, name, shelf_slot, deadsecs):
+    """Start a long read from a target whose answers are slowed down; returns (read process, target, paths)."""
+    path = make_file(os.path.join(str(served.tmp), name), 64 << 20, 64 << 20)
+    target = served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-delay", "20"]
+                          + shelf_slot + [served.tgt_if, path], ready="pid ")
+    out = os.path.join(str(served.tmp), name + ".img")
+    reader = subprocess.Popen(["ip", "netns", "exec", served.ini_ns, sys.executable, AOE_PY, "read",
+                               "e%s.%s" % tuple(shelf_slot), out, "--deadsecs", str(deadsecs)],
+                              env=dict(os.environ, AOE_IFLIST=served.ini_if), stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert reader.poll() is None, reader.stderr.read()
+    return reader, target, path, out
+
+
+@pytest.mark.net
+def test_dead_target_fails_within_deadsecs(served):
+    reader, target, _, _ = slow_target_read(served, "dead", ["2", "4"], deadsecs=3)
+    try:
+        target.terminate()                 # timeout(1) passes it on to serve
+        t0 = time.monotonic()
+        _, err = reader.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        reader.kill()
+    assert reader.returncode == 1 and "no answer for 3 s (deadsecs)" in err, err
+    assert 2.5 < waited < 3 + 5
+
+
+@pytest.mark.net
+def test_target_back_within_deadsecs_completes_the_read(served):
+    reader, target, path, out = slow_target_read(served, "back", ["2", "5"], deadsecs=60)
+    try:
+        target.terminate()
+        target.wait()
+        time.sleep(2)
+        served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "5", served.tgt_if, path],
+                     ready="pid ")
+        _, err = reader.communicate(timeout=120)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, err
+    with open(out, "rb") as a, open(path, "rb") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.net
+def test_demo_runs_and_cleans_up():
+    need(os.geteuid() == 0, "demo needs root")
+    def demo_namespaces():
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if line.startswith("aoedemo")]
+    before = demo_namespaces()
+    r = subprocess.run([sys.executable, AOE_PY, "demo", "--mtu", "1500"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "read-back matches" in r.stdout and "e0.1" in r.stdout
+    assert demo_namespaces() == before
