@@ -1368,10 +1368,17 @@ class Engine:
                 else:
                     return
 
-    def counters(self):
-        c = dict(self.pump.stats)
-        c.update(("drop_" + k, v) for k, v in self.pump.drops.items())
-        return c
+    def describe(self):
+        """Per-path and engine counters, for -v."""
+        lines = []
+        for path, p in zip(self.target.paths, self.pump.paths):
+            lines.append("path %s: sent %d, answered %d, window %d, rto %.1f ms%s\n"
+                         % (path, p.sent, p.recv, p.maxout, p.rto_us / 1000.0, "" if p.enabled else ", set aside"))
+        stats = self.pump.stats
+        lines.append("frames: sent %d, resent %d, answered %d; dropped: %s\n"
+                     % (stats["frames_sent"], stats["frames_resent"], stats["frames_recv"],
+                        self.pump.drops.describe()))
+        return "".join(lines)
 
     def close(self):
         self.pump.close()
@@ -2156,6 +2163,8 @@ def cmd_read(args):
             out.close()
     if args.verbose or out is not sys.stdout.buffer:
         sys.stderr.write(summary(target, engine, "read", count * SECTOR_SIZE, seconds) + "\n")
+    if args.verbose:
+        sys.stderr.write(engine.describe())
     if hasher:
         line = "%s  %s\n" % (hasher.hexdigest(), target.name)
         (sys.stderr if out is sys.stdout.buffer else sys.stdout).write(line)
@@ -2217,6 +2226,8 @@ def cmd_write(args):
         engine.close()
         src.close()
     sys.stderr.write(summary(target, engine, "wrote", written[0], seconds) + ", flushed\n")
+    if args.verbose:
+        sys.stderr.write(engine.describe())
     return EXIT_OK
 
 

@@ -215,6 +215,7 @@ class Bench:
         tag = uuid.uuid4().hex[:6]
         self.ini_ns, self.tgt_ns = "aoeti" + tag, "aoett" + tag
         self.ini_if, self.tgt_if = "ai" + tag, "at" + tag
+        self.ini_ifs = [self.ini_if]
         self.tmp = tmp_path
         self.procs = []
         self.mtu = mtu
@@ -233,6 +234,17 @@ class Bench:
     @staticmethod
     def _ip(*args):
         subprocess.run(("ip",) + args, check=True, capture_output=True, timeout=20)
+
+    def add_link(self):
+        """A second veth pair between the same namespaces: a second path."""
+        n = len(self.ini_ifs) + 1
+        ini_if, tgt_if = self.ini_if + "_%d" % n, self.tgt_if + "_%d" % n
+        self._ip("link", "add", ini_if, "netns", self.ini_ns, "type", "veth", "peer", "name", tgt_if,
+                 "netns", self.tgt_ns)
+        for ns, ifname in ((self.ini_ns, ini_if), (self.tgt_ns, tgt_if)):
+            self._ip("-n", ns, "link", "set", ifname, "mtu", str(self.mtu), "up")
+        self.ini_ifs.append(ini_if)
+        return ini_if, tgt_if
 
     def mac(self, side):
         ns, ifname = (self.ini_ns, self.ini_if) if side == "ini" else (self.tgt_ns, self.tgt_if)
@@ -270,7 +282,8 @@ class Bench:
     def aoe(self, *args, timeout=300, ns=None, env=None, binary=False):
         """Run aoe.py in the initiator namespace, limited to the test's interface."""
         cmd = [sys.executable, AOE_PY] + list(args)
-        full_env = dict(os.environ, AOE_IFLIST=self.ini_if, **(env or {}))
+        full_env = dict(os.environ, AOE_IFLIST=" ".join(self.ini_ifs))
+        full_env.update(env or {})
         return subprocess.run(["ip", "netns", "exec", ns or self.ini_ns] + cmd, capture_output=True,
                               timeout=timeout, env=full_env, **({} if binary else {"errors": "replace"}))
 
@@ -693,3 +706,69 @@ def test_demo_runs_and_cleans_up():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "read-back matches" in r.stdout and "e0.1" in r.stdout
     assert demo_namespaces() == before
+
+
+@pytest.mark.codec
+def test_aoe_py_uses_only_the_standard_library():
+    import ast
+    tree = ast.parse(open(AOE_PY).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    need(stdlib is not None, "needs Python 3.10+ to list the standard library")
+    assert names - set(stdlib) == {"_aoeio"}
+
+
+@pytest.mark.net
+def test_sancheck_names_the_mtu_to_set(tmp_path):
+    """Target side at MTU 9000 advertises 17 sectors; our side at 1500 cannot carry them."""
+    bench = Bench(1500, tmp_path)
+    try:
+        bench._ip("-n", bench.tgt_ns, "link", "set", bench.tgt_if, "mtu", "9000")
+        bench.vblade(0, 1, make_file(tmp_path / "d", 1 << 20))
+        r = bench.aoe("sancheck")
+        assert r.returncode == 1
+        assert "%s: MTU 1500 but e0.1 needs 8726 for 17-sector frames" % bench.ini_if in r.stdout
+        report = json.loads(bench.aoe("sancheck", "--json").stdout)
+        assert report[0]["paths"][0]["path_sectors"] == 2 and report[0]["payload"] == 1024
+        out = tmp_path / "img"
+        assert bench.aoe("read", "e0.1", str(out)).returncode == 0    # still works at 2 sectors a frame
+        assert out.read_bytes() == (tmp_path / "d").read_bytes()
+    finally:
+        bench.close()
+
+
+@pytest.mark.net
+def test_two_paths_are_used_together_and_fail_over(tmp_path):
+    """One export behind two target ports (two serve processes, two veth pairs):
+    reads use both paths; when one port goes silent the read completes on the other."""
+    bench = Bench(1500, tmp_path)
+    try:
+        _, tgt_if2 = bench.add_link()
+        path = make_file(tmp_path / "d", 64 << 20, 64 << 20)
+        for ifname in (bench.tgt_if, tgt_if2):
+            bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-delay", "2", "4", "4", ifname,
+                                       path], ready="pid ")
+        rows = bench.aoe_json("stat")
+        assert len(rows) == 1 and len(rows[0]["paths"]) == 2
+        out = tmp_path / "img"
+        reader = subprocess.Popen(["ip", "netns", "exec", bench.ini_ns, sys.executable, AOE_PY, "read", "e4.4",
+                                   str(out), "-v", "--deadsecs", "30"],
+                                  env=dict(os.environ, AOE_IFLIST=" ".join(bench.ini_ifs)),
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert reader.poll() is None
+        bench._ip("-n", bench.tgt_ns, "link", "set", tgt_if2, "down")
+        _, err = reader.communicate(timeout=240)
+        assert reader.returncode == 0, err
+        assert out.read_bytes() == (tmp_path / "d").read_bytes()
+        answered = [int(line.split("answered ")[1].split(",")[0]) for line in err.splitlines()
+                    if line.startswith("path ")]
+        assert len(answered) == 2 and min(answered) > 100, err
+        assert "set aside" in err, err
+    finally:
+        bench.close()
