@@ -868,7 +868,7 @@ MAX_RTO_US = 4000000
 INITIAL_RTO_US = 250000          # before any sample (the kernel starts at 250 ms too)
 PATH_LOST_LIMIT = 4              # expiries in a row before a path counts as silent
 PATH_RETRY_US = 2000000          # a silent path is tried again after this
-MAX_FRAMES = 4096                # tag slots per engine
+MAX_FRAMES = 32768               # tag slots per engine (the helper gives each queued frame one)
 
 
 def status_text(status):
@@ -892,12 +892,13 @@ class PumpPath:
     """Per-path state shared by pump and engine (fields as in the helper's struct aoe_path)."""
 
     __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us",
-                 "sent", "recv", "last_recv_us", "header")
+                 "sent", "recv", "last_recv_us", "rtt_n", "rtt_sum_us", "rtt_max_us", "header")
 
     def __init__(self, index, port, dst):
         self.index, self.port, self.src, self.dst = index, port, port.mac, dst
         self.maxout, self.outstanding, self.enabled = 1, 0, 1
         self.rto_us, self.sent, self.recv, self.last_recv_us = INITIAL_RTO_US, 0, 0, 0
+        self.rtt_n = self.rtt_sum_us = self.rtt_max_us = 0   # first transmissions answered this pump
 
 
 def now_us():
@@ -1015,7 +1016,7 @@ class PyPump:
             del self.requests[fr[0]]
             self.done.append((fr[0], req[1]))
 
-    def _receive(self, port_index_by_fd, rtt):
+    def _receive(self, port_index_by_fd):
         drops = self.drops
         buf, view = self.rxbuf, self.rxview
         for fd, _ in self.poller.poll(0):
@@ -1067,17 +1068,22 @@ class PyPump:
                 path.last_recv_us = t
                 self.stats["frames_recv"] += 1
                 if not fr[7]:
-                    rtt.append((path.index, t - fr[5]))
+                    us = t - fr[5]
+                    path.rtt_n += 1
+                    path.rtt_sum_us += us
+                    path.rtt_max_us = max(path.rtt_max_us, us)
                 self._finish_frame(slot, fr, result)
 
     def pump(self, timeout_us):
-        """One round: send, wait up to timeout_us, receive; returns (done, expired, rtt)."""
+        """One round: send, wait up to timeout_us, receive; returns (done, expired).
+        Each path's rtt_* fields then describe this round's answers."""
         self.done = []
-        rtt = []
+        for p in self.paths:
+            p.rtt_n = p.rtt_sum_us = p.rtt_max_us = 0
         self._send_pending()
         by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
         if self.poller.poll(max(0, timeout_us) // 1000 if self.inflight else 0):
-            self._receive(by_fd, rtt)
+            self._receive(by_fd)
             self._send_pending()
         expired = []
         t = now_us()
@@ -1085,7 +1091,11 @@ class PyPump:
             if not fr[6] and t - fr[5] > fr[4].rto_us:
                 fr[6] = True
                 expired.append(slot)
-        return self.done, expired, rtt
+        return self.done, expired
+
+    @property
+    def answered(self):
+        return self.stats["frames_recv"]
 
     def expired_path(self, slot):
         return self.frame[slot][4].index
@@ -1133,6 +1143,7 @@ class HelperPump:
             raise AoeError("out of memory for the frame engine")
         self.eng = self.ffi.gc(eng, self.lib.aoe_eng_free)
         self.eng.lba48 = 1 if lba48 else 0
+        self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.eng.sectors_per_frame = spf
         self.paths = []
         self.buffers = {}                         # req_id -> cdata keeping the caller's buffer pinned
@@ -1170,16 +1181,22 @@ class HelperPump:
         rc = self.lib.aoe_pump(self.eng, timeout_us, -1)
         if rc < 0 and rc != -errno.EINTR:
             raise AoeError("frame engine: %s" % os.strerror(-rc))
-        return self._results()
+        eng = self.eng
+        done = self._events()
+        expired = self.ffi.unpack(eng.expired, eng.nexpired) if eng.nexpired else []
+        return done, expired
 
-    def _results(self):
-        eng, unpack = self.eng, self.ffi.unpack
-        done = [(ev.req_id, ev.status) for ev in unpack(eng.done, eng.ndone)] if eng.ndone else []
+    def _events(self):
+        """The completions in eng.done, releasing their buffers."""
+        eng = self.eng
+        done = [(eng.done[i].req_id, eng.done[i].status) for i in range(eng.ndone)]
         for req_id, _ in done:
             self.buffers.pop(req_id, None)
-        expired = unpack(eng.expired, eng.nexpired) if eng.nexpired else []
-        rtt = [(r.path, r.us) for r in unpack(eng.rtt, eng.nrtt)] if eng.nrtt else []
-        return done, expired, rtt
+        return done
+
+    @property
+    def answered(self):
+        return self.eng.c.frames_recv
 
     def expired_path(self, slot):
         return self.lib.aoe_frame_path(self.eng, slot)
@@ -1189,9 +1206,7 @@ class HelperPump:
 
     def fail_all(self, status):
         self.lib.aoe_fail_all(self.eng, status)
-        failed = [(ev.req_id, ev.status) for ev in self.ffi.unpack(self.eng.done, self.eng.ndone)]
-        self.buffers.clear()
-        return failed
+        return self._events()
 
     @property
     def stats(self):
@@ -1259,6 +1274,7 @@ class Engine:
             self.pump.paths[i].maxout = self.window
             self.policy.append(PathPolicy(self.window))
         self.last_progress = now_us()
+        self.answered = 0
         self.dead = None
         self.next_id = 0
         self.backlog = []                         # completions run() saw for other requests
@@ -1283,13 +1299,14 @@ class Engine:
 
     def poll(self, timeout_us=10000):
         """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code)."""
-        done, expired, rtt = self.pump.pump(0 if self.backlog else timeout_us)
+        done, expired = self.pump.pump(0 if self.backlog else timeout_us)
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
         t = now_us()
-        if done or rtt:
-            self.last_progress = t
-        self._learn_rtt(rtt)
+        answered = self.pump.answered
+        if answered != self.answered:
+            self.answered, self.last_progress = answered, t
+        self._learn_rtt()
         for slot in expired:
             self._on_loss(self.pump.expired_path(slot), t)
             self.pump.resend(slot)
@@ -1300,15 +1317,14 @@ class Engine:
             done = list(done) + self.pump.fail_all(-errno.ETIMEDOUT)
         return done
 
-    def _learn_rtt(self, samples):
-        """Jacobson/Karels per path, fed once per batch with its mean and spread."""
-        by_path = collections.defaultdict(list)
-        for index, us in samples:
-            by_path[index].append(us)
-        for index, values in by_path.items():
-            pol, path = self.policy[index], self.pump.paths[index]
-            mean = sum(values) / len(values)
-            spread = max(values) - mean
+    def _learn_rtt(self):
+        """Jacobson/Karels per path, fed once per pump with the round's mean and spread."""
+        for pol, path in zip(self.policy, self.pump.paths):
+            count = path.rtt_n
+            if not count:
+                continue
+            mean = path.rtt_sum_us / count
+            spread = path.rtt_max_us - mean
             if pol.srtt == 0:
                 pol.srtt, pol.rttvar = mean, mean / 2
             else:
@@ -1320,9 +1336,9 @@ class Engine:
             # Window growth: one more per answer below ssthresh, else one per window of answers.
             if path.maxout < self.window:
                 if path.maxout < pol.ssthresh:
-                    path.maxout = min(self.window, path.maxout + len(values))
+                    path.maxout = min(self.window, path.maxout + count)
                 else:
-                    pol.credit += len(values)
+                    pol.credit += count
                     if pol.credit >= path.maxout:
                         pol.credit = 0
                         path.maxout += 1
@@ -1546,8 +1562,10 @@ class AoeTarget:
             else:
                 try:
                     if write:
-                        self.export.write(lba, a.data[:a.count * SECTOR_SIZE])
-                        self.stats["sectors_written"] += a.count
+                        if self.export.write(lba, a.data[:a.count * SECTOR_SIZE]) != a.count * SECTOR_SIZE:
+                            status, err = ATA_DRDY | ATA_ERR, ATA_UNC
+                        else:
+                            self.stats["sectors_written"] += a.count
                     else:
                         data = self.export.read(lba, a.count)
                         self.stats["sectors_read"] += a.count
@@ -1650,6 +1668,140 @@ def serve_loop(target, port, faults=None, stop=lambda: False, status_every=0):
         if faults and faults.held:
             for frame in faults.due():
                 port.send(frame)
+
+
+# The helper's "Target fast path" answers ATA READ/WRITE in C; AoeTarget.handle
+# still decides every other frame.  Several sockets share the interface's AoE
+# frames (PACKET_FANOUT, round robin, so even one initiator's frames spread over
+# them), one thread each: cffi lets go of the GIL inside aoe_srv_pump.
+PACKET_FANOUT = 18               # <linux/if_packet.h>
+PACKET_FANOUT_LB = 1             # round robin (hash and cpu modes keep one initiator on one socket)
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
+PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000   # the group's own PACKET_IGNORE_OUTGOING
+SERVE_SLICE_US = 100000          # a pump returns at least this often, so stop is noticed
+
+
+def serve_threads():
+    """Fast-path threads: one per CPU we may run on, at most 4; AOE_SERVE_THREADS overrides."""
+    text = os.environ.get("AOE_SERVE_THREADS", "")
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def fanout_ports(ifc, count):
+    """Up to `count` Ports on one interface, each receiving a share of its AoE frames,
+    and why there are fewer (None if not)."""
+    ports = [Port(ifc)]
+    if count < 2:
+        return ports, None
+    mode = PACKET_FANOUT_LB | PACKET_FANOUT_FLAG_IGNORE_OUTGOING
+    try:
+        first = ports[0].sock
+        first.setsockopt(SOL_PACKET, PACKET_FANOUT, (mode | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+        group = first.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+        while len(ports) < count:
+            ports.append(Port(ifc))
+            ports[-1].sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | mode << 16)
+    except OSError as e:
+        close_ports(ports[1:])                    # a socket outside the group would see every frame
+        return ports[:1], "PACKET_FANOUT: %s" % e.strerror
+    return ports, None
+
+
+class FastServe:
+    """serve's data path in the helper: per port a thread loops in aoe_srv_pump, which
+    answers READ/WRITE itself and returns the other frames; those go through
+    AoeTarget.handle under one lock, after which the mask and reservation lists
+    are mirrored into every struct aoe_srv again."""
+
+    _STATS = ("sectors_read", "sectors_written", "io_errors", "send_lost")
+    _DROPS = ("short", "not_aoe", "version", "response", "other_target", "masked", "oversize")
+
+    def __init__(self, helper, target, ports, frame_max):
+        import threading                          # only the fast path runs threads
+        self.threading = threading
+        self.ffi, self.lib = helper.ffi, helper.lib
+        self.target, self.ports = target, ports
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.failure = None
+        self.lists = None
+        self.srvs = []
+        export = target.export
+        for port in ports:
+            srv = self.lib.aoe_srv_new(frame_max)
+            if srv == self.ffi.NULL:
+                raise AoeError("out of memory for the serve fast path")
+            srv = self.ffi.gc(srv, self.lib.aoe_srv_free)
+            srv.sock_fd, srv.file_fd = port.fileno(), export.fd
+            self.ffi.memmove(srv.mac, target.mac, ETH_ALEN)
+            srv.shelf, srv.slot, srv.readonly = target.shelf, target.slot, 1 if export.readonly else 0
+            srv.base, srv.sectors, srv.scnt = export.base, export.sectors, target.scnt
+            self.srvs.append(srv)
+        self.mirror()
+
+    def mirror(self):
+        """Copy the target's mask and reservation lists into C when they changed."""
+        lists = (tuple(self.target.masks), tuple(self.target.reserved))
+        if lists == self.lists:
+            return
+        masks, reserved = b"".join(lists[0]), b"".join(lists[1])
+        for srv in self.srvs:
+            rc = self.lib.aoe_srv_set_lists(srv, masks, len(lists[0]), reserved, len(lists[1]))
+            if rc < 0:
+                raise AoeError("serve fast path: cannot take the lists: %s" % os.strerror(-rc))
+        self.lists = lists
+
+    def _work(self, srv, port):
+        ffi, lib, target = self.ffi, self.lib, self.target
+        try:
+            while not self.stopping:
+                n = lib.aoe_srv_pump(srv, SERVE_SLICE_US)
+                if n < 0:
+                    raise AoeError("%s: serve fast path: %s" % (port.name, os.strerror(-n)))
+                if not n:
+                    continue
+                frames = [ffi.buffer(srv.slow[i].data, srv.slow[i].len)[:] for i in range(n)]
+                with self.lock:
+                    for data in frames:
+                        reply = target.handle(data)
+                        if reply is not None:
+                            port.send(reply)
+                    self.mirror()
+        except BaseException as e:                # ends serve, reported by run()
+            self.failure = self.failure or e
+            self.stopping = True
+
+    def run(self, stop):
+        """Answer requests until stop() is true (or a thread fails: raised here)."""
+        self.ports[0].send(self.target.announce())
+        threads = [self.threading.Thread(target=self._work, args=(srv, port), name="serve-%d" % i, daemon=True)
+                   for i, (srv, port) in enumerate(zip(self.srvs, self.ports))]
+        for t in threads:
+            t.start()
+        try:
+            while not stop() and not self.stopping:
+                time.sleep(0.1)
+        finally:
+            self.stopping = True
+            for t in threads:
+                t.join()
+            self._count()
+        if self.failure:
+            raise self.failure
+
+    def _count(self):
+        """Add the C counters to the target's stats and drops (shown by serve -v)."""
+        t = self.target
+        for srv in self.srvs:
+            c = srv.c
+            t.stats["requests"] += c.frames_fast
+            t.stats["fast_path"] += c.frames_fast
+            for k in self._STATS:
+                t.stats[k] += getattr(c, k)
+            for k in self._DROPS:
+                t.drops[k] += getattr(c, "drop_" + k)
 
 
 # =============================================================================
@@ -2335,119 +2487,169 @@ def cmd_serve(args):
     export = Export(args.file, args.readonly, args.direct, args.sync,
                     sector_aligned(parse_size(args.offset), "-o") if args.offset else 0, length)
     masks = [parse_mac(m) for m in (args.mask or "").replace(",", " ").split()]
-    port = Port(ifc)
-    target = AoeTarget(shelf, slot, export, ifc.mac, ifc.mtu, args.bufcnt, masks)
     faults = FaultPlan(args.fault_drop, args.fault_duplicate, args.fault_delay, args.fault_reorder,
                        args.fault_seed)
-    print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per frame%s"
-          % (os.getpid(), device_name(shelf, slot), export.sectors, "O_RDONLY" if args.readonly else "O_RDWR",
-             ifc.name, mac_str(ifc.mac), args.bufcnt, target.scnt,
-             ", FAULT INJECTION ON" if faults.active else ""), flush=True)
-    stop = StopFlag()
+    helper = load_helper()
+    why_python = ("fault injection" if faults.active else "no helper" if helper is None
+                  else "over %d masks" % SERVE_MASK_MAX if len(masks) > SERVE_MASK_MAX else None)
+    ports, why_fewer = fanout_ports(ifc, 1 if why_python else serve_threads())
+    target = AoeTarget(shelf, slot, export, ifc.mac, ifc.mtu, args.bufcnt, masks)
+    fast = None
     try:
-        serve_loop(target, port, faults if faults.active else None, stop)
+        if not why_python:
+            fast = FastServe(helper, target, ports, max(ETH_ZLEN, ifc.mtu + ETH_HLEN))
+        path = ("helper, %d thread%s" % (len(ports), "" if len(ports) == 1 else "s") if fast
+                else "pure-Python: %s" % why_python)
+        print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per frame, %s data path%s"
+              % (os.getpid(), device_name(shelf, slot), export.sectors, "O_RDONLY" if args.readonly else "O_RDWR",
+                 ifc.name, mac_str(ifc.mac), args.bufcnt, target.scnt, path,
+                 ", FAULT INJECTION ON" if faults.active else ""), flush=True)
+        if why_fewer:
+            sys.stderr.write("serve: one thread only: %s\n" % why_fewer)
+        stop = StopFlag()
+        if fast:
+            fast.run(stop)
+        else:
+            serve_loop(target, ports[0], faults if faults.active else None, stop)
     finally:
-        port.close()
+        close_ports(ports)
         export.close()
         if args.verbose:
             sys.stderr.write("served %s; dropped: %s\n" % (dict(target.stats), target.drops.describe()))
     return EXIT_OK
 
 
-class DemoLab:
-    """Two private network namespaces joined by a veth pair, with `serve` on one
-    side; everything it makes is removed by close(), even after Ctrl-C."""
+class NetLab:
+    """Two private network namespaces, 'ini' (initiator) and 'tgt' (target), joined
+    by veth pairs; processes started in them.  close() removes everything it made,
+    also after Ctrl-C.  Used by demo, the tests and the benchmarks."""
 
-    def __init__(self, mtu=9000, size=256 << 20):
+    def __init__(self, mtu=9000, prefix="aoelab"):
         if os.geteuid() != 0:
-            raise AoeError("demo creates network namespaces: run it as root (sudo python3 %s demo)" % PROG,
-                           EXIT_USAGE)
+            raise AoeError("creating network namespaces needs root (sudo python3 %s ...)" % PROG, EXIT_USAGE)
         if not shutil.which("ip"):
-            raise AoeError("demo needs the 'ip' command: install iproute2", EXIT_USAGE)
-        tag = "%d" % (os.getpid() % 100000)
-        self.ini_ns, self.tgt_ns = "aoedemo%si" % tag, "aoedemo%st" % tag
-        self.ini_if, self.tgt_if = "aoedemo%si" % tag, "aoedemo%st" % tag
-        self.tmp = tempfile.mkdtemp(prefix="aoe-demo-")
-        self.image = os.path.join(self.tmp, "disk.img")
-        self.server = None
+            raise AoeError("the 'ip' command is missing: install iproute2", EXIT_USAGE)
+        self.tag = tag = "%s%05d%02x" % (prefix[:6], os.getpid() % 100000, random.getrandbits(8))
+        self.ini_ns, self.tgt_ns = tag + "i", tag + "t"
+        self.ini_if, self.tgt_if = tag + "i", tag + "t"
+        self.mtu = mtu
+        self.ini_ifs, self.tgt_ifs = [], []
+        self.procs = []
         self.made = []
         try:
-            with open(self.image, "wb") as f:
-                f.truncate(size)
             for ns in (self.ini_ns, self.tgt_ns):
-                self._ip("netns", "add", ns)
+                self.ip("netns", "add", ns)
                 self.made.append(ns)
-            self._ip("link", "add", self.ini_if, "netns", self.ini_ns, "type", "veth",
-                     "peer", "name", self.tgt_if, "netns", self.tgt_ns)
-            for ns, ifname in ((self.ini_ns, self.ini_if), (self.tgt_ns, self.tgt_if)):
-                self._ip("-n", ns, "link", "set", ifname, "mtu", str(mtu), "up")
+                self.ip("-n", ns, "link", "set", "lo", "up")
+            self.add_link(self.ini_if, self.tgt_if)
         except BaseException:
             self.close()
             raise
 
     @staticmethod
-    def _ip(*args):
-        r = subprocess.run(("ip",) + args, capture_output=True, text=True)
+    def ip(*args):
+        r = subprocess.run(("ip",) + args, capture_output=True, text=True, timeout=30)
         if r.returncode:
             raise AoeError("ip %s: %s" % (" ".join(args), r.stderr.strip()))
 
-    def start_target(self, shelf, slot):
-        self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.tgt_ns, sys.executable, os.path.abspath(__file__), "serve",
-             str(shelf), str(slot), self.tgt_if, self.image], stdout=subprocess.PIPE, text=True)
-        line = self.server.stdout.readline()
-        if not line.startswith("pid "):
-            raise AoeError("the demo target did not start")
-        return line.strip()
+    def add_link(self, ini_if=None, tgt_if=None):
+        """One more veth pair between the namespaces: one more path to the targets."""
+        n = len(self.ini_ifs) + 1
+        ini_if, tgt_if = ini_if or "%si%d" % (self.tag, n), tgt_if or "%st%d" % (self.tag, n)
+        self.ip("link", "add", ini_if, "netns", self.ini_ns, "type", "veth", "peer", "name", tgt_if,
+                "netns", self.tgt_ns)
+        for ns, ifname in ((self.ini_ns, ini_if), (self.tgt_ns, tgt_if)):
+            self.ip("-n", ns, "link", "set", ifname, "mtu", str(self.mtu), "up")
+        self.ini_ifs.append(ini_if)
+        self.tgt_ifs.append(tgt_if)
+        return ini_if, tgt_if
 
-    def run(self, *args):
-        """Run one aoe.py command on the initiator side, showing it and its output."""
-        print("$ aoe.py %s" % " ".join(args), flush=True)
-        env = dict(os.environ, AOE_IFLIST=self.ini_if)
-        r = subprocess.run(["ip", "netns", "exec", self.ini_ns, sys.executable, os.path.abspath(__file__)]
-                           + list(args), env=env)
-        print(flush=True)
-        if r.returncode:
-            raise AoeError("demo step 'aoe.py %s' failed (exit %d)" % (" ".join(args), r.returncode))
+    def mac(self, ns, ifname):
+        r = subprocess.run(self.argv(ns, ["cat", os.path.join(SYS_NET, ifname, "address")]),
+                           capture_output=True, text=True)
+        return r.stdout.strip()
+
+    def argv(self, ns, args):
+        return ["ip", "netns", "exec", ns] + list(args)
+
+    def aoe_argv(self, ns, args):
+        return self.argv(ns, [sys.executable, os.path.abspath(__file__)] + list(args))
+
+    def env(self):
+        return dict(os.environ, AOE_IFLIST=" ".join(self.ini_ifs))
+
+    def start(self, ns, args, ready=None, log=None, wait=15.0):
+        """A long-running process in a namespace; waits for `ready` in its output if given."""
+        out = log or tempfile.TemporaryFile("w+")
+        p = subprocess.Popen(self.argv(ns, args), stdout=out, stderr=subprocess.STDOUT, env=self.env())
+        self.procs.append(p)
+        if ready:
+            deadline = time.monotonic() + wait
+            while True:
+                out.seek(0)
+                text = out.read()
+                if ready in text:
+                    break
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise AoeError("%s did not start: %s" % (" ".join(args), text.strip()[-300:]))
+                time.sleep(0.05)
+        return p
 
     def close(self):
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(5)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
         for ns in self.made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.made = []
 
 
 def cmd_demo(args):
-    lab = DemoLab(mtu=args.mtu)
+    size = 256 << 20
+    lab = NetLab(mtu=args.mtu, prefix="aoedemo")
+    tmp = tempfile.mkdtemp(prefix="aoe-demo-")
+
+    def step(*words):
+        print("$ aoe.py %s" % " ".join(words), flush=True)
+        r = subprocess.run(lab.aoe_argv(lab.ini_ns, words), env=lab.env())
+        print(flush=True)
+        if r.returncode:
+            raise AoeError("demo step 'aoe.py %s' failed (exit %d)" % (" ".join(words), r.returncode))
+
     try:
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(size)
         print("demo: namespaces %s and %s joined by veth (MTU %d); serving a sparse %s image as e0.1"
-              % (lab.ini_ns, lab.tgt_ns, args.mtu, human_size(256 << 20)))
-        print("demo: target " + lab.start_target(0, 1) + "\n", flush=True)
-        lab.run("discover")
-        lab.run("stat")
-        sample = os.path.join(lab.tmp, "sample.bin")
-        copy = os.path.join(lab.tmp, "readback.bin")
+              % (lab.ini_ns, lab.tgt_ns, args.mtu, human_size(size)))
+        log = tempfile.TemporaryFile("w+", dir=tmp)
+        lab.start(lab.tgt_ns, [sys.executable, os.path.abspath(__file__), "serve", "0", "1", lab.tgt_if, image],
+                  ready="pid ", log=log)
+        log.seek(0)
+        print("demo: target " + log.readline().strip() + "\n", flush=True)
+        step("discover")
+        step("stat")
+        sample, copy = os.path.join(tmp, "sample.bin"), os.path.join(tmp, "readback.bin")
         with open(sample, "wb") as f:
             f.write(os.urandom(8 << 20))
-        lab.run("write", "--yes", "--offset", "1M", sample, "e0.1")
-        lab.run("read", "e0.1", copy, "--offset", "1M", "--length", "8M")
+        step("write", "--yes", "--offset", "1M", sample, "e0.1")
+        step("read", "e0.1", copy, "--offset", "1M", "--length", "8M")
         with open(sample, "rb") as a, open(copy, "rb") as b:
             if a.read() != b.read():
                 raise AoeError("demo: data read back differs from what was written")
         print("demo: read-back matches the 8 MiB written\n")
-        lab.run("bench", "e0.1", "--seconds", "1", "--qd", "16")
+        step("bench", "e0.1", "--seconds", "1", "--qd", "16")
         print("demo: attach skipped: block devices through ublk are not implemented yet")
         print("demo: done; removing the namespaces and the image")
     finally:
         lab.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return EXIT_OK
-
 
 # =============================================================================
 # CLI

@@ -205,106 +205,52 @@ def test_status_text_names_errors():
 # net: namespaces, veth, vblade and aoetools
 # -----------------------------------------------------------------------------
 
-class Bench:
-    """Two network namespaces joined by a veth pair: the initiator side ('ini')
-    and the target side ('tgt').  Everything it makes is removed by close()."""
+class Bench(aoe.NetLab):
+    """aoe.NetLab plus what the tests need: skips when the machine cannot host
+    it, vblade, and running aoe.py or other tools on either side."""
 
     def __init__(self, mtu, tmp_path):
         need(os.geteuid() == 0, "needs root to create network namespaces")
         need(shutil.which("ip"), "needs iproute2 (ip)")
-        tag = uuid.uuid4().hex[:6]
-        self.ini_ns, self.tgt_ns = "aoeti" + tag, "aoett" + tag
-        self.ini_if, self.tgt_if = "ai" + tag, "at" + tag
-        self.ini_ifs = [self.ini_if]
+        super().__init__(mtu, prefix="aoetest")
         self.tmp = tmp_path
-        self.procs = []
-        self.mtu = mtu
-        try:
-            self._ip("netns", "add", self.ini_ns)
-            self._ip("netns", "add", self.tgt_ns)
-            self._ip("link", "add", self.ini_if, "netns", self.ini_ns, "type", "veth",
-                     "peer", "name", self.tgt_if, "netns", self.tgt_ns)
-            for ns, ifname in ((self.ini_ns, self.ini_if), (self.tgt_ns, self.tgt_if)):
-                self._ip("-n", ns, "link", "set", ifname, "mtu", str(mtu), "up")
-                self._ip("-n", ns, "link", "set", "lo", "up")
-        except Exception:
-            self.close()
-            raise
-
-    @staticmethod
-    def _ip(*args):
-        subprocess.run(("ip",) + args, check=True, capture_output=True, timeout=20)
-
-    def add_link(self):
-        """A second veth pair between the same namespaces: a second path."""
-        n = len(self.ini_ifs) + 1
-        ini_if, tgt_if = self.ini_if + "_%d" % n, self.tgt_if + "_%d" % n
-        self._ip("link", "add", ini_if, "netns", self.ini_ns, "type", "veth", "peer", "name", tgt_if,
-                 "netns", self.tgt_ns)
-        for ns, ifname in ((self.ini_ns, ini_if), (self.tgt_ns, tgt_if)):
-            self._ip("-n", ns, "link", "set", ifname, "mtu", str(self.mtu), "up")
-        self.ini_ifs.append(ini_if)
-        return ini_if, tgt_if
-
-    def mac(self, side):
-        ns, ifname = (self.ini_ns, self.ini_if) if side == "ini" else (self.tgt_ns, self.tgt_if)
-        out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", ifname], capture_output=True,
-                             text=True, check=True).stdout
-        return json.loads(out)[0]["address"]
 
     def start(self, ns, argv, ready=None):
-        """A long-running process in a namespace, killed by close() (and by timeout anyway)."""
+        """Killed by close(), and after 15 minutes in any case."""
         log = open(os.path.join(str(self.tmp), "proc%d.log" % len(self.procs)), "w+")
-        p = subprocess.Popen(["ip", "netns", "exec", ns, "timeout", "900"] + list(argv),
-                             stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((p, log))
-        if ready:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                log.seek(0)
-                if ready in log.read():
-                    break
-                assert p.poll() is None, "process %s exited early" % argv
-                time.sleep(0.05)
-            else:
-                raise AssertionError("%s did not become ready" % argv)
-        return p
+        return super().start(ns, ["timeout", "900"] + list(argv), ready=ready, log=log)
 
     def vblade(self, shelf, slot, path, *opts):
         need(shutil.which("vblade"), "needs vblade (apt-get install vblade)")
         return self.start(self.tgt_ns, ["vblade"] + list(opts) + [str(shelf), str(slot), self.tgt_if, path],
                           ready="pid ")
 
-    def run(self, ns, argv, timeout=120, input=None):
-        return subprocess.run(["ip", "netns", "exec", ns] + list(argv), capture_output=True, text=True,
-                              timeout=timeout, input=input)
+    def run(self, ns, argv, timeout=120):
+        return subprocess.run(self.argv(ns, argv), capture_output=True, text=True, timeout=timeout)
 
-    def aoe(self, *args, timeout=300, ns=None, env=None, binary=False):
-        """Run aoe.py in the initiator namespace, limited to the test's interface."""
-        cmd = [sys.executable, AOE_PY] + list(args)
-        full_env = dict(os.environ, AOE_IFLIST=" ".join(self.ini_ifs))
+    def mac(self, side):
+        return super().mac(*((self.ini_ns, self.ini_if) if side == "ini" else (self.tgt_ns, self.tgt_if)))
+
+    def aoe(self, *args, timeout=300, env=None, binary=False):
+        """aoe.py in the initiator namespace, limited to the test's interfaces."""
+        full_env = self.env()
         full_env.update(env or {})
-        return subprocess.run(["ip", "netns", "exec", ns or self.ini_ns] + cmd, capture_output=True,
-                              timeout=timeout, env=full_env, **({} if binary else {"errors": "replace"}))
+        return subprocess.run(self.aoe_argv(self.ini_ns, args), capture_output=True, timeout=timeout,
+                              env=full_env, **({} if binary else {"errors": "replace"}))
 
     def aoe_json(self, *args):
         r = self.aoe(*args, "--json")
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
-    def close(self):
-        for p, log in self.procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
-            log.close()
-        for ns in (self.ini_ns, self.tgt_ns):
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+@pytest.fixture(params=["helper", "python"])
+def data_path(request):
+    """Environment for aoe.py that selects the compiled helper or the pure-Python data path."""
+    if request.param == "helper":
+        need(aoe.load_helper() is not None, "needs the compiled helper: python3 build_ffi.py")
+        return {}
+    return {"AOE_NO_HELPER": "1"}
 
 
 def make_file(path, size, random_bytes=0):
@@ -406,10 +352,11 @@ def test_ping_identify(vblades):
 
 
 @pytest.mark.net
-def test_read_write_round_trip_and_read_only(vblades):
+def test_read_write_round_trip_and_read_only(vblades, data_path):
     out = os.path.join(str(vblades.tmp), "img%d" % vblades.mtu)
-    r = vblades.aoe("read", "e0.1", out, "--checksum", "sha256")
+    r = vblades.aoe("read", "e0.1", out, "--checksum", "sha256", env=data_path)
     assert r.returncode == 0, r.stderr
+    assert ("helper" if not data_path else "pure Python") in r.stderr
     with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
         assert a.read() == b.read()
     data = os.urandom(3 << 20) + b"tail not sector aligned"
@@ -419,15 +366,16 @@ def test_read_write_round_trip_and_read_only(vblades):
     with open(vblades.files["e0.1"], "rb") as f:
         f.seek((1 << 20) + len(data))
         after = f.read(512)
-    r = vblades.aoe("write", "--yes", "--offset", "1M", src, "e0.1")
+    r = vblades.aoe("write", "--yes", "--offset", "1M", src, "e0.1", env=data_path)
     assert r.returncode == 0, r.stderr
     with open(vblades.files["e0.1"], "rb") as f:
         f.seek(1 << 20)
         assert f.read(len(data)) == data
         assert f.read(512 - len(data) % 512) == after[:512 - len(data) % 512]
-    r = vblades.aoe("read", "e0.1", "-", "--offset", "1M", "--length", str(len(data) // 512 * 512), binary=True)
+    r = vblades.aoe("read", "e0.1", "-", "--offset", "1M", "--length", str(len(data) // 512 * 512), binary=True,
+                    env=data_path)
     assert r.returncode == 0 and r.stdout == data[:len(data) // 512 * 512]
-    r = vblades.aoe("write", "--yes", src, "e0.2")
+    r = vblades.aoe("write", "--yes", src, "e0.2", env=data_path)
     assert r.returncode == 1 and "read-only" in r.stderr
 
 
@@ -486,7 +434,7 @@ while time.monotonic() < end:
 
 
 @pytest.mark.net
-def test_garbage_frames_are_dropped_and_counted(vblades):
+def test_garbage_frames_are_dropped_and_counted(vblades, data_path):
     injector = vblades.start(vblades.tgt_ns, [sys.executable, "-c", INJECT, vblades.tgt_if,
                                               vblades.mac("ini"), "4"])
     try:
@@ -499,7 +447,7 @@ def test_garbage_frames_are_dropped_and_counted(vblades):
         for reason in ("short", "version", "unsolicited", "not_response"):
             assert int(counts.get(reason, 0)) > 0, (reason, r.stderr)
         out = os.path.join(str(vblades.tmp), "inj%d" % vblades.mtu)
-        r = vblades.aoe("read", "e0.1", out, "--length", "8M", "-v")
+        r = vblades.aoe("read", "e0.1", out, "--length", "8M", "-v", env=data_path)
         assert r.returncode == 0, r.stderr
         with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
             assert a.read() == b.read(8 << 20)
@@ -629,21 +577,22 @@ def test_serve_mask_and_reserve(served):
 
 
 @pytest.mark.net
-def test_engine_survives_faulty_target(served):
+def test_engine_survives_faulty_target(served, data_path):
     """Dropped, duplicated and reordered answers still give identical data."""
-    path = make_file(os.path.join(str(served.tmp), "faulty"), 8 << 20, 8 << 20)
+    slot = "6" if data_path else "1"                 # one target per data path
+    path = make_file(os.path.join(str(served.tmp), "faulty" + slot), 8 << 20, 8 << 20)
     served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-drop", "0.05", "--fault-duplicate",
-                                 "0.05", "--fault-reorder", "0.05", "--fault-seed", "7", "2", "1", served.tgt_if,
+                                 "0.05", "--fault-reorder", "0.05", "--fault-seed", "7", "2", slot, served.tgt_if,
                                  path], ready="pid ")
-    out = os.path.join(str(served.tmp), "faulty.img")
-    r = served.aoe("read", "e2.1", out, "-v")
+    out = os.path.join(str(served.tmp), "faulty%s.img" % slot)
+    r = served.aoe("read", "e2." + slot, out, "-v", env=data_path)
     assert r.returncode == 0, r.stderr
     with open(out, "rb") as a, open(path, "rb") as b:
         assert a.read() == b.read()
-    src = os.path.join(str(served.tmp), "faulty.src")
+    src = os.path.join(str(served.tmp), "faulty%s.src" % slot)
     with open(src, "wb") as f:
         f.write(os.urandom(4 << 20))
-    r = served.aoe("write", "--yes", src, "e2.1")
+    r = served.aoe("write", "--yes", src, "e2." + slot, env=data_path)
     assert r.returncode == 0, r.stderr
     with open(path, "rb") as a, open(src, "rb") as b:
         assert a.read(4 << 20) == b.read()
@@ -655,9 +604,9 @@ def slow_target_read(served, name, shelf_slot, deadsecs):
     target = served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-delay", "20"]
                           + shelf_slot + [served.tgt_if, path], ready="pid ")
     out = os.path.join(str(served.tmp), name + ".img")
-    reader = subprocess.Popen(["ip", "netns", "exec", served.ini_ns, sys.executable, AOE_PY, "read",
-                               "e%s.%s" % tuple(shelf_slot), out, "--deadsecs", str(deadsecs)],
-                              env=dict(os.environ, AOE_IFLIST=served.ini_if), stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(served.aoe_argv(served.ini_ns, ["read", "e%s.%s" % tuple(shelf_slot), out,
+                                                                "--deadsecs", str(deadsecs)]),
+                              env=served.env(), stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     assert reader.poll() is None, reader.stderr.read()
     return reader, target, path, out
@@ -728,7 +677,7 @@ def test_sancheck_names_the_mtu_to_set(tmp_path):
     """Target side at MTU 9000 advertises 17 sectors; our side at 1500 cannot carry them."""
     bench = Bench(1500, tmp_path)
     try:
-        bench._ip("-n", bench.tgt_ns, "link", "set", bench.tgt_if, "mtu", "9000")
+        bench.ip("-n", bench.tgt_ns, "link", "set", bench.tgt_if, "mtu", "9000")
         bench.vblade(0, 1, make_file(tmp_path / "d", 1 << 20))
         r = bench.aoe("sancheck")
         assert r.returncode == 1
@@ -756,13 +705,11 @@ def test_two_paths_are_used_together_and_fail_over(tmp_path):
         rows = bench.aoe_json("stat")
         assert len(rows) == 1 and len(rows[0]["paths"]) == 2
         out = tmp_path / "img"
-        reader = subprocess.Popen(["ip", "netns", "exec", bench.ini_ns, sys.executable, AOE_PY, "read", "e4.4",
-                                   str(out), "-v", "--deadsecs", "30"],
-                                  env=dict(os.environ, AOE_IFLIST=" ".join(bench.ini_ifs)),
-                                  stderr=subprocess.PIPE, text=True)
+        reader = subprocess.Popen(bench.aoe_argv(bench.ini_ns, ["read", "e4.4", str(out), "-v", "--deadsecs", "30"]),
+                                  env=bench.env(), stderr=subprocess.PIPE, text=True)
         time.sleep(3)
         assert reader.poll() is None
-        bench._ip("-n", bench.tgt_ns, "link", "set", tgt_if2, "down")
+        bench.ip("-n", bench.tgt_ns, "link", "set", tgt_if2, "down")
         _, err = reader.communicate(timeout=240)
         assert reader.returncode == 0, err
         assert out.read_bytes() == (tmp_path / "d").read_bytes()
