@@ -719,3 +719,83 @@ def test_two_paths_are_used_together_and_fail_over(tmp_path):
         assert "set aside" in err, err
     finally:
         bench.close()
+
+
+FORGE = r"""
+import socket, sys, time
+# Answer every data request seen on the target side at once, before the real
+# target: from a wrong MAC with the exact tag, and with a wrong shelf; all with junk data.
+ifname = sys.argv[1]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88A2))
+s.bind((ifname, 0x88A2))
+s.settimeout(0.2)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        f = s.recv(65536)
+    except socket.timeout:
+        continue
+    if len(f) < 36 or f[14] & 0x08 or f[19] != 0 or f[27] not in (0x20, 0x24):
+        continue
+    n = f[26] * 512
+    body = bytes([0x18, 0]) + f[16:20] + f[20:24] + f[24:26] + bytes([0, 0x40]) + f[28:36] + b'\xee' * n
+    s.send(f[6:12] + bytes.fromhex('02deadbeef01') + b'\x88\xa2' + body)           # wrong MAC
+    s.send(f[6:12] + f[0:6] + b'\x88\xa2' + bytes([0x18, 0]) + ((int.from_bytes(f[16:18], 'big') + 1) % 65535).to_bytes(2, 'big')
+           + f[18:20] + f[20:24] + f[24:26] + bytes([0, 0x40]) + f[28:36] + b'\xee' * n)   # other shelf
+"""
+
+
+@pytest.mark.net
+def test_forged_answers_cannot_change_data(vblades, data_path):
+    forger = vblades.start(vblades.tgt_ns, [sys.executable, "-c", FORGE, vblades.tgt_if, "60"])
+    try:
+        time.sleep(0.3)
+        out = os.path.join(str(vblades.tmp), "forged%d" % vblades.mtu)
+        r = vblades.aoe("read", "e0.1", out, "--length", "16M", "-v", env=data_path)
+        assert r.returncode == 0, r.stderr
+        with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
+            assert a.read() == b.read(16 << 20)
+        drops = dict(item.rsplit(" ", 1) for item in r.stderr.split("dropped: ", 1)[1].strip().split(", "))
+        # A forgery that arrives after the real answer is stale; one before it, from the wrong MAC.
+        forged_tag_drops = int(drops.get("bad_mac", 0)) + int(drops.get("stale", 0))
+        assert forged_tag_drops > 100 and int(drops.get("foreign", 0)) > 100, r.stderr
+    finally:
+        forger.terminate()
+
+
+@pytest.mark.net
+def test_read_resume_and_checksum(vblades):
+    full = os.path.join(str(vblades.tmp), "full%d" % vblades.mtu)
+    r = vblades.aoe("read", "e0.1", full, "--length", "8M", "--checksum", "sha256")
+    assert r.returncode == 0, r.stderr
+    digest = r.stdout.split()[0]
+    part = os.path.join(str(vblades.tmp), "part%d" % vblades.mtu)
+    with open(part, "wb") as f, open(full, "rb") as g:
+        f.write(g.read((3 << 20) + 700))               # an interrupted image, not sector aligned
+    r = vblades.aoe("read", "e0.1", part, "--length", "8M", "--resume", "--checksum", "sha256")
+    assert r.returncode == 0 and "resuming" in r.stderr and "at byte %d" % (3 << 20 | 512) in r.stderr
+    assert r.stdout.split()[0] == digest
+    with open(part, "rb") as a, open(full, "rb") as b:
+        assert a.read() == b.read()
+
+
+@pytest.mark.net
+def test_one_gib_image_byte_for_byte(vblades, data_path):
+    """A whole 1 GiB export of random data read with each data path, compared with cmp."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else str(vblades.tmp)
+    src = os.path.join(shm, "aoe-test-%s.img" % vblades.tag)
+    out = src + ".out"
+    try:
+        with open(src, "wb") as f:
+            for _ in range(1024):
+                f.write(os.urandom(1 << 20))
+        slot = "8" if data_path else "9"
+        vblade = vblades.vblade(5, slot, src)
+        r = vblades.aoe("read", "e5." + slot, out, env=data_path)
+        assert r.returncode == 0, r.stderr
+        assert subprocess.run(["cmp", src, out]).returncode == 0
+        vblade.terminate()
+    finally:
+        for path in (src, out):
+            if os.path.exists(path):
+                os.unlink(path)
