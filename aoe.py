@@ -1875,6 +1875,15 @@ def report_drops(args, control):
         sys.stderr.write("dropped frames: %s\n" % control.drops.describe())
 
 
+def listing_status(args, control, found):
+    """End of a listing command: dropped frames with -v; exit 1 when nothing answered."""
+    report_drops(args, control)
+    if not found:
+        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 def cmd_interfaces(args):
     allow = iflist_from(args.iface)
     rows = []
@@ -1910,11 +1919,7 @@ def cmd_discover(args):
                   % (t.name, ",".join(sorted({p.port.name for p in t.paths})),
                      ",".join(sorted({mac_str(p.mac) for p in t.paths})), t.info.bufcnt,
                      t.info.scnt, t.info.config.decode("utf-8", "replace")))
-    report_drops(args, control)
-    if not targets:
-        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
-        return EXIT_FAIL
-    return EXIT_OK
+    return listing_status(args, control, targets)
 
 
 def stat_row(d):
@@ -1936,11 +1941,7 @@ def cmd_stat(args):
         hidden = len(rows) - len(shown)
         if hidden:
             sys.stderr.write("%d more device(s) answered discovery but not IDENTIFY; -a shows them\n" % hidden)
-    report_drops(args, control)
-    if not rows:
-        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
-        return EXIT_FAIL
-    return EXIT_OK
+    return listing_status(args, control, rows)
 
 
 def cmd_ping(args):
@@ -2177,11 +2178,7 @@ def cmd_sancheck(args):
             print("%-10s %-5d %-8d %s" % (r["device"], r["macs"], r["payload"], " ".join(r["interfaces"])))
             for line in r["advice"]:
                 print("    " + line)
-    report_drops(args, control)
-    if not targets:
-        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
-        return EXIT_FAIL
-    return EXIT_FAIL if problems else EXIT_OK
+    return listing_status(args, control, targets) or (EXIT_FAIL if problems else EXIT_OK)
 
 
 def cmd_version(args):
