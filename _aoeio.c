@@ -886,6 +886,7 @@ enum { SRV_DROP, SRV_SLOW, SRV_FAST };
 
 struct aoe_srv_counters {
     uint64_t frames_recv;           /* every frame read from the socket */
+    uint64_t batches;               /* recvmmsg calls that returned frames */
     uint64_t frames_fast;           /* answered here */
     uint64_t frames_slow;           /* handed to aoe.py */
     uint64_t frames_sent;
@@ -1140,14 +1141,19 @@ static void srv_send(struct aoe_srv *s, int n)
     }
 }
 
-/* Sort one batch: drop, answer, or keep for aoe.py (s->slow). */
+/* Sort one batch: drop, answer, or keep for aoe.py (s->slow).  Every frame
+ * after the first one for aoe.py goes to aoe.py too, in order, as that one
+ * may change the lists the later ones are judged by (a mask or reservation). */
 static void srv_batch(struct aoe_srv *s, int n)
 {
     uint8_t kind[SRV_BATCH];
+    int slow = 0;
     pthread_mutex_lock(&s->lock);
     for (int i = 0; i < n; i++) {
         struct msghdr *m = &s->rx_msg[i].msg_hdr;
-        kind[i] = (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len, (m->msg_flags & MSG_TRUNC) != 0);
+        kind[i] = slow ? SRV_SLOW
+                       : (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len, (m->msg_flags & MSG_TRUNC) != 0);
+        slow |= kind[i] == SRV_SLOW;
     }
     pthread_mutex_unlock(&s->lock);
 
@@ -1201,6 +1207,7 @@ int aoe_srv_pump(struct aoe_srv *s, int timeout_us)
         }
         if (n > 0) {
             s->c.frames_recv += (uint64_t)n;
+            s->c.batches++;
             srv_batch(s, n);
             if (s->nslow)
                 return s->nslow;

@@ -65,7 +65,7 @@ int aoe_fail_all(struct aoe_eng *, int32_t status);
 int64_t aoe_now_us(void);
 
 struct aoe_srv_counters {
-    uint64_t frames_recv, frames_fast, frames_slow, frames_sent;
+    uint64_t frames_recv, batches, frames_fast, frames_slow, frames_sent;
     uint64_t sectors_read, sectors_written;
     uint64_t io_errors;
     uint64_t drop_short;
