@@ -870,3 +870,29 @@ def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly):
         assert reply == expect, (frame[:40].hex(), (reply or b"")[:40].hex(), (expect or b"")[:40].hex())
         answered += reply is not None
     assert answered > 500 and srv.c.drop_masked > 0
+
+
+# -----------------------------------------------------------------------------
+# vm: a qemu VM (vm/run) with a kernel that has aoe, ublk and nbd
+# -----------------------------------------------------------------------------
+
+VM_RUN = os.path.join(HERE, "vm", "run")
+
+
+def in_vm(script, *args, timeout=1200):
+    """Run one of vm/'s scripts inside the VM; returns its output (asserting it succeeded)."""
+    need(os.geteuid() == 0, "the VM harness needs root")
+    need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"), "needs qemu-system-x86 (or apt-get for it)")
+    command = " ".join([os.path.join("vm", script), sys.executable] + [str(a) for a in args])
+    r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, (r.returncode, r.stdout[-3000:], r.stderr[-2000:])
+    return r.stdout
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_kernel_aoe_driver_against_serve(mtu):
+    """The reference initiator (the kernel's aoe.ko) on aoe.py serve: ext4 and fio verify."""
+    out = in_vm("kernel-aoe-vs-serve.sh", mtu)
+    assert "KERNEL-AOE-VS-SERVE OK mtu %d" % mtu in out
+    assert "payload %d" % (aoe.frame_sectors(mtu) * 512) in out
