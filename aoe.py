@@ -126,9 +126,6 @@ ATA_ERROR_NAMES = {ATA_ICRC: "interface CRC", ATA_UNC: "uncorrectable data",
 SECTOR_SIZE = 512
 AOE_HDR_LEN = 24                 # Ethernet + AoE common header
 ATA_HDR_LEN = AOE_HDR_LEN + 12   # ... + ATA header: 36 bytes before data
-CFG_HDR_LEN = AOE_HDR_LEN + 8
-MASK_HDR_LEN = AOE_HDR_LEN + 4
-RES_HDR_LEN = AOE_HDR_LEN + 2
 LBA28_MAX = 0x0FFFFFFF
 
 # Tags: bit 31 marks user-space initiators (the kernel driver leaves it clear,
@@ -1654,7 +1651,7 @@ class AoeTarget:
         return pack_reserve(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags, error)
 
 
-def serve_loop(target, port, faults=None, stop=lambda: False, status_every=0):
+def serve_loop(target, port, faults=None, stop=lambda: False):
     """Answer requests until stop() is true.  Pure Python: one frame per call."""
     sock = port.sock
     port.send(target.announce())
