@@ -1935,7 +1935,8 @@ def cmd_discover(args):
 def stat_row(d):
     """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state."""
     size = "%.3fGB" % (d["size_bytes"] / 1e9) if "size_bytes" in d else "(NA)"
-    return "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]), d["payload"], d["state"])
+    return ("%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]), d["payload"],
+                                           d["state"])).rstrip()
 
 
 def cmd_stat(args):
@@ -2025,7 +2026,7 @@ def cmd_cfg(args):
     else:
         answers = control.query_config(shelf, slot, ccmd, config, wait=args.timeout, first_only=one)
     results, failed = [], False
-    for port, frame, info in answers:
+    for port, frame, info in sorted(answers, key=lambda a: (a[1].shelf, a[1].slot)):
         r = {"device": device_name(frame.shelf, frame.slot), "interface": port.name, "mac": mac_str(frame.src)}
         if frame.is_error:
             r["error"] = frame.error_text()
@@ -2100,6 +2101,10 @@ def cmd_mask(args):
         emit_json({"device": target.name, "masks": macs, "error": MERROR_NAMES.get(info.merror)})
     else:
         print("%s mask list: %s" % (target.name, " ".join(macs) if macs else "(empty: every initiator allowed)"))
+    ours = {p.port.mac for p in target.paths}
+    if info.directives and not ours & {m for _, m in info.directives}:
+        sys.stderr.write("%s: warning: this host (%s) is not on the list, so %s will no longer answer it\n"
+                         % (PROG, " ".join(sorted(mac_str(m) for m in ours)), target.name))
     if info.merror:
         raise AoeError("%s: mask edit failed: %s" % (target.name, MERROR_NAMES.get(info.merror, info.merror)))
     return EXIT_OK
