@@ -2373,6 +2373,8 @@ def cmd_write(args):
             if not more:
                 break
             got += more
+        if len(view) - got >= SECTOR_SIZE:
+            raise AoeError("%s changed size while being written; %s holds a partial copy" % (args.input, target.name))
         if got < len(view):
             # Keep the bytes after the image's last partial sector as they are on the target.
             tail = (got // SECTOR_SIZE) * SECTOR_SIZE
