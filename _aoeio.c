@@ -7,16 +7,25 @@
  */
 
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE                 /* ppoll, sendmmsg, recvmmsg */
+#define _GNU_SOURCE                 /* ppoll, sendmmsg, recvmmsg, syscall */
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
+#include <linux/io_uring.h>
+#include <linux/time_types.h>
+#include <linux/ublk_cmd.h>
 
 /* ========================================================================== */
 /* Frame engine: ATA requests split into AoE frames, sent and matched          */
@@ -867,7 +876,6 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
  */
 
 #include <pthread.h>
-#include <unistd.h>
 
 #define SRV_BATCH       64
 #define SRV_ALIGN       4096        /* read and write data start on this boundary */
@@ -1225,4 +1233,633 @@ int aoe_srv_pump(struct aoe_srv *s, int timeout_us)
         if (r == 0)
             return 0;
     }
+}
+
+/* ========================================================================== */
+/* ublk plumbing: control and queue commands over raw io_uring                 */
+/* ========================================================================== */
+/*
+ * Thin wrappers over /dev/ublk-control and /dev/ublkcN, driven through a raw
+ * io_uring (IORING_OP_URING_CMD with ioctl-encoded opcodes; no liburing).
+ * Every policy decision lives in aoe.py: this section only moves commands,
+ * descriptors and results.
+ *
+ * The kernel runs control commands in an io-wq worker, so one can be
+ * submitted without waiting (ublk_ctrl_submit) while the same thread keeps
+ * serving the queue.  START_DEV needs that: it waits until every tag is
+ * fetched, then add_disk() reads the partition table through the queue.
+ *
+ * Only the structs of <linux/ublk_cmd.h> are taken from the installed header;
+ * opcodes older headers lack are spelled out below with their 6.12 values.
+ */
+
+#ifndef UBLK_U_CMD_ADD_DEV
+#define UBLK_U_CMD_GET_DEV_INFO        _IOR('u', 0x02, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_ADD_DEV             _IOWR('u', 0x04, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_DEL_DEV             _IOWR('u', 0x05, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_START_DEV           _IOWR('u', 0x06, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_STOP_DEV            _IOWR('u', 0x07, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_SET_PARAMS          _IOWR('u', 0x08, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_GET_PARAMS          _IOR('u', 0x09, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_START_USER_RECOVERY _IOWR('u', 0x10, struct ublksrv_ctrl_cmd)
+#define UBLK_U_CMD_END_USER_RECOVERY   _IOWR('u', 0x11, struct ublksrv_ctrl_cmd)
+#define UBLK_U_IO_FETCH_REQ            _IOWR('u', 0x20, struct ublksrv_io_cmd)
+#define UBLK_U_IO_COMMIT_AND_FETCH_REQ _IOWR('u', 0x21, struct ublksrv_io_cmd)
+#endif
+#ifndef UBLK_U_CMD_GET_FEATURES
+#define UBLK_CMD_GET_FEATURES          0x13
+#define UBLK_U_CMD_GET_FEATURES        _IOR('u', 0x13, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_F_CMD_IOCTL_ENCODE
+#define UBLK_F_CMD_IOCTL_ENCODE        (1ULL << 6)
+#endif
+/* Pin the spelled-out encodings to the kernel's values. */
+_Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32 && sizeof(struct ublksrv_io_cmd) == 16 &&
+               sizeof(struct ublksrv_io_desc) == 24 && sizeof(struct ublksrv_ctrl_dev_info) == 64,
+               "ublk uapi struct sizes");
+_Static_assert(UBLK_U_CMD_ADD_DEV == 0xc0207504u && UBLK_U_CMD_GET_FEATURES == 0x80207513u &&
+               UBLK_U_CMD_GET_DEV_INFO == 0x80207502u && UBLK_U_CMD_END_USER_RECOVERY == 0xc0207511u &&
+               UBLK_U_IO_FETCH_REQ == 0xc0107520u && UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521u,
+               "ublk ioctl-encoded opcodes");
+
+struct ublk_ring {
+    int fd;
+    unsigned sqe_size, sq_entries;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_cqe *cqes;
+    char *sqes;
+    void *sq_map, *cq_map;
+    size_t sq_map_len, cq_map_len, sqes_len;
+    unsigned tail;                  /* SQEs prepared; published to the kernel on enter */
+};
+
+static void ublk_ring_exit(struct ublk_ring *r)
+{
+    if (r->sqes)
+        munmap(r->sqes, r->sqes_len);
+    if (r->cq_map && r->cq_map != r->sq_map)
+        munmap(r->cq_map, r->cq_map_len);
+    if (r->sq_map)
+        munmap(r->sq_map, r->sq_map_len);
+    if (r->fd >= 0)
+        close(r->fd);
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+}
+
+static void *ublk_ring_map(struct ublk_ring *r, size_t len, off_t what)
+{
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, what);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static int ublk_ring_init(struct ublk_ring *r, unsigned entries, unsigned cq_entries, unsigned flags)
+{
+    struct io_uring_params p;
+    memset(r, 0, sizeof(*r));
+    memset(&p, 0, sizeof(p));
+    p.flags = flags | IORING_SETUP_CQSIZE;
+    p.cq_entries = cq_entries;
+    r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    if (r->fd < 0) {
+        r->fd = -1;
+        return -errno;
+    }
+    r->sqe_size = (flags & IORING_SETUP_SQE128) ? 128 : 64;
+    r->sq_entries = p.sq_entries;
+    r->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    r->cq_map_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        if (r->cq_map_len > r->sq_map_len)
+            r->sq_map_len = r->cq_map_len;
+        r->cq_map_len = r->sq_map_len;
+    }
+    r->sq_map = ublk_ring_map(r, r->sq_map_len, IORING_OFF_SQ_RING);
+    if (!r->sq_map)
+        goto fail;
+    if (p.features & IORING_FEAT_SINGLE_MMAP)
+        r->cq_map = r->sq_map;
+    else if (!(r->cq_map = ublk_ring_map(r, r->cq_map_len, IORING_OFF_CQ_RING)))
+        goto fail;
+    r->sqes_len = (size_t)p.sq_entries * r->sqe_size;
+    if (!(r->sqes = ublk_ring_map(r, r->sqes_len, IORING_OFF_SQES)))
+        goto fail;
+    r->sq_head = (unsigned *)((char *)r->sq_map + p.sq_off.head);
+    r->sq_tail = (unsigned *)((char *)r->sq_map + p.sq_off.tail);
+    r->sq_mask = (unsigned *)((char *)r->sq_map + p.sq_off.ring_mask);
+    r->sq_array = (unsigned *)((char *)r->sq_map + p.sq_off.array);
+    r->cq_head = (unsigned *)((char *)r->cq_map + p.cq_off.head);
+    r->cq_tail = (unsigned *)((char *)r->cq_map + p.cq_off.tail);
+    r->cq_mask = (unsigned *)((char *)r->cq_map + p.cq_off.ring_mask);
+    r->cqes = (struct io_uring_cqe *)((char *)r->cq_map + p.cq_off.cqes);
+    r->tail = *r->sq_tail;
+    return 0;
+fail:;
+    int err = -errno;
+    ublk_ring_exit(r);
+    return err;
+}
+
+/* A zeroed URING_CMD SQE for fd, or NULL when the SQ is full (enter first). */
+static struct io_uring_sqe *ublk_ring_sqe(struct ublk_ring *r, int fd, unsigned cmd_op, uint64_t user_data)
+{
+    unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (r->tail - head >= r->sq_entries)
+        return NULL;
+    unsigned idx = r->tail & *r->sq_mask;
+    struct io_uring_sqe *sqe = (struct io_uring_sqe *)(r->sqes + (size_t)idx * r->sqe_size);
+    memset(sqe, 0, r->sqe_size);
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fd;
+    sqe->cmd_op = cmd_op;
+    sqe->user_data = user_data;
+    r->sq_array[idx] = idx;
+    r->tail++;
+    return sqe;
+}
+
+/* Publish and submit the prepared SQEs and, if wait_nr, wait for that many
+ * CQEs (timeout_us < 0: no limit).  Returns 0, -ETIME, -EINTR or -errno.
+ * SQEs the kernel did not take stay published and go with the next call. */
+static int ublk_ring_enter(struct ublk_ring *r, unsigned wait_nr, long long timeout_us)
+{
+    struct __kernel_timespec ts;
+    struct io_uring_getevents_arg arg;
+    void *argp = NULL;
+    size_t argsz = 0;
+    unsigned flags = wait_nr ? IORING_ENTER_GETEVENTS : 0;
+    __atomic_store_n(r->sq_tail, r->tail, __ATOMIC_RELEASE);
+    unsigned pending = r->tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (!pending && !wait_nr)
+        return 0;
+    if (wait_nr && timeout_us >= 0) {
+        ts.tv_sec = timeout_us / 1000000;
+        ts.tv_nsec = (timeout_us % 1000000) * 1000;
+        memset(&arg, 0, sizeof(arg));
+        arg.ts = (uint64_t)(uintptr_t)&ts;
+        flags |= IORING_ENTER_EXT_ARG;
+        argp = &arg;
+        argsz = sizeof(arg);
+    }
+    if (syscall(__NR_io_uring_enter, r->fd, pending, wait_nr, flags, argp, argsz) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Take back prepared SQEs the kernel has not consumed. */
+static void ublk_ring_unprep(struct ublk_ring *r)
+{
+    r->tail = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    __atomic_store_n(r->sq_tail, r->tail, __ATOMIC_RELEASE);
+}
+
+static int ublk_ring_peek(struct ublk_ring *r, struct io_uring_cqe *out)
+{
+    unsigned head = *r->cq_head;
+    if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+        return 0;
+    *out = r->cqes[head & *r->cq_mask];
+    __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* --- control device: one command in flight at a time ---------------------- */
+
+struct ublk_ctrl {
+    struct ublk_ring ring;
+    int fd;                         /* /dev/ublk-control */
+    int busy;                       /* a command is in flight */
+};
+
+int ublk_ctrl_open(struct ublk_ctrl **out)
+{
+    struct ublk_ctrl *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->fd = open("/dev/ublk-control", O_RDWR | O_CLOEXEC);
+    int ret = c->fd < 0 ? -errno : ublk_ring_init(&c->ring, 4, 8, IORING_SETUP_SQE128);
+    if (ret < 0) {
+        if (c->fd >= 0)
+            close(c->fd);
+        free(c);
+        return ret;
+    }
+    *out = c;
+    return 0;
+}
+
+void ublk_ctrl_close(struct ublk_ctrl *c)
+{
+    if (!c)
+        return;
+    ublk_ring_exit(&c->ring);
+    close(c->fd);
+    free(c);
+}
+
+/* Readable (POLLIN) once the submitted command has completed. */
+int ublk_ctrl_ring_fd(struct ublk_ctrl *c)
+{
+    return c->ring.fd;
+}
+
+static unsigned ublk_ctrl_encode(unsigned nr)
+{
+    switch (nr) {
+    case UBLK_CMD_GET_DEV_INFO:        return UBLK_U_CMD_GET_DEV_INFO;
+    case UBLK_CMD_ADD_DEV:             return UBLK_U_CMD_ADD_DEV;
+    case UBLK_CMD_DEL_DEV:             return UBLK_U_CMD_DEL_DEV;
+    case UBLK_CMD_START_DEV:           return UBLK_U_CMD_START_DEV;
+    case UBLK_CMD_STOP_DEV:            return UBLK_U_CMD_STOP_DEV;
+    case UBLK_CMD_SET_PARAMS:          return UBLK_U_CMD_SET_PARAMS;
+    case UBLK_CMD_GET_PARAMS:          return UBLK_U_CMD_GET_PARAMS;
+    case UBLK_CMD_START_USER_RECOVERY: return UBLK_U_CMD_START_USER_RECOVERY;
+    case UBLK_CMD_END_USER_RECOVERY:   return UBLK_U_CMD_END_USER_RECOVERY;
+    case UBLK_CMD_GET_FEATURES:        return UBLK_U_CMD_GET_FEATURES;
+    default:                           return 0;
+    }
+}
+
+/* Prepare, and submit without waiting, control command nr (the legacy number,
+ * sent ioctl-encoded) with an optional buffer. */
+static int ublk_ctrl_send(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0, void *buf, unsigned len)
+{
+    unsigned op = ublk_ctrl_encode(nr);
+    if (!op)
+        return -EINVAL;
+    if (c->busy)
+        return -EBUSY;
+    struct io_uring_sqe *sqe = ublk_ring_sqe(&c->ring, c->fd, op, nr);
+    if (!sqe)
+        return -EBUSY;
+    struct ublksrv_ctrl_cmd *cmd = (struct ublksrv_ctrl_cmd *)sqe->cmd;
+    cmd->dev_id = (uint32_t)dev_id;
+    cmd->queue_id = (uint16_t)-1;
+    cmd->addr = (uint64_t)(uintptr_t)buf;
+    cmd->len = (uint16_t)len;
+    cmd->data[0] = data0;
+    int ret = ublk_ring_enter(&c->ring, 0, 0);
+    if (ret < 0 && c->ring.tail != __atomic_load_n(c->ring.sq_head, __ATOMIC_ACQUIRE)) {
+        ublk_ring_unprep(&c->ring);     /* not taken: as if never sent */
+        return ret;
+    }
+    c->busy = 1;                        /* taken: its result comes as a CQE */
+    return 0;
+}
+
+/* Submit a control command without waiting for it; collect it with
+ * ublk_ctrl_wait.  nr: DEL_DEV 0x05, START_DEV 0x06 (data0 = pid), STOP_DEV
+ * 0x07, START_USER_RECOVERY 0x10, END_USER_RECOVERY 0x11 (data0 = pid). */
+int ublk_ctrl_submit(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0)
+{
+    return ublk_ctrl_send(c, nr, dev_id, data0, NULL, 0);
+}
+
+/* Wait up to timeout_us (< 0: no limit, 0: just look) for the submitted
+ * command.  Returns 1 with its result (0 or -errno) in *result, 0 while it
+ * runs, or -errno (-EINTR on a signal, -EINVAL if nothing was submitted). */
+int ublk_ctrl_wait(struct ublk_ctrl *c, long long timeout_us, int *result)
+{
+    struct io_uring_cqe cqe;
+    if (!c->busy)
+        return -EINVAL;
+    for (;;) {
+        if (ublk_ring_peek(&c->ring, &cqe)) {
+            c->busy = 0;
+            *result = cqe.res;
+            return 1;
+        }
+        if (timeout_us == 0)
+            return 0;
+        int ret = ublk_ring_enter(&c->ring, 1, timeout_us);
+        if (ret == -ETIME)
+            return 0;
+        if (ret < 0)
+            return ret;
+        if (timeout_us > 0)
+            timeout_us = 0;             /* woken: one more look, then report */
+    }
+}
+
+static int ublk_ctrl_sync(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0, void *buf, unsigned len)
+{
+    int ret = ublk_ctrl_send(c, nr, dev_id, data0, buf, len), result;
+    if (ret < 0)
+        return ret;
+    do
+        ret = ublk_ctrl_wait(c, -1, &result);
+    while (ret == -EINTR || ret == 0);  /* the kernel is writing into buf: never leave early */
+    return ret < 0 ? ret : result;
+}
+
+/* ublk_ctrl_submit + ublk_ctrl_wait.  Not for START_DEV, nor END_USER_RECOVERY
+ * or STOP_DEV with I/O pending, from the thread that serves the queue. */
+int ublk_ctrl_cmd(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0)
+{
+    return ublk_ctrl_sync(c, nr, dev_id, data0, NULL, 0);
+}
+
+int ublk_ctrl_get_features(struct ublk_ctrl *c, uint64_t *features)
+{
+    *features = 0;
+    return ublk_ctrl_sync(c, UBLK_CMD_GET_FEATURES, -1, 0, features, sizeof(*features));
+}
+
+/* dev_id -1 lets the kernel choose.  Returns the new device's id. */
+int ublk_ctrl_add_dev(struct ublk_ctrl *c, int dev_id, unsigned nr_queues, unsigned depth,
+                      unsigned max_io_buf_bytes, uint64_t flags)
+{
+    struct ublksrv_ctrl_dev_info info;
+    memset(&info, 0, sizeof(info));
+    info.nr_hw_queues = (uint16_t)nr_queues;
+    info.queue_depth = (uint16_t)depth;
+    info.max_io_buf_bytes = max_io_buf_bytes;
+    info.dev_id = (uint32_t)dev_id;
+    info.flags = flags | UBLK_F_CMD_IOCTL_ENCODE;
+    int ret = ublk_ctrl_sync(c, UBLK_CMD_ADD_DEV, dev_id, 0, &info, sizeof(info));
+    return ret < 0 ? ret : (int)info.dev_id;
+}
+
+int ublk_ctrl_get_dev_info(struct ublk_ctrl *c, int dev_id, struct ublksrv_ctrl_dev_info *info)
+{
+    memset(info, 0, sizeof(*info));
+    return ublk_ctrl_sync(c, UBLK_CMD_GET_DEV_INFO, dev_id, 0, info, sizeof(*info));
+}
+
+/* The subset of struct ublk_params aoe.py sets. */
+struct ublk_dev_params {
+    uint64_t dev_sectors;           /* 512-byte sectors */
+    uint32_t attrs;                 /* UBLK_ATTR_READ_ONLY 1, ROTATIONAL 2, VOLATILE_CACHE 4, FUA 8 */
+    uint8_t logical_bs_shift, physical_bs_shift, io_min_shift, io_opt_shift;
+    uint32_t max_sectors;           /* per request; at most max_io_buf_bytes / 512 */
+    uint32_t max_discard_sectors;   /* 0: no DISCARD */
+    uint32_t max_write_zeroes_sectors;  /* 0: no WRITE_ZEROES */
+    uint32_t discard_granularity;   /* bytes */
+};
+
+int ublk_ctrl_set_params(struct ublk_ctrl *c, int dev_id, const struct ublk_dev_params *dp)
+{
+    struct ublk_params p;
+    memset(&p, 0, sizeof(p));
+    p.len = sizeof(p);
+    p.types = UBLK_PARAM_TYPE_BASIC;
+    p.basic.attrs = dp->attrs;
+    p.basic.logical_bs_shift = dp->logical_bs_shift;
+    p.basic.physical_bs_shift = dp->physical_bs_shift;
+    p.basic.io_min_shift = dp->io_min_shift;
+    p.basic.io_opt_shift = dp->io_opt_shift;
+    p.basic.max_sectors = dp->max_sectors;
+    p.basic.dev_sectors = dp->dev_sectors;
+    if (dp->max_discard_sectors || dp->max_write_zeroes_sectors) {
+        p.types |= UBLK_PARAM_TYPE_DISCARD;
+        p.discard.discard_granularity = dp->discard_granularity;
+        p.discard.max_discard_sectors = dp->max_discard_sectors;
+        p.discard.max_write_zeroes_sectors = dp->max_write_zeroes_sectors;
+        p.discard.max_discard_segments = 1;
+    }
+    return ublk_ctrl_sync(c, UBLK_CMD_SET_PARAMS, dev_id, 0, &p, sizeof(p));
+}
+
+/* --- one queue of one device: /dev/ublkcN, descriptors, a buffer per tag --- */
+/*
+ * All calls for a queue come from one thread: the kernel binds the queue to
+ * the task that fetched it.  A tag is in the kernel (its FETCH or COMMIT
+ * command pending), handed out to the caller by ublk_queue_reap, or dead
+ * (never fetched, or aborted after a stop).
+ */
+
+enum { UBLK_TAG_KERNEL, UBLK_TAG_USER, UBLK_TAG_DEAD, UBLK_TAG_COMMITTING };
+
+struct ublk_queue {
+    struct ublk_ring ring;
+    int cdev_fd, q_id, depth;
+    unsigned buf_size;
+    const struct ublksrv_io_desc *descs;
+    size_t descs_len;
+    char *bufs;                     /* depth * buf_size, page aligned; NULL with USER_COPY */
+    size_t bufs_len;
+    int in_kernel;                  /* tags whose command the kernel holds */
+    int last_error;                 /* last failed command's result, ABORT aside */
+    uint8_t *state;                 /* UBLK_TAG_* per tag */
+};
+
+/* One request to serve, as ublk_queue_reap hands it out. */
+struct ublk_req {
+    uint16_t tag;
+    uint8_t op;                     /* UBLK_IO_OP_READ 0, WRITE 1, FLUSH 2, DISCARD 3, WRITE_ZEROES 5 */
+    uint8_t reserved;
+    uint32_t flags;                 /* UBLK_IO_F_* (FUA 1 << 13, NOUNMAP 1 << 15, ...) */
+    uint32_t nr_sectors;
+    uint32_t reserved2;
+    uint64_t start_sector;
+    uint64_t addr;                  /* the tag's buffer: read data goes here, write data is here */
+};
+
+void ublk_queue_close(struct ublk_queue *q)
+{
+    if (!q)
+        return;
+    ublk_ring_exit(&q->ring);       /* cancels the commands the kernel still holds */
+    if (q->descs)
+        munmap((void *)q->descs, q->descs_len);
+    if (q->bufs)
+        munmap(q->bufs, q->bufs_len);
+    if (q->cdev_fd >= 0)
+        close(q->cdev_fd);
+    free(q->state);
+    free(q);
+}
+
+/* Open /dev/ublkc<dev_id> for queue q_id with a buffer of buf_size (the
+ * device's max_io_buf_bytes) per tag, or none if buf_size is 0 (UBLK_F_USER_COPY
+ * devices: pread/pwrite the char device instead).  -ENOENT just after ADD_DEV
+ * means the node is not there yet: retry. */
+int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, unsigned buf_size)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t descs_stride = (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) & ~(page - 1);
+    char path[32];
+    int ret;
+    if (depth <= 0 || depth > UBLK_MAX_QUEUE_DEPTH)
+        return -EINVAL;
+    struct ublk_queue *q = calloc(1, sizeof(*q));
+    if (!q)
+        return -ENOMEM;
+    q->ring.fd = q->cdev_fd = -1;
+    q->q_id = q_id;
+    q->depth = depth;
+    q->buf_size = (unsigned)((buf_size + page - 1) & ~(page - 1));
+    q->state = malloc((size_t)depth);
+    if (!q->state) {
+        ret = -ENOMEM;
+        goto fail;
+    }
+    memset(q->state, UBLK_TAG_DEAD, (size_t)depth);
+    snprintf(path, sizeof(path), "/dev/ublkc%d", dev_id);
+    q->cdev_fd = open(path, O_RDWR | O_CLOEXEC);
+    if (q->cdev_fd < 0) {
+        ret = -errno;
+        goto fail;
+    }
+    q->descs_len = ((size_t)depth * sizeof(struct ublksrv_io_desc) + page - 1) & ~(page - 1);
+    void *descs = mmap(NULL, q->descs_len, PROT_READ, MAP_SHARED | MAP_POPULATE, q->cdev_fd,
+                       UBLKSRV_CMD_BUF_OFFSET + (off_t)q_id * (off_t)descs_stride);
+    if (descs == MAP_FAILED) {
+        ret = -errno;
+        goto fail;
+    }
+    q->descs = descs;
+    if (q->buf_size) {
+        q->bufs_len = (size_t)depth * q->buf_size;
+        void *bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (bufs == MAP_FAILED) {
+            ret = -errno;
+            goto fail;
+        }
+        q->bufs = bufs;
+    }
+    ret = ublk_ring_init(&q->ring, (unsigned)depth, 2 * (unsigned)depth, 0);
+    if (ret < 0)
+        goto fail;
+    *out = q;
+    return 0;
+fail:
+    ublk_queue_close(q);
+    return ret;
+}
+
+/* Readable (POLLIN) when requests (or aborts) have arrived. */
+int ublk_queue_ring_fd(struct ublk_queue *q)
+{
+    return q->ring.fd;
+}
+
+int ublk_queue_cdev_fd(struct ublk_queue *q)
+{
+    return q->cdev_fd;
+}
+
+/* Tag t's buffer is ublk_queue_bufs(q) + t * ublk_queue_buf_size(q). */
+void *ublk_queue_bufs(struct ublk_queue *q)
+{
+    return q->bufs;
+}
+
+unsigned ublk_queue_buf_size(struct ublk_queue *q)
+{
+    return q->buf_size;
+}
+
+/* 0 after a stop or abort means the queue is finished. */
+int ublk_queue_in_kernel(struct ublk_queue *q)
+{
+    return q->in_kernel;
+}
+
+int ublk_queue_last_error(struct ublk_queue *q)
+{
+    return q->last_error;
+}
+
+static int ublk_queue_prep(struct ublk_queue *q, unsigned op, int tag, int32_t result)
+{
+    struct io_uring_sqe *sqe = ublk_ring_sqe(&q->ring, q->cdev_fd, op, (uint64_t)tag);
+    if (!sqe) {                     /* SQ full: push what is there */
+        int ret = ublk_ring_enter(&q->ring, 0, 0);
+        if (ret < 0)
+            return ret;
+        if (!(sqe = ublk_ring_sqe(&q->ring, q->cdev_fd, op, (uint64_t)tag)))
+            return -EBUSY;
+    }
+    struct ublksrv_io_cmd *cmd = (struct ublksrv_io_cmd *)sqe->cmd;
+    cmd->q_id = (uint16_t)q->q_id;
+    cmd->tag = (uint16_t)tag;
+    cmd->result = result;
+    cmd->addr = q->bufs ? (uint64_t)(uintptr_t)(q->bufs + (size_t)tag * q->buf_size) : 0;
+    q->state[tag] = UBLK_TAG_KERNEL;
+    q->in_kernel++;
+    return 0;
+}
+
+/* FETCH_REQ for every tag (at start, or after recovery), one io_uring_enter. */
+int ublk_queue_fetch_all(struct ublk_queue *q)
+{
+    for (int t = 0; t < q->depth; t++)
+        if (q->state[t] != UBLK_TAG_DEAD)
+            return -EINVAL;
+    for (int t = 0; t < q->depth; t++) {
+        int ret = ublk_queue_prep(q, UBLK_U_IO_FETCH_REQ, t, 0);
+        if (ret < 0)
+            return ret;
+    }
+    return ublk_ring_enter(&q->ring, 0, 0);
+}
+
+/* Collect up to max new requests into out, waiting up to timeout_us (< 0: no
+ * limit, 0: no wait) for the first.  Returns how many (0 on timeout), -ENODEV
+ * once the kernel holds none of this queue's commands (stopped or aborted),
+ * -EINTR, or -errno. */
+int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long long timeout_us)
+{
+    struct io_uring_cqe cqe;
+    int n = 0, waited = 0;
+    for (;;) {
+        while (n < max && ublk_ring_peek(&q->ring, &cqe)) {
+            unsigned tag = (unsigned)cqe.user_data;
+            if (tag >= (unsigned)q->depth || q->state[tag] != UBLK_TAG_KERNEL)
+                continue;
+            q->in_kernel--;
+            if (cqe.res != UBLK_IO_RES_OK) {    /* ABORT (-ENODEV) on stop, or an error */
+                q->state[tag] = UBLK_TAG_DEAD;
+                if (cqe.res != UBLK_IO_RES_ABORT)
+                    q->last_error = cqe.res;
+                continue;
+            }
+            const struct ublksrv_io_desc *d = &q->descs[tag];
+            q->state[tag] = UBLK_TAG_USER;
+            out[n++] = (struct ublk_req){
+                .tag = (uint16_t)tag,
+                .op = (uint8_t)(d->op_flags & 0xff),
+                .flags = d->op_flags & ~0xffu,
+                .nr_sectors = d->nr_sectors,
+                .start_sector = d->start_sector,
+                .addr = d->addr,
+            };
+        }
+        if (n > 0 || max <= 0)
+            return n;
+        if (q->in_kernel == 0)
+            return -ENODEV;
+        if (timeout_us == 0 || waited)
+            return 0;
+        int ret = ublk_ring_enter(&q->ring, 1, timeout_us);
+        if (ret == -ETIME)
+            return 0;
+        if (ret < 0)
+            return ret;
+        waited = 1;
+    }
+}
+
+/* Complete n handed-out requests (result: bytes done, or -errno) and fetch
+ * the next request for each tag, one io_uring_enter.  Returns n, or -errno
+ * (-EINVAL, with nothing sent, when a tag was not handed out or is repeated). */
+int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const int32_t *results)
+{
+    for (int i = 0; i < n; i++) {
+        if (tags[i] >= q->depth || q->state[tags[i]] != UBLK_TAG_USER) {
+            while (i--)
+                q->state[tags[i]] = UBLK_TAG_USER;
+            return -EINVAL;
+        }
+        q->state[tags[i]] = UBLK_TAG_COMMITTING;
+    }
+    for (int i = 0; i < n; i++) {
+        int ret = ublk_queue_prep(q, UBLK_U_IO_COMMIT_AND_FETCH_REQ, tags[i], results[i]);
+        if (ret < 0)
+            return ret;
+    }
+    int ret = ublk_ring_enter(&q->ring, 0, 0);
+    return ret < 0 ? ret : n;
 }

@@ -94,6 +94,46 @@ struct aoe_srv *aoe_srv_new(int frame_max);
 void aoe_srv_free(struct aoe_srv *);
 int aoe_srv_set_lists(struct aoe_srv *, const uint8_t *masks, int nmasks, const uint8_t *reserved, int nreserved);
 int aoe_srv_pump(struct aoe_srv *, int timeout_us);
+
+struct ublk_ctrl;
+struct ublk_queue;
+struct ublksrv_ctrl_dev_info {
+    uint16_t nr_hw_queues; uint16_t queue_depth; uint16_t state;
+    uint32_t max_io_buf_bytes; uint32_t dev_id; int32_t ublksrv_pid; uint64_t flags;
+    ...;
+};
+struct ublk_dev_params {
+    uint64_t dev_sectors; uint32_t attrs;
+    uint8_t logical_bs_shift, physical_bs_shift, io_min_shift, io_opt_shift;
+    uint32_t max_sectors, max_discard_sectors, max_write_zeroes_sectors, discard_granularity;
+};
+struct ublk_req {
+    uint16_t tag; uint8_t op; uint8_t reserved; uint32_t flags; uint32_t nr_sectors;
+    uint32_t reserved2; uint64_t start_sector; uint64_t addr;
+};
+
+int ublk_ctrl_open(struct ublk_ctrl **out);
+void ublk_ctrl_close(struct ublk_ctrl *);
+int ublk_ctrl_ring_fd(struct ublk_ctrl *);
+int ublk_ctrl_get_features(struct ublk_ctrl *, uint64_t *features);
+int ublk_ctrl_add_dev(struct ublk_ctrl *, int dev_id, unsigned nr_queues, unsigned depth,
+                      unsigned max_io_buf_bytes, uint64_t flags);
+int ublk_ctrl_set_params(struct ublk_ctrl *, int dev_id, const struct ublk_dev_params *);
+int ublk_ctrl_get_dev_info(struct ublk_ctrl *, int dev_id, struct ublksrv_ctrl_dev_info *);
+int ublk_ctrl_submit(struct ublk_ctrl *, unsigned nr, int dev_id, uint64_t data0);
+int ublk_ctrl_wait(struct ublk_ctrl *, long long timeout_us, int *result);
+int ublk_ctrl_cmd(struct ublk_ctrl *, unsigned nr, int dev_id, uint64_t data0);
+int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, unsigned buf_size);
+void ublk_queue_close(struct ublk_queue *);
+int ublk_queue_ring_fd(struct ublk_queue *);
+int ublk_queue_cdev_fd(struct ublk_queue *);
+void *ublk_queue_bufs(struct ublk_queue *);
+unsigned ublk_queue_buf_size(struct ublk_queue *);
+int ublk_queue_in_kernel(struct ublk_queue *);
+int ublk_queue_last_error(struct ublk_queue *);
+int ublk_queue_fetch_all(struct ublk_queue *);
+int ublk_queue_reap(struct ublk_queue *, int max, struct ublk_req *out, long long timeout_us);
+int ublk_queue_commit(struct ublk_queue *, int n, const uint16_t *tags, const int32_t *results);
 """
 
 

@@ -896,3 +896,12 @@ def test_kernel_aoe_driver_against_serve(mtu):
     out = in_vm("kernel-aoe-vs-serve.sh", mtu)
     assert "KERNEL-AOE-VS-SERVE OK mtu %d" % mtu in out
     assert "payload %d" % (aoe.frame_sectors(mtu) * 512) in out
+
+
+@pytest.mark.vm
+def test_ublk_plumbing_ramdisk():
+    """_aoeio's ublk plumbing under ext4 and fio verify, served from RAM; SIGTERM removes the device."""
+    out = in_vm("ublk-check.sh")
+    assert "UBLK-CHECK OK" in out
+    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
+    assert "(last queue error 0)" in out
