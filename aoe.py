@@ -2543,7 +2543,7 @@ class NetLab:
             raise AoeError("creating network namespaces needs root (sudo python3 %s ...)" % PROG, EXIT_USAGE)
         if not shutil.which("ip"):
             raise AoeError("the 'ip' command is missing: install iproute2", EXIT_USAGE)
-        self.tag = tag = "%s%05d%02x" % (prefix[:6], os.getpid() % 100000, random.getrandbits(8))
+        self.tag = tag = "%s%07x" % (prefix[:6], random.SystemRandom().getrandbits(28))   # names stay <= 15 chars
         self.ini_ns, self.tgt_ns = tag + "i", tag + "t"
         self.ini_if, self.tgt_if = tag + "i", tag + "t"
         self.mtu = mtu
