@@ -1796,10 +1796,19 @@ int ublk_queue_fetch_all(struct ublk_queue *q)
     return ublk_ring_enter(&q->ring, 0, 0);
 }
 
+/* True once every tag is dead: none with the kernel, none handed out. */
+static int ublk_queue_finished(const struct ublk_queue *q)
+{
+    for (int t = 0; t < q->depth; t++)
+        if (q->state[t] != UBLK_TAG_DEAD)
+            return 0;
+    return 1;
+}
+
 /* Collect up to max new requests into out, waiting up to timeout_us (< 0: no
  * limit, 0: no wait) for the first.  Returns how many (0 on timeout), -ENODEV
- * once the kernel holds none of this queue's commands (stopped or aborted),
- * -EINTR, or -errno. */
+ * once every tag is dead (the queue was stopped or aborted and nothing is
+ * handed out), -EINTR, or -errno. */
 int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long long timeout_us)
 {
     struct io_uring_cqe cqe;
@@ -1829,8 +1838,8 @@ int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long lo
         }
         if (n > 0 || max <= 0)
             return n;
-        if (q->in_kernel == 0)
-            return -ENODEV;
+        if (q->in_kernel == 0)              /* nothing can arrive */
+            return ublk_queue_finished(q) ? -ENODEV : 0;
         if (timeout_us == 0 || waited)
             return 0;
         int ret = ublk_ring_enter(&q->ring, 1, timeout_us);

@@ -9,7 +9,8 @@ module.  One file, standard library only; an optional compiled helper
 The file reads top to bottom, each section using only those above it:
 
     constants  -> codec -> transport -> discovery and control queries
-    -> engine (windowed ATA I/O) -> target (serve) -> commands -> CLI
+    -> engine (windowed ATA I/O) -> block backends (ublk) -> target (serve)
+    -> commands -> CLI
 """
 
 import argparse
@@ -152,6 +153,27 @@ IFF_LOOPBACK = 0x8
 ARPHRD_ETHER = 1
 PACKET_IGNORE_OUTGOING = 23
 SOL_PACKET = 263
+
+# ublk, from <linux/ublk_cmd.h>: command numbers (the helper sends them ioctl-encoded),
+# request ops, device flags and attributes, device states.
+UBLK_CMD_DEL_DEV = 0x05
+UBLK_CMD_START_DEV = 0x06
+UBLK_CMD_STOP_DEV = 0x07
+UBLK_CMD_START_USER_RECOVERY = 0x10
+UBLK_CMD_END_USER_RECOVERY = 0x11
+UBLK_IO_OP_READ = 0
+UBLK_IO_OP_WRITE = 1
+UBLK_IO_OP_FLUSH = 2
+UBLK_IO_OP_DISCARD = 3
+UBLK_IO_OP_WRITE_ZEROES = 5
+UBLK_F_USER_RECOVERY = 1 << 3
+UBLK_F_USER_RECOVERY_REISSUE = 1 << 4
+UBLK_F_CMD_IOCTL_ENCODE = 1 << 6
+UBLK_ATTR_READ_ONLY = 1 << 0
+UBLK_ATTR_VOLATILE_CACHE = 1 << 2
+UBLK_S_DEV_DEAD = 0
+UBLK_S_DEV_LIVE = 1
+UBLK_S_DEV_QUIESCED = 2
 
 
 class AoeError(Exception):
@@ -838,7 +860,10 @@ def find_targets(control, devices=None, wait=DISCOVER_WAIT, identify=True):
 def find_target(control, device, wait=DISCOVER_WAIT):
     """The one target named `device` (e.g. 'e0.1'), identified, or a clear error."""
     shelf, slot = parse_device(device)
-    targets = find_targets(control, [(shelf, slot)], wait)
+    for _ in range(QUERY_TRIES):                  # a broadcast and its answer can be lost too
+        targets = find_targets(control, [(shelf, slot)], wait)
+        if targets:
+            break
     if not targets:
         names = ", ".join(p.name for p in control.ports)
         raise AoeError("%s: no answer on %s (is the target running? see '%s discover')"
@@ -1018,6 +1043,8 @@ class PyPump:
         drops = self.drops
         buf, view = self.rxbuf, self.rxview
         for fd, _ in self.poller.poll(0):
+            if fd not in port_index_by_fd:        # the caller's extra_fd
+                continue
             sock = self.paths[port_index_by_fd[fd]].port.sock
             for _ in range(512):
                 try:
@@ -1072,15 +1099,22 @@ class PyPump:
                     path.rtt_max_us = max(path.rtt_max_us, us)
                 self._finish_frame(slot, fr, result)
 
-    def pump(self, timeout_us):
-        """One round: send, wait up to timeout_us, receive; returns (done, expired).
-        Each path's rtt_* fields then describe this round's answers."""
+    def pump(self, timeout_us, extra_fd=-1):
+        """One round: send, wait up to timeout_us (or until extra_fd is readable), receive;
+        returns (done, expired).  Each path's rtt_* fields then describe this round's answers."""
         self.done = []
         for p in self.paths:
             p.rtt_n = p.rtt_sum_us = p.rtt_max_us = 0
         self._send_pending()
         by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
-        if self.poller.poll(max(0, timeout_us) // 1000 if self.inflight else 0):
+        if extra_fd >= 0:
+            self.poller.register(extra_fd, select.POLLIN)
+        try:
+            ready = self.poller.poll(max(0, timeout_us) // 1000 if self.inflight or extra_fd >= 0 else 0)
+        finally:
+            if extra_fd >= 0:
+                self.poller.unregister(extra_fd)
+        if ready:
             self._receive(by_fd)
             self._send_pending()
         expired = []
@@ -1175,8 +1209,8 @@ class HelperPump:
             self.buffers.pop(req_id, None)
         return rc
 
-    def pump(self, timeout_us):
-        rc = self.lib.aoe_pump(self.eng, timeout_us, -1)
+    def pump(self, timeout_us, extra_fd=-1):
+        rc = self.lib.aoe_pump(self.eng, timeout_us, extra_fd)
         if rc < 0 and rc != -errno.EINTR:
             raise AoeError("frame engine: %s" % os.strerror(-rc))
         eng = self.eng
@@ -1275,7 +1309,7 @@ class Engine:
         self.answered = 0
         self.dead = None
         self.next_id = 0
-        self.backlog = []                         # completions run() saw for other requests
+        self.backlog = []                         # completions wait() saw for other requests
 
     def submit(self, op, lba, nsect, buf, req_id=None):
         """Queue a request; returns its id.  Raises AoeError for bad ranges or a dead target."""
@@ -1295,9 +1329,10 @@ class Engine:
             raise AoeError("%s: cannot queue request: %s" % (self.target.name, os.strerror(-rc)))
         return req_id
 
-    def poll(self, timeout_us=10000):
-        """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code)."""
-        done, expired = self.pump.pump(0 if self.backlog else timeout_us)
+    def poll(self, timeout_us=10000, extra_fd=-1):
+        """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code).
+        Waits at most timeout_us, less once extra_fd (e.g. a ublk queue) is readable."""
+        done, expired = self.pump.pump(0 if self.backlog else timeout_us, extra_fd)
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
         t = now_us()
@@ -1354,33 +1389,52 @@ class Engine:
             path.enabled = 0
             pol.retry_at = t + PATH_RETRY_US
 
+    def revive(self):
+        """Forget a dead verdict: the next requests try every path again, one frame at a time."""
+        self.dead = None
+        self.last_progress = now_us()
+        for pol, path in zip(self.policy, self.pump.paths):
+            path.enabled, path.maxout, path.rto_us, pol.lost = 1, 1, INITIAL_RTO_US, 0
+
     def _revive_paths(self, t):
         for pol, path in zip(self.policy, self.pump.paths):
             if not path.enabled and t >= pol.retry_at:
                 path.enabled, path.maxout, pol.lost = 1, 1, PATH_LOST_LIMIT - 1
 
+    def fall_back_flush(self, status):
+        """After a failed flush: True if the target aborted FLUSH CACHE EXT (vblade does), in
+        which case FLUSH CACHE is used from now on and the flush should be sent again."""
+        if status != -(STATUS_ATA_ERROR | ATA_ABORTED) or self.pump.flush_cmd != ATA_CMD_FLUSH_EXT:
+            return False
+        self.pump.flush_cmd = ATA_CMD_FLUSH
+        return True
+
     def flush(self):
-        """Empty the target's write cache.  Targets that abort FLUSH CACHE EXT (vblade does)
-        get FLUSH CACHE from then on."""
-        try:
-            self.run(OP_FLUSH, 0, 0, None)
-        except AoeError:
-            if self.pump.flush_cmd != ATA_CMD_FLUSH_EXT or self.dead:
-                raise
-            self.pump.flush_cmd = ATA_CMD_FLUSH
-            self.run(OP_FLUSH, 0, 0, None)
+        """Empty the target's write cache."""
+        status = self.wait(self.submit(OP_FLUSH, 0, 0, None))
+        if status and self.fall_back_flush(status):
+            status = self.wait(self.submit(OP_FLUSH, 0, 0, None))
+        if status:
+            raise AoeError(io_error_text(self, OP_FLUSH, 0, 0, status))
+
+    def wait(self, req):
+        """Poll until request `req` finishes; returns its status.  Other requests'
+        completions wait for the next poll()."""
+        while True:
+            found = None
+            for rid, status in self.poll(20000):
+                if rid == req:
+                    found = status
+                else:
+                    self.backlog.append((rid, status))
+            if found is not None:
+                return found
 
     def run(self, op, lba, nsect, buf):
-        """Do one request to completion; other requests' completions wait for the next poll()."""
-        req = self.submit(op, lba, nsect, buf)
-        while True:
-            for rid, status in self.poll(20000):
-                if rid != req:
-                    self.backlog.append((rid, status))
-                elif status:
-                    raise AoeError(io_error_text(self, op, lba, nsect, status))
-                else:
-                    return
+        """Do one request to completion."""
+        status = self.wait(self.submit(op, lba, nsect, buf))
+        if status:
+            raise AoeError(io_error_text(self, op, lba, nsect, status))
 
     def describe(self):
         """Per-path and engine counters, for -v."""
@@ -1396,6 +1450,520 @@ class Engine:
 
     def close(self):
         self.pump.close()
+
+
+# =============================================================================
+# Block backends: a target as /dev/ublkbN through ublk
+# =============================================================================
+#
+# One daemon process per attached device.  Its single thread owns the ublk
+# queue (the kernel binds a queue to the task that fetched it) and the engine:
+# each request the kernel hands out becomes an engine request on that tag's
+# buffer, and completions go back to the kernel in batches.  The daemon records
+# itself in RUN_DIR/eX.Y.json, where stat, detach, flush and attach --recover
+# find it, and logs to RUN_DIR/eX.Y.log.
+
+RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
+LINK_DIR = "/dev/etherd"          # /dev/etherd/eX.Y -> /dev/ublkbN, as the kernel driver names them
+UBLK_MIN_REQUEST = 128            # sectors: smallest largest-request we advertise (64 KiB)
+UBLK_MAX_REQUEST = 1024           # sectors: 512 KiB, the default largest ublk buffer
+UBLK_MIN_DEPTH = 32               # tags: enough for random I/O at queue depth 32
+UBLK_MAX_DEPTH = 128
+UBLK_NEEDED = UBLK_F_CMD_IOCTL_ENCODE
+UBLK_RECOVERY = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE
+PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
+PROBE_INTERVAL = 1.0              # seconds between probes of a down target
+PROBE_DEADSECS = 2                # a probe fails after this long without an answer
+DETACH_DEADSECS = 5               # while detaching, give up on a silent target after this long
+CONTROL_LIMIT = 60                # seconds a control command may take beyond deadsecs
+QUIESCE_WAIT = 30                 # seconds to wait for the kernel to notice a dead daemon
+
+
+def ublk_check(ret, what):
+    if ret < 0:
+        raise AoeError("%s: %s" % (what, os.strerror(-ret)))
+    return ret
+
+
+def ublk_layout(target):
+    """(largest request in sectors, queue depth) for a target: a request is one full
+    window of frames (buffer count x sectors per frame, within 64-512 KiB), and there
+    are tags for four such windows, at least 32 and at most 128."""
+    window = max(1, target.info.bufcnt) * target.sectors_per_frame
+    request = max(UBLK_MIN_REQUEST, min(UBLK_MAX_REQUEST, window))
+    depth = max(UBLK_MIN_DEPTH, min(UBLK_MAX_DEPTH, 4 * window // request))
+    return request, depth
+
+
+class UblkControl:
+    """/dev/ublk-control, with the kernel's features checked."""
+
+    def __init__(self, helper):
+        self.ffi, self.lib = helper.ffi, helper.lib
+        if not os.path.exists("/dev/ublk-control"):
+            raise AoeError("no /dev/ublk-control: load the driver with 'modprobe ublk_drv' "
+                           "(Linux 6.0 or later, CONFIG_BLK_DEV_UBLK)")
+        out = self.ffi.new("struct ublk_ctrl **")
+        ublk_check(self.lib.ublk_ctrl_open(out), "/dev/ublk-control")
+        self.ctrl = out[0]
+        features = self.ffi.new("uint64_t *")
+        ret = self.lib.ublk_ctrl_get_features(self.ctrl, features)
+        if ret < 0:
+            self.close()
+            raise AoeError("this kernel's ublk cannot report its features (GET_FEATURES: %s); "
+                           "aoe.py needs Linux 6.5 or later" % os.strerror(-ret))
+        self.features = features[0]
+        if self.features & UBLK_NEEDED != UBLK_NEEDED:
+            self.close()
+            raise AoeError("this kernel's ublk lacks ioctl-encoded commands (features %#x)" % self.features)
+
+    @property
+    def can_recover(self):
+        return self.features & UBLK_RECOVERY == UBLK_RECOVERY
+
+    def info(self, dev_id):
+        info = self.ffi.new("struct ublksrv_ctrl_dev_info *")
+        ret = self.lib.ublk_ctrl_get_dev_info(self.ctrl, dev_id, info)
+        return info if ret == 0 else None
+
+    def command(self, nr, dev_id, data0=0):
+        """A control command that needs no queue served while it runs; returns 0 or -errno."""
+        return self.lib.ublk_ctrl_cmd(self.ctrl, nr, dev_id, data0)
+
+    def remove(self, dev_id):
+        """STOP_DEV + DEL_DEV of a device nobody serves (its daemon is gone)."""
+        ret = self.command(UBLK_CMD_STOP_DEV, dev_id)
+        if ret < 0 and ret != -errno.ENOENT:
+            return ret
+        ret = self.command(UBLK_CMD_DEL_DEV, dev_id)
+        return 0 if ret == -errno.ENOENT else ret
+
+    def close(self):
+        if self.ctrl is not None:
+            self.lib.ublk_ctrl_close(self.ctrl)
+            self.ctrl = None
+
+
+def ublk_path(dev_id):
+    return "/dev/ublkb%d" % dev_id
+
+
+class Attachment:
+    """What RUN_DIR/eX.Y.json records about an attached device."""
+
+    FIELDS = ("device", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log")
+
+    def __init__(self, **fields):
+        for k in self.FIELDS:
+            setattr(self, k, fields.get(k))
+
+    @staticmethod
+    def file(device):
+        return os.path.join(RUN_DIR, device + ".json")
+
+    @classmethod
+    def load(cls, device):
+        try:
+            with open(cls.file(device)) as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @classmethod
+    def all(cls):
+        try:
+            names = sorted(n[:-5] for n in os.listdir(RUN_DIR) if n.endswith(".json"))
+        except OSError:
+            return []
+        return [a for a in map(cls.load, names) if a is not None]
+
+    @classmethod
+    def find(cls, name):
+        """The attachment named by eX.Y, /dev/ublkbN or /dev/etherd/eX.Y, or None."""
+        path = os.path.realpath(name) if name.startswith("/") else None
+        for a in cls.all():
+            if name == a.device or path == a.ublk:
+                return a
+        return None
+
+    def save(self):
+        os.makedirs(RUN_DIR, exist_ok=True)
+        tmp = self.file(self.device) + ".new"
+        with open(tmp, "w") as f:
+            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
+        os.replace(tmp, self.file(self.device))
+
+    def remove(self):
+        try:
+            os.unlink(self.file(self.device))
+        except FileNotFoundError:
+            pass
+
+    @property
+    def ublk(self):
+        return ublk_path(self.dev_id)
+
+    @property
+    def daemon_alive(self):
+        try:
+            with open("/proc/%d/cmdline" % self.pid, "rb") as f:
+                return b"attach" in f.read()
+        except (OSError, TypeError):
+            return False
+
+    @property
+    def status(self):
+        """up, down, recovering, or dead (daemon gone: attach --recover or detach)."""
+        return self.state if self.daemon_alive else "dead"
+
+    def as_dict(self):
+        d = {k: getattr(self, k) for k in self.FIELDS}
+        d.update(ublk=self.ublk, state=self.status)
+        return d
+
+
+def device_in_use(path):
+    """Why the block device (or one of its partitions) is busy, or None: mounted or held
+    exclusively, or open in some process."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_EXCL))
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return "mounted or held exclusively"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = "/proc/%s/fd" % pid
+        try:
+            for fd in os.listdir(fd_dir):
+                dest = os.readlink(os.path.join(fd_dir, fd))
+                if dest == path or dest.startswith(path + "p"):
+                    with open("/proc/%s/comm" % pid) as f:
+                        return "open in pid %s (%s)" % (pid, f.read().strip())
+        except OSError:
+            continue
+    return None
+
+
+def log_path(device):
+    return os.path.join(RUN_DIR, device + ".log")
+
+
+def refresh_links(device, dev_id):
+    """/dev/etherd/eX.Y -> /dev/ublkbN, and eX.YpK -> /dev/ublkbNpK for each partition;
+    returns a problem to report, or None."""
+    base = "ublkb%d" % dev_id
+    want = {device: base}
+    try:
+        for entry in os.listdir("/sys/block/" + base):
+            if entry.startswith(base + "p"):
+                want[device + entry[len(base):]] = entry
+    except OSError:
+        pass
+    problem = None
+    os.makedirs(LINK_DIR, exist_ok=True)
+    for name, dev in want.items():
+        link, dest = os.path.join(LINK_DIR, name), "/dev/" + dev
+        try:
+            if os.readlink(link) == dest:
+                continue
+        except FileNotFoundError:
+            pass
+        except OSError:                           # not a link: the kernel driver's own node
+            problem = "%s exists and is not aoe.py's link (kernel aoe driver loaded?); use %s" % (link, dest)
+            continue
+        tmp = link + ".aoe-new"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(dest, tmp)
+        os.replace(tmp, link)
+    remove_links(device, dev_id, keep=set(want))
+    return problem
+
+
+def remove_links(device, dev_id, keep=()):
+    """Remove /dev/etherd links of `device` that point at /dev/ublkb<dev_id> or its partitions."""
+    target = "/dev/ublkb%d" % dev_id
+    try:
+        names = os.listdir(LINK_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name in keep or not (name == device or name.startswith(device + "p")):
+            continue
+        link = os.path.join(LINK_DIR, name)
+        try:
+            dest = os.readlink(link)
+        except OSError:
+            continue
+        if dest == target or dest.startswith(target + "p"):
+            os.unlink(link)
+
+
+class BlockDaemon:
+    """Serves one ublk device from one target: the attach daemon's whole work."""
+
+    def __init__(self, helper, target, args, log):
+        self.ffi, self.lib = helper.ffi, helper.lib
+        self.target, self.log = target, log
+        self.readonly = args.ro
+        self.deadsecs = args.deadsecs
+        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper)
+        self.max_sectors, self.depth = ublk_layout(target)
+        self.control = UblkControl(helper)
+        self.dev_id = None
+        self.queue = None
+        self.state = "up"
+        self.attachment = None
+        self.inflight = {}                        # tag -> (ublk op, bytes on success)
+        self.results = []                         # (tag, result) to commit
+        self.probe_buf = bytearray(SECTOR_SIZE)
+        self.probing = False
+        self.next_probe = 0.0
+        self.next_links = 0.0
+        self.link_problem = None
+        self.stop = False
+        self.report_wanted = False
+
+    # --- setting up -------------------------------------------------------
+
+    def create(self):
+        """ADD_DEV, SET_PARAMS, open and fetch the queue, START_DEV; the disk then exists."""
+        flags = UBLK_RECOVERY if self.control.can_recover else 0
+        buf_bytes = self.max_sectors * SECTOR_SIZE
+        self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth, buf_bytes, flags),
+                                 "ublk ADD_DEV")
+        try:
+            attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.readonly else 0)
+            params = self.ffi.new("struct ublk_dev_params *", dict(
+                dev_sectors=self.engine.sectors, attrs=attrs, logical_bs_shift=9, physical_bs_shift=9,
+                io_min_shift=9, io_opt_shift=max(9, (self.target.sectors_per_frame * SECTOR_SIZE).bit_length() - 1),
+                max_sectors=self.max_sectors))
+            ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params), "ublk SET_PARAMS")
+            self._open_queue()
+            self._record("up", flags != 0)
+            self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
+        except BaseException:
+            self._close_queue()
+            self.control.remove(self.dev_id)
+            if self.attachment is not None:
+                self.attachment.remove()
+            raise
+        self.log("attached %s as %s: %d sectors%s, requests up to %d KiB, queue depth %d%s"
+                 % (self.target.name, ublk_path(self.dev_id), self.engine.sectors, " read-only" if self.readonly
+                    else "", self.max_sectors // 2, self.depth, "" if flags else "; no user recovery in this kernel"))
+
+    def recover(self, attachment):
+        """Serve an existing device again after its daemon died (ublk user recovery)."""
+        self.dev_id = attachment.dev_id
+        self.readonly = attachment.readonly
+        deadline = time.monotonic() + QUIESCE_WAIT
+        while True:
+            info = self.control.info(self.dev_id)
+            if info is None:
+                raise AoeError("%s: %s no longer exists; attach it again without --recover"
+                               % (attachment.device, ublk_path(self.dev_id)))
+            if info.state == UBLK_S_DEV_QUIESCED:
+                break
+            if info.state == UBLK_S_DEV_LIVE and attachment.daemon_alive:
+                raise AoeError("%s is served by pid %d: nothing to recover" % (attachment.device, attachment.pid))
+            if time.monotonic() > deadline:
+                raise AoeError("%s: %s did not become ready for recovery (state %d) within %d s"
+                               % (attachment.device, ublk_path(self.dev_id), info.state, QUIESCE_WAIT))
+            time.sleep(0.2)
+        if attachment.sectors != self.engine.sectors:
+            raise AoeError("%s now has %d sectors, %s has %d: detach and attach again"
+                           % (attachment.device, self.engine.sectors, ublk_path(self.dev_id), attachment.sectors))
+        ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id), "ublk START_USER_RECOVERY")
+        self._open_queue()
+        self._record("recovering", True)
+        self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
+        self._set_state("up")
+        self.log("recovered %s: serving it again" % ublk_path(self.dev_id))
+
+    def _open_queue(self):
+        out = self.ffi.new("struct ublk_queue **")
+        buf_bytes = self.max_sectors * SECTOR_SIZE
+        for _ in range(250):                      # /dev/ublkcN appears shortly after ADD_DEV
+            ret = self.lib.ublk_queue_open(out, self.dev_id, 0, self.depth, buf_bytes)
+            if ret != -errno.ENOENT:
+                break
+            time.sleep(0.02)
+        ublk_check(ret, "/dev/ublkc%d" % self.dev_id)
+        self.queue = out[0]
+        self.ring_fd = self.lib.ublk_queue_ring_fd(self.queue)
+        bufs = self.ffi.cast("char *", self.lib.ublk_queue_bufs(self.queue))
+        size = self.lib.ublk_queue_buf_size(self.queue)
+        self.tag_buf = [bufs + t * size for t in range(self.depth)]
+        self.reqs = self.ffi.new("struct ublk_req[]", self.depth)
+        self.commit_tags = self.ffi.new("uint16_t[]", self.depth)
+        self.commit_results = self.ffi.new("int32_t[]", self.depth)
+        ublk_check(self.lib.ublk_queue_fetch_all(self.queue), "ublk FETCH_REQ")
+
+    def _record(self, state, recoverable):
+        self.state = state
+        self.attachment = Attachment(device=self.target.name, dev_id=self.dev_id, pid=os.getpid(), state=state,
+                                     sectors=self.engine.sectors, readonly=self.readonly,
+                                     recoverable=recoverable, log=log_path(self.target.name))
+        self.attachment.save()
+
+    def _set_state(self, state):
+        if state != self.state:
+            self.state = self.attachment.state = state
+            self.attachment.save()
+
+    def _control_served(self, nr, data0, what):
+        """Run a control command that needs the queue served meanwhile (START_DEV reads
+        the partition table through it; END_USER_RECOVERY and STOP_DEV wait for it)."""
+        ublk_check(self.lib.ublk_ctrl_submit(self.control.ctrl, nr, self.dev_id, data0), what)
+        result = self.ffi.new("int *")
+        limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+        queue_open = True
+        while True:
+            ret = self.lib.ublk_ctrl_wait(self.control.ctrl, 0 if queue_open else 100000, result)
+            if ret > 0:
+                return ublk_check(result[0], what)
+            if ret < 0 and ret != -errno.EINTR:
+                ublk_check(ret, what)
+            if time.monotonic() > limit:
+                raise AoeError("%s did not finish in %d s" % (what, self.engine.deadsecs + CONTROL_LIMIT))
+            if queue_open:                        # STOP_DEV ends the queue before it returns
+                queue_open = self.serve(10000) is not None
+
+    def _close_queue(self):
+        if self.queue is not None:
+            self.lib.ublk_queue_close(self.queue)
+            self.queue = None
+
+    # --- serving ----------------------------------------------------------
+
+    def serve(self, timeout_us):
+        """One round: engine completions and new kernel requests; False once the queue is gone."""
+        for tag, status in self.engine.poll(timeout_us, self.ring_fd):
+            self._completed(tag, status)
+        if self.engine.dead and self.state == "up":
+            self._set_state("down")
+            self.next_probe = time.monotonic() + PROBE_INTERVAL
+            self.log(self.engine.dead + "; I/O fails until it answers again")
+        n = self.lib.ublk_queue_reap(self.queue, self.depth, self.reqs, 0)
+        if n == -errno.ENODEV:
+            return None
+        if n < 0 and n != -errno.EINTR:
+            ublk_check(n, "ublk queue")
+        for i in range(max(0, n)):
+            self._start(self.reqs[i])
+        if self.results:
+            for i, (tag, result) in enumerate(self.results):
+                self.commit_tags[i], self.commit_results[i] = tag, result
+            ublk_check(self.lib.ublk_queue_commit(self.queue, len(self.results), self.commit_tags,
+                                                  self.commit_results), "ublk COMMIT_AND_FETCH_REQ")
+            self.results = []
+        return True
+
+    def _start(self, r):
+        tag, op = r.tag, r.op
+        if self.state != "up":
+            self.results.append((tag, -errno.EIO))
+            return
+        if op == UBLK_IO_OP_FLUSH:            # its start_sector is meaningless: no bounds check
+            self.inflight[tag] = (op, 0)
+            self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
+            return
+        if op not in (UBLK_IO_OP_READ, UBLK_IO_OP_WRITE):
+            self.results.append((tag, -errno.EOPNOTSUPP))
+            return
+        nbytes = r.nr_sectors * SECTOR_SIZE
+        try:
+            self.engine.submit(OP_READ if op == UBLK_IO_OP_READ else OP_WRITE, r.start_sector, r.nr_sectors,
+                               self.ffi.buffer(self.tag_buf[tag], nbytes), req_id=tag)
+        except AoeError as e:
+            self.log(str(e))
+            self.results.append((tag, -errno.EIO))
+            return
+        self.inflight[tag] = (op, nbytes)
+
+    def _completed(self, tag, status):
+        if tag == PROBE_REQ:
+            self._probe_done(status)
+            return
+        op, nbytes = self.inflight.pop(tag)
+        if status and op == UBLK_IO_OP_FLUSH and self.engine.fall_back_flush(status):
+            self.inflight[tag] = (op, 0)
+            self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
+            return
+        if status and not self.engine.dead:
+            self.log("%s: %s" % (self.target.name, status_text(status)))
+        self.results.append((tag, -errno.EIO if status else nbytes))
+
+    # --- a down target, links, the main loop -------------------------------
+
+    def _probe(self):
+        """While down: read sector 0 now and then; the first answer brings the device back."""
+        if self.probing or time.monotonic() < self.next_probe or self.engine.pump.busy:
+            return
+        self.engine.revive()
+        self.engine.deadsecs = PROBE_DEADSECS
+        self.engine.submit(OP_READ, 0, 1, self.probe_buf, req_id=PROBE_REQ)
+        self.probing = True
+
+    def _probe_done(self, status):
+        self.probing = False
+        if status:
+            self.next_probe = time.monotonic() + PROBE_INTERVAL
+            return
+        self.engine.deadsecs = self.deadsecs
+        self._set_state("up")
+        self.log("%s answers again; I/O resumes" % self.target.name)
+
+    def refresh_links(self):
+        problem = refresh_links(self.target.name, self.dev_id)
+        if problem and not self.link_problem:
+            self.log(problem)
+        self.link_problem = problem
+
+    def report(self):
+        """Counters into the log (SIGUSR1)."""
+        self.log("state %s; %d requests at the target, %d tags with the kernel\n%s"
+                 % (self.state, len(self.inflight), self.lib.ublk_queue_in_kernel(self.queue) if self.queue else 0,
+                    self.engine.describe().rstrip()))
+
+    def run(self):
+        """Serve until asked to stop (SIGTERM, SIGINT) or the kernel aborts the queue."""
+        while not self.stop:
+            if self.report_wanted:
+                self.report_wanted = False
+                self.report()
+            if self.serve(200000) is None:
+                self.log("the kernel aborted %s's queue" % ublk_path(self.dev_id))
+                return False
+            now = time.monotonic()
+            if self.state == "down":
+                self._probe()
+            if now >= self.next_links:
+                self.refresh_links()
+                self.next_links = now + 1.0
+        return True
+
+    def detach(self):
+        """STOP_DEV while still serving (the kernel writes back and flushes through the
+        queue), then DEL_DEV.  A silent target fails the last I/O after DETACH_DEADSECS."""
+        self.log("detaching %s" % ublk_path(self.dev_id))
+        self.engine.deadsecs = min(self.engine.deadsecs, DETACH_DEADSECS)
+        self.deadsecs = self.engine.deadsecs
+        self._control_served(UBLK_CMD_STOP_DEV, 0, "ublk STOP_DEV")
+        limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+        while self.serve(100000) is not None and time.monotonic() < limit:
+            pass
+        self._close_queue()                       # DEL_DEV waits until /dev/ublkcN is closed
+        ret = self.control.command(UBLK_CMD_DEL_DEV, self.dev_id)
+        if ret < 0 and ret != -errno.ENOENT:
+            raise AoeError("ublk DEL_DEV %d: %s" % (self.dev_id, os.strerror(-ret)))
+        remove_links(self.target.name, self.dev_id)
+        self.attachment.remove()
+        self.log("detached %s" % ublk_path(self.dev_id))
+
+    def close(self):
+        self._close_queue()
+        self.control.close()
+        self.engine.close()
 
 
 # =============================================================================
@@ -1933,17 +2501,39 @@ def cmd_discover(args):
 
 
 def stat_row(d):
-    """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state."""
+    """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state; then, for an
+    attached device, its block device and daemon."""
     size = "%.3fGB" % (d["size_bytes"] / 1e9) if "size_bytes" in d else "(NA)"
-    return ("%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]), d["payload"],
-                                           d["state"])).rstrip()
+    row = "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]) or "-", d["payload"], d["state"])
+    a = d.get("attached")
+    if a:
+        row += " %s pid %d" % (a["ublk"], a["pid"])
+    return row.rstrip()
+
+
+def with_attachments(rows, devices):
+    """Stat rows with each attached device's block device and state; attached devices
+    whose target did not answer get a row of their own."""
+    by_name = {r["device"]: r for r in rows}
+    for a in Attachment.all():
+        if devices and parse_device(a.device) not in devices:
+            continue
+        row = by_name.get(a.device)
+        if row is None:
+            row = {"device": a.device, "size_bytes": a.sectors * SECTOR_SIZE, "interfaces": [], "payload": "-"}
+            rows.append(row)
+        row["attached"] = a.as_dict()
+        row["state"] = a.status
+    return rows
 
 
 def cmd_stat(args):
     control = open_control(args)
-    targets = find_targets(control, _devices_arg(args), args.wait)
-    rows = [t.as_dict() for t in targets]
-    shown = rows if args.all else [r for r in rows if r["state"] == "up"]
+    devices = _devices_arg(args)
+    targets = find_targets(control, devices, args.wait)
+    answered = [t.as_dict() for t in targets]
+    rows = with_attachments(list(answered), devices)
+    shown = rows if args.all else [r for r in rows if r["state"] != "unresponsive"]
     if args.json:
         emit_json(shown)
     else:
@@ -2477,6 +3067,207 @@ def cmd_bench(args):
     return EXIT_OK
 
 
+def need_helper(verb):
+    helper = load_helper()
+    if helper is None:
+        raise AoeError("%s needs the compiled helper: install cffi and a C compiler, then run "
+                       "'python3 build_ffi.py' next to aoe.py" % verb)
+    return helper
+
+
+def daemon_logger(device):
+    def log(message):
+        sys.stderr.write("%s %s[%d] %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(),
+                                                  device, message))
+        sys.stderr.flush()
+    return log
+
+
+def attach_summary(a):
+    return ("%s is %s (%s, %.3fGB%s; daemon pid %d, log %s)"
+            % (a.ublk, a.device, os.path.join(LINK_DIR, a.device), a.sectors * SECTOR_SIZE / 1e9,
+               ", read-only" if a.readonly else "", a.pid, a.log))
+
+
+def serve_device(helper, target, args, ready):
+    """The attach daemon's body: make (or recover) the device, call ready(attachment),
+    serve until SIGTERM/SIGINT, then detach.  Returns the exit status."""
+    log = daemon_logger(target.name)
+    daemon = BlockDaemon(helper, target, args, log)
+
+    def on_signal(signum, frame):
+        daemon.stop = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(daemon, "report_wanted", True))
+    try:
+        if args.recover:
+            daemon.recover(Attachment.load(target.name))
+        else:
+            daemon.create()
+        daemon.refresh_links()
+        ready(daemon.attachment)
+        if not daemon.run():
+            return EXIT_FAIL
+        daemon.detach()
+        return EXIT_OK
+    finally:
+        daemon.close()
+
+
+def run_in_background(device, body):
+    """Run body(ready) in a daemon process whose output goes to the device's log; return
+    once it called ready(message) (then exit 0) or ended (then fail with what it said)."""
+    os.makedirs(RUN_DIR, exist_ok=True)
+    logfile = log_path(device)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        code = EXIT_FAIL
+        channel = os.fdopen(wfd, "w")
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+
+            def ready(message):
+                channel.write("ready " + message)
+                channel.close()
+            code = body(ready)
+        except AoeError as e:
+            daemon_logger(device)(str(e))
+            if not channel.closed:
+                channel.write(str(e))
+            code = e.code
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            if not channel.closed:
+                channel.write("internal error; the traceback is in %s" % logfile)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd) as channel:
+        said = channel.read()
+    if said.startswith("ready "):
+        print(said[len("ready "):])
+        return EXIT_OK
+    os.waitpid(pid, 0)
+    raise AoeError(said or "the attach daemon ended without a word; see %s" % logfile)
+
+
+def cmd_attach(args):
+    helper = need_helper("attach")
+    name = device_name(*parse_device(args.device))
+    known = Attachment.load(name)
+    if args.recover:
+        if known is None:
+            raise AoeError("%s: no attached device recorded in %s: nothing to recover" % (name, RUN_DIR))
+        if known.daemon_alive:
+            raise AoeError("%s is served by pid %d: nothing to recover" % (name, known.pid))
+    elif known is not None:
+        if known.daemon_alive:
+            raise AoeError("%s is already attached as %s (pid %d); 'aoe.py detach %s' first"
+                           % (name, known.ublk, known.pid, name))
+        if os.path.exists("/sys/block/ublkb%d" % known.dev_id):
+            raise AoeError("%s's daemon died and %s waits for it: 'aoe.py attach --recover %s' or "
+                           "'aoe.py detach %s'" % (name, known.ublk, name, name))
+        known.remove()
+    UblkControl(helper).close()                   # no ublk, or too old: say so before anything else
+    control = open_control(args)
+    target = find_target(control, args.device, args.wait)
+    close_ports([p for p in control.ports if all(path.port is not p for path in target.paths)])
+
+    def body(ready):
+        return serve_device(helper, target, args, lambda a: ready(
+            json.dumps(a.as_dict()) if args.json else attach_summary(a)))
+    if args.foreground:
+        return serve_device(helper, target, args, lambda a: print(
+            json.dumps(a.as_dict()) if args.json else attach_summary(a), flush=True))
+    return run_in_background(name, body)
+
+
+DETACH_WAIT = DETACH_DEADSECS + CONTROL_LIMIT + 30   # seconds for a daemon to finish detaching
+
+
+def detach_attachment(a, force):
+    """Stop and delete an attached device, through its daemon if it lives.  Returns an error text or None."""
+    busy = None if force else device_in_use(a.ublk)
+    if busy:
+        return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.ublk, busy)
+    if a.daemon_alive:
+        os.kill(a.pid, signal.SIGTERM)
+        deadline = time.monotonic() + DETACH_WAIT
+        while a.daemon_alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if a.daemon_alive:
+            return "%s: daemon pid %d did not finish detaching in %d s; see %s" % (a.device, a.pid, DETACH_WAIT, a.log)
+        if os.path.exists(Attachment.file(a.device)):
+            return "%s: daemon pid %d ended without detaching %s; see %s" % (a.device, a.pid, a.ublk, a.log)
+        return None
+    control = UblkControl(need_helper("detach"))
+    try:
+        ret = control.remove(a.dev_id)
+    finally:
+        control.close()
+    if ret < 0:
+        return "%s: removing %s: %s" % (a.device, a.ublk, os.strerror(-ret))
+    remove_links(a.device, a.dev_id)
+    a.remove()
+    return None
+
+
+def cmd_detach(args):
+    a = Attachment.find(args.device)
+    if a is None:
+        raise AoeError("%s is not attached (nothing recorded in %s)" % (args.device, RUN_DIR))
+    problem = detach_attachment(a, args.force)
+    if problem:
+        raise AoeError(problem)
+    print("%s: %s detached" % (a.device, a.ublk))
+    return EXIT_OK
+
+
+def cmd_flush(args):
+    """Like aoe-flush: remove attached devices that are down (or whose daemon died); -a: all."""
+    wanted = {device_name(*parse_device(d)) for d in args.devices}
+    chosen = [a for a in Attachment.all()
+              if (a.device in wanted if wanted else args.all or a.status in ("down", "dead"))]
+    status = EXIT_OK
+    for a in chosen:
+        problem = detach_attachment(a, args.force)
+        if problem:
+            sys.stderr.write("%s: %s\n" % (PROG, problem))
+            status = EXIT_FAIL
+        else:
+            print("%s: %s removed" % (a.device, a.ublk))
+    return status
+
+
+def cmd_revalidate(args):
+    control = open_control(args)
+    target = find_target(control, args.device, args.wait)
+    a = Attachment.load(target.name)
+    if a is None or not os.path.exists("/sys/block/ublkb%d" % a.dev_id):
+        print("%s: %d sectors (%.3fGB); not attached" % (target.name, target.sectors, target.sectors * SECTOR_SIZE / 1e9))
+        return EXIT_OK
+    if target.sectors == a.sectors:
+        print("%s: %d sectors, as %s has" % (target.name, target.sectors, a.ublk))
+        return EXIT_OK
+    raise AoeError("%s now has %d sectors but %s has %d: aoe.py cannot resize a ublk device in place "
+                   "(ublk's UPDATE_SIZE is not used); detach and attach again"
+                   % (target.name, target.sectors, a.ublk, a.sectors))
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM so long-running loops end cleanly."""
 
@@ -2688,6 +3479,13 @@ EXAMPLES = {
     "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
     "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\naoe.py bench e0.1 --write --json",
     "serve": "aoe.py serve 0 1 eth1 disk.img\naoe.py serve -r -b 32 0 2 eth1 /dev/sdb",
+    "attach": "aoe.py attach e0.1              # prints /dev/ublkbN; /dev/etherd/e0.1 links to it\n"
+              "aoe.py attach --ro e0.1\n"
+              "aoe.py attach --foreground e0.1 # for systemd, or to watch it\n"
+              "aoe.py attach --recover e0.1    # serve it again after the daemon was killed",
+    "detach": "aoe.py detach e0.1\naoe.py detach /dev/ublkb0\naoe.py detach --force e0.1   # even if mounted",
+    "flush": "aoe.py flush        # remove attached devices that are down\naoe.py flush -a     # remove all",
+    "revalidate": "aoe.py revalidate e0.1",
     "version": "aoe.py version",
     "demo": "sudo python3 aoe.py demo",
 }
@@ -2861,6 +3659,35 @@ def build_parser():
     t.add_argument("--fault-reorder", type=fraction, default=0.0, metavar="P", help="hold back some responses")
     t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
     add_common(p, json_flag=False, iface=False)
+
+    p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN, linked as /dev/etherd/eX.Y)")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--ro", action="store_true", help="read-only block device")
+    p.add_argument("--foreground", action="store_true", help="serve in this process; logs to standard error")
+    p.add_argument("--recover", action="store_true",
+                   help="serve an attached device again after its daemon died (ublk user recovery)")
+    p.add_argument("--deadsecs", type=positive(float), default=DEFAULT_DEADSECS, metavar="SECS",
+                   help="fail I/O with EIO after the target is silent this long (default %(default)s)")
+    p.add_argument("--maxout", type=positive(int), default=DEFAULT_MAXOUT, metavar="N",
+                   help="cap on frames in flight per path (default %(default)s)")
+    add_common(p)
+    add_wait(p)
+
+    p = command("detach", cmd_detach, "remove an attached device (flushes first; works if the target is gone)")
+    p.add_argument("device", metavar="eX.Y|/dev/ublkbN")
+    p.add_argument("--force", action="store_true", help="even if mounted or open")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("flush", cmd_flush, "remove attached devices that are down (like aoe-flush)")
+    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these (down or not)")
+    p.add_argument("-a", "--all", action="store_true", help="all attached devices")
+    p.add_argument("--force", action="store_true", help="even if mounted or open")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("revalidate", cmd_revalidate, "re-read a target's size and compare it with its block device")
+    p.add_argument("device", metavar="eX.Y")
+    add_common(p, json_flag=False)
+    add_wait(p)
 
     p = command("demo", cmd_demo, "try everything on a private pair of namespaces with a built-in target")
     p.add_argument("--mtu", type=int, default=9000, help="MTU of the demo's veth pair (default %(default)s)")

@@ -905,3 +905,14 @@ def test_ublk_plumbing_ramdisk():
     assert "UBLK-CHECK OK" in out
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
     assert "(last queue error 0)" in out
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_attach_block_device(mtu):
+    """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM/SIGKILL, --recover, detach, flush."""
+    need(aoe.load_helper() is not None, "attach needs the compiled helper (python3 build_ffi.py)")
+    out = in_vm("attach-check.sh", mtu)
+    assert "ATTACH-CHECK OK mtu %d" % mtu in out
+    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
+    assert "Oops" not in out and "BUG:" not in out, out[-3000:]

@@ -19,9 +19,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import aoe  # noqa: E402
 
-OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = 0, 1, 2, 3, 5
-CMD_DEL_DEV, CMD_START_DEV, CMD_STOP_DEV = 0x05, 0x06, 0x07
-ATTR_VOLATILE_CACHE = 1 << 2        # so that the kernel sends FLUSH
+from aoe import (UBLK_IO_OP_READ as OP_READ, UBLK_IO_OP_WRITE as OP_WRITE,  # noqa: E402
+                 UBLK_IO_OP_FLUSH as OP_FLUSH, UBLK_IO_OP_DISCARD as OP_DISCARD,
+                 UBLK_IO_OP_WRITE_ZEROES as OP_WRITE_ZEROES, UBLK_CMD_DEL_DEV as CMD_DEL_DEV,
+                 UBLK_CMD_START_DEV as CMD_START_DEV, UBLK_CMD_STOP_DEV as CMD_STOP_DEV,
+                 UBLK_ATTR_VOLATILE_CACHE as ATTR_VOLATILE_CACHE)
 DEPTH = 64
 BUF = 512 * 1024                    # largest request, bytes
 
