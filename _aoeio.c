@@ -150,6 +150,11 @@ struct aoe_eng {
     int ndone;    struct aoe_event *done;
     int nexpired; uint32_t *expired;
     int inflight_frames; int pending_frames; int active_requests;
+    /* ublk bridge (aoe_eng_bridge): aoe_pump takes requests from a ublk queue itself */
+    int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
+    int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
+    int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
+    int bridge_error;                       /* last failure of a ublk call inside aoe_pump, -errno */
 
     /* private */
     uint32_t max_frames;
@@ -169,7 +174,18 @@ struct aoe_eng {
     uint8_t *rx_buf;
     struct mmsghdr rx_msg[RX_BATCH];
     struct iovec rx_iov[RX_BATCH];
+    struct ublk_queue *bq;                  /* the bridged queue, or NULL */
+    uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
+    int bq_readonly;
+    int bq_ncommit;
+    uint32_t *bq_bytes;                     /* per tag: bytes the bridged request moves */
+    uint16_t *bq_tags;                      /* completions to commit */
+    int32_t *bq_results;
 };
+
+static int bridge_take(struct aoe_eng *e);
+static void bridge_settle(struct aoe_eng *e);
+static void bridge_release(struct aoe_eng *e);
 
 int64_t aoe_now_us(void)
 {
@@ -287,6 +303,7 @@ void aoe_eng_free(struct aoe_eng *e)
 {
     if (!e)
         return;
+    bridge_release(e);
     for (int i = 0; i < e->nfds; i++)
         free(e->tx[i]);
     free(e->frames);
@@ -786,6 +803,9 @@ static int64_t next_expiry(const struct aoe_eng *e)
  * Send, then wait and receive until something needs aoe.py: a request
  * completed, a frame expired, extra_fd became readable,
  * or timeout_us passed (at once if nothing is in flight and extra_fd < 0).
+ * With a bridged ublk queue (whose ring fd is then extra_fd), new requests are
+ * taken and successful ones committed here; only failures, requests aoe.py
+ * must answer itself (handed) and the end of the queue come back.
  * Window slots freed by answers are refilled inside the loop, so the target's
  * queue stays full without a round trip through Python per answer.
  */
@@ -794,7 +814,9 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     if (!e)
         return -EINVAL;
     e->done = e->done_buf;
-    e->ndone = e->nexpired = 0;
+    e->ndone = e->nexpired = e->nhanded = 0;
+    if (e->bq)
+        bridge_take(e);
     for (int p = 0; p < e->npaths; p++) {
         struct aoe_path *pa = &e->paths[p];
         pa->rtt_n = pa->rtt_max_us = 0;
@@ -822,6 +844,16 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     for (;;) {
         int64_t now = aoe_now_us();
         collect_expired(e, now);
+        if (e->bq) {                        /* bridged requests never come back to aoe.py */
+            bridge_settle(e);
+            if (extra_ready) {
+                extra_ready = 0;
+                bridge_take(e);
+                send_pending(e);
+            }
+            if (e->nhanded || e->bridge_finished)
+                break;
+        }
         if (e->ndone || e->nexpired || extra_ready)
             break;
         if (e->inflight_frames == 0 && extra_fd < 0)
@@ -850,6 +882,8 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
         send_pending(e);                    /* a hard error shows at the next pump's first send */
     }
     collect_expired(e, aoe_now_us());
+    if (e->bq)
+        bridge_settle(e);
     return e->ndone;
 }
 
@@ -1871,4 +1905,125 @@ int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const i
     }
     int ret = ublk_ring_enter(&q->ring, 0, 0);
     return ret < 0 ? ret : n;
+}
+
+/* ========================================================================== */
+/* Bridge: ublk requests straight into the frame engine                        */
+/* ========================================================================== */
+/*
+ * With a bridge, aoe_pump reaps the queue's new requests and submits READ,
+ * WRITE and FLUSH to the engine under id AOE_BRIDGE_ID | op << 16 | tag, and
+ * commits the ones that succeed, so a request that goes well never reaches
+ * Python.  Failed ones come back in done[] with that id for aoe.py to decide
+ * (EIO, the flush fallback); requests the bridge does not take (bridge_on 0,
+ * other ops, past the end, writes to a read-only device, engine full) are
+ * handed to aoe.py in handed[].
+ */
+
+#define AOE_BRIDGE_ID (1ULL << 62)
+
+static void bridge_release(struct aoe_eng *e)
+{
+    free(e->handed);
+    free(e->bq_bytes);
+    free(e->bq_tags);
+    free(e->bq_results);
+    e->handed = NULL;
+    e->bq_bytes = NULL;
+    e->bq_tags = NULL;
+    e->bq_results = NULL;
+    e->bq = NULL;
+    e->nhanded = e->bq_ncommit = 0;
+}
+
+/* Bridge queue q (of a device of `sectors` sectors) to the engine; q NULL ends
+ * the bridge (do that before closing the queue). */
+int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly)
+{
+    if (!e)
+        return -EINVAL;
+    bridge_release(e);
+    if (!q)
+        return 0;
+    size_t n = (size_t)q->depth;
+    e->handed = calloc(n, sizeof(*e->handed));
+    e->bq_bytes = calloc(n, sizeof(*e->bq_bytes));
+    e->bq_tags = calloc(n, sizeof(*e->bq_tags));
+    e->bq_results = calloc(n, sizeof(*e->bq_results));
+    if (!e->handed || !e->bq_bytes || !e->bq_tags || !e->bq_results) {
+        bridge_release(e);
+        return -ENOMEM;
+    }
+    e->bq = q;
+    e->bq_sectors = sectors;
+    e->bq_readonly = readonly != 0;
+    e->bridge_on = 1;
+    e->bridge_finished = 0;
+    e->bridge_error = 0;
+    return 0;
+}
+
+static int bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
+{
+    struct ublk_queue *q = e->bq;
+    uint64_t id = AOE_BRIDGE_ID | (uint64_t)r->op << 16 | r->tag;
+    if (!e->bridge_on)
+        return -EAGAIN;
+    if (r->op == UBLK_IO_OP_FLUSH) {        /* start_sector is meaningless here */
+        e->bq_bytes[r->tag] = 0;
+        return aoe_submit(e, id, OP_FLUSH, 0, 0, NULL);
+    }
+    if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || e->bq_readonly))
+        return -EOPNOTSUPP;
+    if (!r->nr_sectors || r->start_sector > e->bq_sectors || r->nr_sectors > e->bq_sectors - r->start_sector)
+        return -ERANGE;
+    e->bq_bytes[r->tag] = r->nr_sectors * SECTOR_SIZE;
+    return aoe_submit(e, id, r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE, r->start_sector, r->nr_sectors,
+                      q->bufs + (size_t)r->tag * q->buf_size);
+}
+
+/* Reap what the kernel sent: submit it, or hand it to aoe.py. */
+static int bridge_take(struct aoe_eng *e)
+{
+    struct ublk_queue *q = e->bq;
+    struct ublk_req r;
+    for (;;) {
+        int n = ublk_queue_reap(q, 1, &r, 0);
+        if (n == -ENODEV) {
+            e->bridge_finished = 1;
+            return 0;
+        }
+        if (n < 0) {
+            if (n != -EINTR)
+                e->bridge_error = n;
+            return n;
+        }
+        if (n == 0)
+            return 0;
+        if (bridge_submit(e, &r) < 0)
+            e->handed[e->nhanded++] = r;
+    }
+}
+
+/* Commit the bridged requests that succeeded; leave every other event in done[]. */
+static void bridge_settle(struct aoe_eng *e)
+{
+    int kept = 0;
+    for (int i = 0; i < e->ndone; i++) {
+        struct aoe_event ev = e->done[i];
+        if ((ev.req_id & AOE_BRIDGE_ID) && ev.status == 0) {
+            uint16_t tag = (uint16_t)(ev.req_id & 0xffff);
+            e->bq_tags[e->bq_ncommit] = tag;
+            e->bq_results[e->bq_ncommit++] = (int32_t)e->bq_bytes[tag];
+        } else {
+            e->done[kept++] = ev;
+        }
+    }
+    e->ndone = kept;
+    if (e->bq_ncommit) {
+        int ret = ublk_queue_commit(e->bq, e->bq_ncommit, e->bq_tags, e->bq_results);
+        if (ret < 0)
+            e->bridge_error = ret;
+        e->bq_ncommit = 0;
+    }
 }

@@ -51,6 +51,10 @@ struct aoe_eng {
     int ndone;    struct aoe_event *done;
     int nexpired; uint32_t *expired;
     int inflight_frames; int pending_frames; int active_requests;
+    int bridge_on;
+    int nhanded; struct ublk_req *handed;
+    int bridge_finished;
+    int bridge_error;
     ...;
 };
 
@@ -134,6 +138,7 @@ int ublk_queue_last_error(struct ublk_queue *);
 int ublk_queue_fetch_all(struct ublk_queue *);
 int ublk_queue_reap(struct ublk_queue *, int max, struct ublk_req *out, long long timeout_us);
 int ublk_queue_commit(struct ublk_queue *, int n, const uint16_t *tags, const int32_t *results);
+int aoe_eng_bridge(struct aoe_eng *, struct ublk_queue *, uint64_t sectors, int readonly);
 """
 
 

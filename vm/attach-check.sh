@@ -3,7 +3,7 @@
 #   ext4 (mkfs, files, e2fsck -fn), fio crc32c verify (sequential 1M and random 4k qd32),
 #   the device's bytes against vblade's backing file, a partition (eX.Yp1), SIGTERM = clean detach,
 #   read-only attach, target restarted within deadsecs, target dead past deadsecs (EIO, down, back up),
-#   SIGKILL of the daemon + attach --recover, detach under load, flush.
+#   SIGKILL of the daemon + attach --recover, detach under load, flush; at MTU 9000 also the demo.
 # Usage: vm/run 'vm/attach-check.sh PYTHON MTU'
 set -euo pipefail
 PY=${1:?python interpreter}; MTU=${2:-1500}
@@ -160,4 +160,10 @@ fi
 wait_state down 10
 aoe flush
 gone
+if [ "$MTU" = 9000 ]; then
+    step "demo, which attaches when ublk exists"
+    aoe demo > /tmp/demo.txt 2>&1 || { cat /tmp/demo.txt; fail "demo"; }
+    grep -q "the target holds what was written to /dev/ublkb" /tmp/demo.txt || { cat /tmp/demo.txt; fail "demo did not attach"; }
+    ls /dev/ublkb* 2>/dev/null && fail "demo left a ublk device behind"
+fi
 echo "ATTACH-CHECK OK mtu $MTU"

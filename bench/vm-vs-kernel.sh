@@ -1,0 +1,72 @@
+#!/bin/bash
+# aoe.py attach vs the kernel's own aoe driver, side by side in one VM boot, same vblade, same image.
+# Usage (from the checkout): vm/run 'bench/vm-vs-kernel.sh PYTHON [SECONDS] [MTU...]'
+# For each MTU: vblade exports a tmpfs image; the kernel driver (insmod aoe.ko) runs every fio job
+# on /dev/etherd/e0.0, is removed, then aoe.py attach runs the same jobs on /dev/ublkbN.
+# Prints one table row per job: MB/s or IOPS, mean latency, and aoe.py/kernel ratios.
+set -euo pipefail
+PY=${1:?python interpreter}; SECS=${2:-5}; shift 2 || shift $#
+MTUS=("$@"); [ ${#MTUS[@]} -gt 0 ] || MTUS=(1500 9000)
+IMG=/tmp/bench.img
+JOBS=("seq-read-1M-qd1 read 1M 1" "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd1 write 1M 1"
+      "seq-write-1M-qd16 write 1M 16" "rand-read-4k-qd1 randread 4k 1" "rand-read-4k-qd32 randread 4k 32"
+      "rand-write-4k-qd1 randwrite 4k 1" "rand-write-4k-qd32 randwrite 4k 32")
+
+run_jobs() {  # run_jobs DEVICE LABEL MTU -> JSON lines in /tmp/results
+    for job in "${JOBS[@]}"; do
+        set -- $job
+        fio --name="$1" --filename="$DEV" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" \
+            --size=448M --time_based --runtime="$SECS" --ramp_time=1 --output-format=json 2>/dev/null |
+            "$PY" -c '
+import json, sys
+job = json.load(sys.stdin)["jobs"][0]
+side = job["write"] if "write" in sys.argv[2] else job["read"]
+print(json.dumps({"who": sys.argv[1], "mtu": int(sys.argv[3]), "job": sys.argv[4], "mbs": side["bw_bytes"] / 1e6,
+                  "iops": side["iops"], "lat_us": side["lat_ns"]["mean"] / 1000}))' "$LABEL" "$2" "$MTU" "$1" >> /tmp/results
+    done
+}
+
+: > /tmp/results
+for MTU in "${MTUS[@]}"; do
+    ip netns add tgt
+    ip link add aoeini type veth peer name aoetgt netns tgt
+    ip link set aoeini mtu "$MTU" up
+    ip -n tgt link set aoetgt mtu "$MTU" up
+    truncate -s 512M "$IMG"
+    ip netns exec tgt vblade 0 0 aoetgt "$IMG" > /tmp/vblade.log 2>&1 &
+    VB=$!
+
+    insmod "$AOE_KO" aoe_iflist=aoeini
+    for _ in $(seq 100); do
+        echo > /dev/etherd/discover 2>/dev/null || true
+        [ -b /dev/etherd/e0.0 ] && break
+        sleep 0.2
+    done
+    DEV=/dev/etherd/e0.0 LABEL=kernel run_jobs
+    rmmod aoe
+
+    DEV=$(AOE_IFLIST=aoeini "$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ublk"])')
+    LABEL=aoe.py run_jobs
+    AOE_IFLIST=aoeini "$PY" aoe.py detach e0.0 > /dev/null
+
+    kill $VB; wait $VB 2>/dev/null || true
+    ip netns del tgt
+    rm -f "$IMG"
+done
+
+"$PY" - "$AOE_VM_KVER" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open("/tmp/results")]
+by = {(r["who"], r["mtu"], r["job"]): r for r in rows}
+print("Linux %s under qemu TCG; vblade on tmpfs; fio direct=1 libaio" % sys.argv[1])
+print("| MTU | job | kernel aoe | aoe.py | ratio | qd1 latency kernel / aoe.py (us) |")
+print("|---:|---|---:|---:|---:|---|")
+for mtu in sorted({r["mtu"] for r in rows}):
+    for job in dict.fromkeys(r["job"] for r in rows if r["mtu"] == mtu):
+        k, a = by[("kernel", mtu, job)], by[("aoe.py", mtu, job)]
+        unit, key = ("MB/s", "mbs") if "seq" in job else ("IOPS", "iops")
+        lat = "%.0f / %.0f (%.2fx)" % (k["lat_us"], a["lat_us"], a["lat_us"] / k["lat_us"]) if job.endswith("qd1") else ""
+        print("| %d | %s | %.1f %s | %.1f %s | %.2f | %s |" % (mtu, job, k[key], unit, a[key], unit,
+                                                               a[key] / max(k[key], 1e-9), lat))
+EOF
+echo "BENCH DONE"
