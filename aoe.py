@@ -1505,7 +1505,10 @@ class UblkControl:
             raise AoeError("no /dev/ublk-control: load the driver with 'modprobe ublk_drv' "
                            "(Linux 6.0 or later, CONFIG_BLK_DEV_UBLK)")
         out = self.ffi.new("struct ublk_ctrl **")
-        ublk_check(self.lib.ublk_ctrl_open(out), "/dev/ublk-control")
+        ret = self.lib.ublk_ctrl_open(out)
+        if ret in (-errno.EACCES, -errno.EPERM):
+            raise AoeError("/dev/ublk-control: %s; attaching needs root" % os.strerror(-ret), EXIT_USAGE)
+        ublk_check(ret, "/dev/ublk-control")
         self.ctrl = out[0]
         features = self.ffi.new("uint64_t *")
         ret = self.lib.ublk_ctrl_get_features(self.ctrl, features)
@@ -3187,6 +3190,9 @@ def cmd_attach(args):
             raise AoeError("%s: no attached device recorded in %s: nothing to recover" % (name, RUN_DIR))
         if known.daemon_alive:
             raise AoeError("%s is served by pid %d: nothing to recover" % (name, known.pid))
+        if not known.recoverable:
+            raise AoeError("%s was attached without ublk user recovery (this kernel lacks it): "
+                           "'aoe.py detach %s', then attach it again" % (name, name))
     elif known is not None:
         if known.daemon_alive:
             raise AoeError("%s is already attached as %s (pid %d); 'aoe.py detach %s' first"
@@ -3436,7 +3442,7 @@ def ublk_missing():
     """Why attach cannot work here, or None.  Loads ublk_drv if it is a module."""
     if load_helper() is None:
         return "the compiled helper is not built (python3 build_ffi.py)"
-    if not os.path.exists("/dev/ublk-control"):
+    if not os.path.exists("/dev/ublk-control") and shutil.which("modprobe"):
         subprocess.run(["modprobe", "-q", "ublk_drv"], capture_output=True)
     if not os.path.exists("/dev/ublk-control"):
         return "this kernel has no ublk driver (/dev/ublk-control)"

@@ -4,22 +4,26 @@
 #   the device's bytes against vblade's backing file, a partition (eX.Yp1), SIGTERM = clean detach,
 #   read-only attach, target restarted within deadsecs, target dead past deadsecs (EIO, down, back up),
 #   SIGKILL of the daemon + attach --recover, detach under load, flush; at MTU 9000 also the demo.
-# Usage: vm/run 'vm/attach-check.sh PYTHON MTU'
+# Usage: vm/run 'vm/attach-check.sh PYTHON MTU', or as root on a machine with ublk: vm/attach-check.sh PYTHON MTU
+# (then everything it makes is its own: namespace, veth pair, work directory, aoe.py's records and links).
 set -euo pipefail
 PY=${1:?python interpreter}; MTU=${2:-1500}
-export AOE_IFLIST=aoeini
-IMG=/tmp/e0.0.img
+NS=aoechk$$; INI=aoeci$$; TGT=aoect$$
+WORK=$(mktemp -d /tmp/aoe-attach-check.XXXXXX)
+export AOE_IFLIST=$INI AOE_RUN_DIR=$WORK/run AOE_LINK_DIR=$WORK/etherd
+RUN=$AOE_RUN_DIR; LINK=$AOE_LINK_DIR/e0.0
+IMG=$WORK/e0.0.img
 DEADSECS=8
 
 step() { echo "== $*"; }
 fail() {
     echo "FAIL: $*"
-    for f in /run/aoe/*.log; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; }; done
+    for f in "$RUN"/*.log; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; }; done
     exit 1
 }
 aoe() { timeout 180 "$PY" aoe.py "$@"; }
-daemon_pid() { "$PY" -c 'import json,sys; print(json.load(open("/run/aoe/e0.0.json"))["pid"])'; }
-start_vblade() { ip netns exec tgt vblade 0 0 aoetgt "$IMG" >> /tmp/vblade.log 2>&1 & VB=$!; sleep 0.3; }
+daemon_pid() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$RUN/e0.0.json"; }
+start_vblade() { ip netns exec "$NS" vblade 0 0 "$TGT" "$IMG" >> "$WORK/vblade.log" 2>&1 & VB=$!; sleep 0.3; }
 stop_vblade() { kill "$VB"; wait "$VB" 2>/dev/null || true; }
 state() { aoe stat --json -w 0.3 | "$PY" -c 'import json,sys; r=[d for d in json.load(sys.stdin) if d["device"]=="e0.0"]; print(r[0]["state"] if r else "none")'; }
 wait_state() {  # wait_state WANT SECONDS
@@ -27,21 +31,21 @@ wait_state() {  # wait_state WANT SECONDS
     fail "e0.0 did not become $1 within $2 s (state $(state))"
 }
 attach() {
-    aoe attach --json "$@" > /tmp/attach.json || fail "attach $*"
-    DEV=$("$PY" -c 'import json; print(json.load(open("/tmp/attach.json"))["ublk"])')
+    aoe attach --json "$@" > "$WORK/attach.json" || fail "attach $*"
+    DEV=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ublk"])' "$WORK/attach.json")
     for _ in $(seq 50); do [ -b "$DEV" ] && break; sleep 0.1; done
     [ -b "$DEV" ] || fail "$DEV is not a block device after attach"
 }
 gone() {  # the device, its link and its record are gone
     local t0=$SECONDS
     for _ in $(seq 600); do
-        [ ! -e "$DEV" ] && [ ! -L /dev/etherd/e0.0 ] && [ ! -e /run/aoe/e0.0.json ] && break
+        [ ! -e "$DEV" ] && [ ! -L "$LINK" ] && [ ! -e "$RUN/e0.0.json" ] && break
         sleep 0.1
     done
     echo "gone after $((SECONDS - t0)) s"
     [ ! -e "$DEV" ] || fail "$DEV still exists"
-    [ ! -L /dev/etherd/e0.0 ] || fail "/dev/etherd/e0.0 still exists"
-    [ ! -e /run/aoe/e0.0.json ] || fail "the record /run/aoe/e0.0.json is still there"
+    [ ! -L "$LINK" ] || fail "$LINK still exists"
+    [ ! -e "$RUN/e0.0.json" ] || fail "the record $RUN/e0.0.json is still there"
 }
 same_as_image() {  # same_as_image OFFSET_MIB LENGTH_MIB: the device's bytes equal vblade's file
     sync
@@ -51,30 +55,37 @@ same_as_image() {  # same_as_image OFFSET_MIB LENGTH_MIB: the device's bytes equ
 FIO=(fio --direct=1 --ioengine=libaio --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0
      --output-format=terse)
 
-ip netns add tgt
-trap 'pkill -f "aoe.py attach" 2>/dev/null || true; ip netns del tgt 2>/dev/null || true' EXIT
-ip link add aoeini type veth peer name aoetgt netns tgt
-ip link set aoeini mtu "$MTU" up
-ip -n tgt link set aoetgt mtu "$MTU" up
+cleanup() {
+    umount "$WORK/mnt" 2>/dev/null || true
+    [ -e "$RUN/e0.0.json" ] && kill "$(daemon_pid)" 2>/dev/null && sleep 2
+    ip netns del "$NS" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+ip netns add "$NS"
+ip link add "$INI" type veth peer name "$TGT" netns "$NS"
+ip link set "$INI" mtu "$MTU" up
+ip -n "$NS" link set "$TGT" mtu "$MTU" up
 truncate -s 512M "$IMG"
 start_vblade
 
+UBLK_BEFORE=$(ls /dev/ublkb* 2>/dev/null || true)
 step "attach, link, stat"
 attach e0.0
-[ "$(readlink /dev/etherd/e0.0)" = "$DEV" ] || fail "/dev/etherd/e0.0 does not point at $DEV"
+[ "$(readlink $LINK)" = "$DEV" ] || fail "$LINK does not point at $DEV"
 [ "$(blockdev --getsize64 "$DEV")" = $((512 << 20)) ] || fail "$DEV has the wrong size"
-aoe stat | tee /tmp/stat.txt
-grep -q "e0.0 .* up .*$DEV pid" /tmp/stat.txt || fail "stat does not show $DEV"
+aoe stat | tee $WORK/stat.txt
+grep -q "e0.0 .* up .*$DEV pid" $WORK/stat.txt || fail "stat does not show $DEV"
 
 step "ext4: mkfs, files, e2fsck -fn"
-mkfs.ext4 -q -F /dev/etherd/e0.0
-mkdir -p /tmp/mnt && mount /dev/etherd/e0.0 /tmp/mnt
-for i in 1 2 3 4; do head -c 4M /dev/urandom > /tmp/mnt/f$i; done
-sha256sum /tmp/mnt/f* > /tmp/sums
-umount /tmp/mnt
-e2fsck -fn /dev/etherd/e0.0 || fail "e2fsck found errors"
-mount /dev/etherd/e0.0 /tmp/mnt && (cd /tmp/mnt && sha256sum -c --quiet /tmp/sums) || fail "files changed"
-umount /tmp/mnt
+mkfs.ext4 -q -F $LINK
+mkdir -p $WORK/mnt && mount $LINK $WORK/mnt
+for i in 1 2 3 4; do head -c 4M /dev/urandom > $WORK/mnt/f$i; done
+sha256sum $WORK/mnt/f* > $WORK/sums
+umount $WORK/mnt
+e2fsck -fn $LINK || fail "e2fsck found errors"
+mount $LINK $WORK/mnt && (cd $WORK/mnt && sha256sum -c --quiet $WORK/sums) || fail "files changed"
+umount $WORK/mnt
 
 step "fio verify: sequential 1M qd16, random 4k qd32"
 "${FIO[@]}" --name=seq --filename="$DEV" --rw=write --bs=1M --iodepth=16 --offset=256M --size=64M > /dev/null \
@@ -85,9 +96,9 @@ same_as_image 256 96
 
 step "partition: sfdisk, e0.0p1"
 printf 'label: dos\n,64M\n' | sfdisk -q "$DEV"
-for _ in $(seq 50); do [ -L /dev/etherd/e0.0p1 ] && break; sleep 0.1; done
-[ "$(readlink /dev/etherd/e0.0p1)" = "${DEV}p1" ] || fail "no /dev/etherd/e0.0p1 -> ${DEV}p1"
-[ "$(blockdev --getsize64 /dev/etherd/e0.0p1)" = $((64 << 20)) ] || fail "e0.0p1 has the wrong size"
+for _ in $(seq 50); do [ -L ${LINK}p1 ] && break; sleep 0.1; done
+[ "$(readlink ${LINK}p1)" = "${DEV}p1" ] || fail "no ${LINK}p1 -> ${DEV}p1"
+[ "$(blockdev --getsize64 ${LINK}p1)" = $((64 << 20)) ] || fail "e0.0p1 has the wrong size"
 
 step "SIGTERM: clean detach"
 kill -TERM "$(daemon_pid)"
@@ -103,13 +114,13 @@ gone
 
 step "target restarted within deadsecs: I/O waits and completes"
 attach --deadsecs "$DEADSECS" e0.0
-dd if="$DEV" of=/tmp/during.bin bs=1M skip=256 count=32 iflag=direct status=none &
+dd if="$DEV" of=$WORK/during.bin bs=1M skip=256 count=32 iflag=direct status=none &
 READER=$!
 stop_vblade
 sleep 2
 start_vblade
 wait "$READER" || fail "a read during a short outage failed"
-cmp /tmp/during.bin <(dd if="$IMG" bs=1M skip=256 count=32 status=none) || fail "data read across the outage differs"
+cmp $WORK/during.bin <(dd if="$IMG" bs=1M skip=256 count=32 status=none) || fail "data read across the outage differs"
 
 step "target dead past deadsecs: EIO, down, then back up"
 stop_vblade
@@ -130,8 +141,8 @@ sync
 kill -KILL "$(daemon_pid)"
 wait_state dead 10
 [ -b "$OLD" ] || fail "$OLD disappeared with its daemon"
-if aoe attach e0.0 2>/tmp/err.txt; then fail "attach over a dead daemon's device succeeded"; fi
-grep -q -- "--recover" /tmp/err.txt || fail "attach did not suggest --recover: $(cat /tmp/err.txt)"
+if aoe attach e0.0 2>$WORK/err.txt; then fail "attach over a dead daemon's device succeeded"; fi
+grep -q -- "--recover" $WORK/err.txt || fail "attach did not suggest --recover: $(cat $WORK/err.txt)"
 attach --recover e0.0
 [ "$DEV" = "$OLD" ] || fail "recovered as $DEV, not $OLD"
 wait_state up 10
@@ -162,8 +173,8 @@ aoe flush
 gone
 if [ "$MTU" = 9000 ]; then
     step "demo, which attaches when ublk exists"
-    aoe demo > /tmp/demo.txt 2>&1 || { cat /tmp/demo.txt; fail "demo"; }
-    grep -q "the target holds what was written to /dev/ublkb" /tmp/demo.txt || { cat /tmp/demo.txt; fail "demo did not attach"; }
-    ls /dev/ublkb* 2>/dev/null && fail "demo left a ublk device behind"
+    aoe demo > "$WORK/demo.txt" 2>&1 || { cat $WORK/demo.txt; fail "demo"; }
+    grep -q "the target holds what was written to /dev/ublkb" $WORK/demo.txt || { cat $WORK/demo.txt; fail "demo did not attach"; }
+    [ "$(ls /dev/ublkb* 2>/dev/null)" = "$UBLK_BEFORE" ] || fail "demo left a ublk device behind"
 fi
 echo "ATTACH-CHECK OK mtu $MTU"
