@@ -1332,7 +1332,10 @@ class Engine:
     def poll(self, timeout_us=10000, extra_fd=-1):
         """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code).
         Waits at most timeout_us, less once extra_fd (e.g. a ublk queue) is readable."""
+        idle, started = not self.pump.busy, now_us()
         done, expired = self.pump.pump(0 if self.backlog else timeout_us, extra_fd)
+        if idle:                                  # requests the pump took itself (ublk) start the clock now
+            self.last_progress = started
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
         t = now_us()

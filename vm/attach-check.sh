@@ -3,7 +3,7 @@
 #   ext4 (mkfs, files, e2fsck -fn), fio crc32c verify (sequential 1M and random 4k qd32),
 #   the device's bytes against vblade's backing file, a partition (eX.Yp1), SIGTERM = clean detach,
 #   read-only attach, target restarted within deadsecs, target dead past deadsecs (EIO, down, back up),
-#   SIGKILL of the daemon + attach --recover, detach under load, flush; at MTU 9000 also the demo.
+#   SIGKILL of the daemon + attach --recover (or detach), detach under load, flush; at MTU 9000 the demo.
 # Usage: vm/run 'vm/attach-check.sh PYTHON MTU', or as root on a machine with ublk: vm/attach-check.sh PYTHON MTU
 # (then everything it makes is its own: namespace, veth pair, work directory, aoe.py's records and links).
 set -euo pipefail
@@ -114,6 +114,7 @@ gone
 
 step "target restarted within deadsecs: I/O waits and completes"
 attach --deadsecs "$DEADSECS" e0.0
+sleep $((DEADSECS + 1))         # idle for longer than deadsecs: the silence that counts starts with the I/O
 dd if="$DEV" of=$WORK/during.bin bs=1M skip=256 count=32 iflag=direct status=none &
 READER=$!
 stop_vblade
@@ -159,6 +160,13 @@ if aoe detach e0.0 2>/dev/null; then fail "detach of a device in use succeeded w
 aoe detach --force e0.0 || fail "detach --force under load"
 gone
 wait "$LOAD" && fail "fio kept going on a detached device" || true
+
+step "SIGKILL, then detach without a daemon"
+attach e0.0
+kill -KILL "$(daemon_pid)"
+wait_state dead 10
+aoe detach e0.0 || fail "detach of a device whose daemon died"
+gone
 
 step "flush removes only down devices"
 attach --deadsecs "$DEADSECS" e0.0
