@@ -8,6 +8,7 @@ set -euo pipefail
 PY=${1:?python interpreter}; SECS=${2:-5}; shift 2 || shift $#
 MTUS=("$@"); [ ${#MTUS[@]} -gt 0 ] || MTUS=(1500 9000)
 IMG=/tmp/bench.img
+. vm/kernel-aoe.sh
 JOBS=("seq-read-1M-qd1 read 1M 1" "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd1 write 1M 1"
       "seq-write-1M-qd16 write 1M 16" "rand-read-4k-qd1 randread 4k 1" "rand-read-4k-qd32 randread 4k 32"
       "rand-write-4k-qd1 randwrite 4k 1" "rand-write-4k-qd32 randwrite 4k 32")
@@ -36,12 +37,7 @@ for MTU in "${MTUS[@]}"; do
     ip netns exec tgt vblade 0 0 aoetgt "$IMG" > /tmp/vblade.log 2>&1 &
     VB=$!
 
-    insmod "$AOE_KO" aoe_iflist=aoeini
-    for _ in $(seq 100); do
-        echo > /dev/etherd/discover 2>/dev/null || true
-        [ -b /dev/etherd/e0.0 ] && break
-        sleep 0.2
-    done
+    kernel_aoe_attach aoeini e0.0 || { echo "the kernel driver did not find e0.0"; exit 1; }
     DEV=/dev/etherd/e0.0 LABEL=kernel run_jobs
     rmmod aoe
 

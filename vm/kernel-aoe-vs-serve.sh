@@ -11,13 +11,8 @@ ip link set aoeini mtu "$MTU" up
 ip -n tgt link set aoetgt mtu "$MTU" up
 truncate -s 256M /tmp/export.img
 ip netns exec tgt "$PY" aoe.py serve 0 1 aoetgt /tmp/export.img > /tmp/serve.log 2>&1 &
-insmod "$AOE_KO" aoe_iflist=aoeini
-for _ in $(seq 100); do
-    echo > /dev/etherd/discover 2>/dev/null || true
-    [ -b /dev/etherd/e0.1 ] && break
-    sleep 0.2
-done
-[ -b /dev/etherd/e0.1 ] || { echo "e0.1 did not appear"; cat /tmp/serve.log; exit 1; }
+. vm/kernel-aoe.sh
+kernel_aoe_attach aoeini e0.1 || { echo "e0.1 did not appear"; cat /tmp/serve.log; exit 1; }
 echo "kernel aoe sees: $(cat /sys/block/etherd!e0.1/size) sectors, payload $(cat /sys/block/etherd!e0.1/payload)"
 mkfs.ext4 -q -F /dev/etherd/e0.1
 mkdir -p /tmp/mnt && mount /dev/etherd/e0.1 /tmp/mnt
