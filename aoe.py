@@ -1271,9 +1271,10 @@ def load_helper():
 class PathPolicy:
     """The engine's view of one path: RTT estimate, window growth, silence."""
 
-    __slots__ = ("srtt", "rttvar", "ssthresh", "credit", "lost", "retry_at", "last_shrink")
+    __slots__ = ("srtt", "rttvar", "ssthresh", "credit", "lost", "retry_at", "last_shrink", "times_set_aside")
 
     def __init__(self, window):
+        self.times_set_aside = 0
         self.srtt, self.rttvar = 0.0, 0.0
         self.ssthresh, self.credit, self.lost = window, 0, 0
         self.retry_at = self.last_shrink = 0
@@ -1391,6 +1392,7 @@ class Engine:
         if pol.lost >= PATH_LOST_LIMIT and others and path.enabled:
             path.enabled = 0
             pol.retry_at = t + PATH_RETRY_US
+            pol.times_set_aside += 1
 
     def revive(self):
         """Forget a dead verdict: the next requests try every path again, one frame at a time."""
@@ -1442,9 +1444,10 @@ class Engine:
     def describe(self):
         """Per-path and engine counters, for -v."""
         lines = []
-        for path, p in zip(self.target.paths, self.pump.paths):
-            lines.append("path %s: sent %d, answered %d, window %d, rto %.1f ms%s\n"
-                         % (path, p.sent, p.recv, p.maxout, p.rto_us / 1000.0, "" if p.enabled else ", set aside"))
+        for path, p, pol in zip(self.target.paths, self.pump.paths, self.policy):
+            lines.append("path %s: sent %d, answered %d, window %d, rto %.1f ms%s%s\n"
+                         % (path, p.sent, p.recv, p.maxout, p.rto_us / 1000.0, "" if p.enabled else ", set aside now",
+                            ", set aside %d times" % pol.times_set_aside if pol.times_set_aside else ""))
         stats = self.pump.stats
         lines.append("frames: sent %d, resent %d, answered %d; dropped: %s\n"
                      % (stats["frames_sent"], stats["frames_resent"], stats["frames_recv"],
