@@ -1,5 +1,6 @@
-"""A RAM-backed ublk device, for vm/ublk-check.sh: _aoeio's ublk plumbing driven
-the way aoe.py's attach drives it, with a file in /dev/shm instead of a target.
+"""A RAM-backed ublk device, for vm/ublk-check.sh: _aoeio's ublk plumbing on its
+own (reap and commit from Python, no frame engine), with a file in /dev/shm
+instead of a target.
 
 Usage: PYTHON vm/ublk-ramdisk.py SIZE_MIB
 Prints "READY <dev_id>" once /dev/ublkb<dev_id> is usable.  SIGTERM or SIGINT:
