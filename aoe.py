@@ -153,6 +153,11 @@ IFF_LOOPBACK = 0x8
 ARPHRD_ETHER = 1
 PACKET_IGNORE_OUTGOING = 23
 SOL_PACKET = 263
+# <asm-generic/socket.h>: past net.core.rmem_max/wmem_max (CAP_NET_ADMIN).  Other
+# numbers on mips, sparc, alpha and parisc, where only the capped options are used.
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SOCKET_BUFFER_BYTES = 4 << 20    # each way; the kernel doubles it for its bookkeeping
 
 # ublk, from <linux/ublk_cmd.h>: command numbers (the helper sends them ioctl-encoded),
 # request ops, device flags and attributes, device states.
@@ -557,6 +562,20 @@ def select_interfaces(allow=None):
     return chosen
 
 
+def size_socket_buffers(sock):
+    """Room for several windows of jumbo frames.  The plain options are capped by
+    net.core.rmem_max/wmem_max (208 KiB on a stock system, about one window of
+    jumbo frames), so root uses the FORCE ones, which are not."""
+    generic = not os.uname().machine.startswith(("mips", "sparc", "alpha", "parisc"))
+    for plain, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE), (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
+        try:
+            if not generic:
+                raise OSError(errno.ENOPROTOOPT, "no generic socket option numbers")
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
+
+
 def open_raw_socket(ifname):
     """An AF_PACKET socket for AoE frames on one interface, not seeing our own sends."""
     try:
@@ -569,8 +588,7 @@ def open_raw_socket(ifname):
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError:
             pass                                 # kernels before 4.20: R flag filtering still drops them
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+        size_socket_buffers(sock)
     except OSError as e:
         sock.close()
         raise usage_error("%s: cannot open an AoE socket: %s" % (ifname, e.strerror))
