@@ -1146,7 +1146,7 @@ static size_t srv_answer(struct aoe_srv *s, uint8_t *h)
     h[14] = AOE_VER_FLAGS | AOEFL_RSP;
     h[15] = 0;
     h[25] = err;
-    h[26] = 0;
+    h[26] = status & ATA_ST_ERR ? count : 0;    /* sectors left to transfer */
     h[27] = status;
     h[34] = h[35] = 0;
     size_t len = ATA_HDR_LEN + data;

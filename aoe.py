@@ -457,7 +457,7 @@ def build_identify(sectors, model, serial, firmware):
     words[49] = 0x0200                          # LBA supported
     words[50] = 0x4000
     words[80] = 0x00F0                          # ATA-4..ATA-7
-    words[82] = 0x4000
+    words[82] = 0x4000 | 1 << 5                 # write cache supported
     words[83] = 0x4000 | 1 << 10 | 1 << 13 | 1 << 12   # LBA48, FLUSH CACHE EXT, FLUSH CACHE
     words[84] = 0x4000
     words[85] = 0x4000 | 1 << 5                 # write cache enabled
@@ -2196,7 +2196,9 @@ class AoeTarget:
                 status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
         elif cmd != ATA_CMD_CHK_POWER:
             status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
-        reply = AtaFields(a.aflags, err, 0xFF if cmd == ATA_CMD_CHK_POWER else 0, status, a.lba, data)
+        # The count is what is left to transfer: all of it after an error (as vblade says).
+        count = 0xFF if cmd == ATA_CMD_CHK_POWER else a.count if status & ATA_ERR else 0
+        reply = AtaFields(a.aflags, err, count, status, a.lba, data)
         return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP)
 
     def _ata_reply(self, f, a, flags, error):

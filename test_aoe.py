@@ -558,6 +558,157 @@ def test_aoetools_against_serve(served):
     assert r.stdout.strip() == "*badcfg*"
 
 
+EXCHANGE = r"""
+import socket, sys, time
+# argv: interface; stdin: request frames in hex.  Prints one answer per request
+# (hex, or '-' for silence): the first response carrying the request's tag.
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88A2))
+s.bind((sys.argv[1], 0x88A2))
+s.settimeout(0.05)
+answers = []
+for request in [bytes.fromhex(h) for h in sys.stdin.read().split()]:
+    s.send(request)
+    answer, deadline = "-", time.monotonic() + 0.5
+    while answer == "-" and time.monotonic() < deadline:
+        try:
+            data = s.recv(65536)
+        except socket.timeout:
+            continue
+        if len(data) >= 24 and data[14] & 0x08 and data[20:24] == request[20:24]:
+            answer = data.hex()
+    answers.append(answer)
+print(" ".join(answers))
+"""
+
+
+def wire_answers(bench, requests):
+    """Send requests one at a time from the initiator side; each one's answer or None."""
+    r = subprocess.run(bench.argv(bench.ini_ns, [sys.executable, "-c", EXCHANGE, bench.ini_if]),
+                       input=" ".join(f.hex() for f in requests), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [None if h == "-" else bytes.fromhex(h) for h in r.stdout.split()]
+
+
+def comparable(kind, answer):
+    """What of an answer both targets must agree on: every field but the firmware
+    version, data after an error (padding) and, of IDENTIFY, all but addressing
+    and capacity (serve also reports ATA versions, FLUSH CACHE and a write cache).
+    FLUSH CACHE answers are compared by header only: vblade aborts them."""
+    if answer is None:
+        return None
+    f = aoe.parse_frame(answer)
+    head = (f.flags, f.error, f.shelf, f.slot, f.command, f.tag, f.dst)
+    if f.is_error:
+        return head
+    if kind == "cfg":
+        c = aoe.parse_cfg(f)
+        return head + (c.bufcnt, c.scnt, c.aoever, c.ccmd, c.config)
+    if kind == "mask":
+        m = aoe.parse_mask(f)
+        return head + (m.mcmd, m.merror, m.directives)
+    if kind == "reserve":
+        r = aoe.parse_reserve(f)
+        return head + (r.rcmd, r.macs)
+    if kind == "flush":                     # vblade aborts FLUSH CACHE (EXT); serve carries them out
+        return head
+    a = aoe.parse_ata(f)
+    fields = head + (a.aflags, a.err_feature, a.count, a.cmd_status, a.lba)
+    if kind == "identify":                  # what initiators use: addressing and capacity
+        w = aoe.Identify(bytes(a.data[:512])).words
+        return fields + (w[49] & 1 << 9, w[60], w[61], w[83] & 1 << 10, w[86] & 1 << 10, w[100:104])
+    if kind.startswith("read") and not a.cmd_status & aoe.ATA_ERR:
+        return fields + (bytes(a.data[:int(kind[4:]) * 512]),)
+    return fields
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("mtu", [1500, 9000])
+def test_serve_answers_like_vblade(tmp_path, mtu):
+    """The same requests, on the wire, to vblade and then to serve (same file, same
+    shelf.slot, same options): the answers agree field by field."""
+    bench = Bench(mtu, tmp_path)
+    try:
+        sectors = 4096
+        rw = make_file(tmp_path / "rw", sectors * 512, sectors * 512)
+        ro = make_file(tmp_path / "ro", sectors * 512, sectors * 512)
+        with open(rw, "rb") as f:
+            pristine = f.read()
+        me, them = aoe.parse_mac(bench.mac("ini")), aoe.parse_mac(bench.mac("tgt"))
+        scnt = aoe.frame_sectors(mtu)
+        tags = iter(range(0x100, 0x10000))
+
+        def ata(kind, slot, cmd, lba=0, count=0, aflags=aoe.AOEAFL_EXT, data=b""):
+            ext = aflags & aoe.AOEAFL_EXT
+            return kind, aoe.pack_ata(them, me, 9, slot, next(tags),
+                                      aoe.AtaFields(aflags, 0, count, cmd, lba if ext else lba & 0x0FFFFFFF, data))
+
+        def cfg(slot, ccmd, config=b""):
+            return "cfg", aoe.pack_cfg(them, me, 9, slot, next(tags), aoe.ConfigInfo(ccmd=ccmd, config=config))
+
+        write, read = aoe.ATA_CMD_PIO_WRITE_EXT, aoe.ATA_CMD_PIO_READ_EXT
+        payload = bytes(range(256)) * 2 * scnt
+        requests = [
+            cfg(9, aoe.AOECCMD_READ),
+            cfg(9, aoe.AOECCMD_SET, b"first"),
+            cfg(9, aoe.AOECCMD_SET, b"second"),                      # refused: already set
+            cfg(9, aoe.AOECCMD_TEST, b"other"),                     # silent: no match
+            cfg(9, aoe.AOECCMD_PTEST, b"fir"),
+            cfg(9, aoe.AOECCMD_FSET, b"forced"),
+            cfg(9, 9),                                              # unknown sub-command
+            ("cfg", aoe.pack_cfg(aoe.BROADCAST_MAC, me, 0xFFFF, 9, next(tags), aoe.ConfigInfo())),   # any shelf
+            ata("identify", 9, aoe.ATA_CMD_ID_ATA, count=1, aflags=0),
+            ata("identify", 8, aoe.ATA_CMD_ID_ATA, count=1, aflags=0),
+            ata("read%d" % scnt, 9, read, 7, scnt),
+            ata("read2", 9, aoe.ATA_CMD_PIO_READ, 0x123, 2, aflags=0),   # LBA28
+            ata("read1", 9, read, sectors - 1, 1),
+            ata("read2", 9, read, sectors - 1, 2),                  # runs past the end
+            ata("read1", 9, read, sectors, 1),
+            ata("read1", 9, read, 1 << 40, 1),
+            ata("write", 9, write, 100, scnt, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload),
+            ata("read%d" % scnt, 9, read, 100, scnt),
+            ata("write", 9, aoe.ATA_CMD_PIO_WRITE, 300, 1, aoe.AOEAFL_WRITE, payload[:512]),
+            ata("write", 9, write, sectors - 1, 2, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload[:1024]),
+            ata("write", 8, write, 5, 1, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload[:512]),   # read-only
+            ata("flush", 9, aoe.ATA_CMD_FLUSH_EXT),
+            ata("flush", 9, aoe.ATA_CMD_FLUSH, aflags=0),
+            ata("power", 9, aoe.ATA_CMD_CHK_POWER, aflags=0),
+            ata("other", 9, 0x99),                                   # unknown ATA command
+            ("mask", aoe.pack_mask(them, me, 9, 9, next(tags), aoe.MaskInfo())),
+            ("reserve", aoe.pack_reserve(them, me, 9, 9, next(tags), aoe.ReserveInfo())),
+            ("other", aoe.pack_header(them, me, 9, 9, 9, next(tags)) + bytes(40)),   # unknown AoE command
+        ]
+        frames = [frame for _, frame in requests]
+        results, files = {}, {}
+        for name, argv in (("vblade", ["vblade"]), ("serve", [sys.executable, AOE_PY, "serve"])):
+            if name == "vblade":
+                need(shutil.which("vblade"), "needs vblade (apt-get install vblade)")
+            for path in (rw, ro):
+                with open(path, "wb") as f:
+                    f.write(pristine)
+            procs = [bench.start(bench.tgt_ns, argv + ["-b", "16", "9", "9", bench.tgt_if, rw], ready="pid "),
+                     bench.start(bench.tgt_ns, argv + ["-b", "16", "-r", "9", "8", bench.tgt_if, ro], ready="pid ")]
+            try:
+                results[name] = wire_answers(bench, frames)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                    proc.wait(10)
+            with open(rw, "rb") as f:
+                files[name] = f.read()
+        assert len(results["vblade"]) == len(results["serve"]) == len(requests)
+        differ = ["%s %s: serve %r, vblade %r" % (kind, frame[:40].hex(), comparable(kind, ours), comparable(kind, theirs))
+                  for (kind, frame), theirs, ours in zip(requests, results["vblade"], results["serve"])
+                  if comparable(kind, ours) != comparable(kind, theirs)]
+        assert not differ, "\n".join(differ)
+        assert sum(answer is not None for answer in results["vblade"]) >= len(requests) - 2
+        flushes = [aoe.parse_ata(aoe.parse_frame(answer)) for (kind, _), answer in zip(requests, results["serve"])
+                   if kind == "flush"]
+        assert [(a.cmd_status, a.err_feature) for a in flushes] == [(aoe.ATA_DRDY, 0)] * 2
+        assert files["serve"] == files["vblade"] != pristine
+    finally:
+        bench.close()
+
+
 @pytest.mark.net
 def test_serve_mask_and_reserve(served):
     path = make_file(os.path.join(str(served.tmp), "masked"), 1 << 20, 1 << 20)
