@@ -2010,6 +2010,7 @@ class BlockDaemon:
 # Target: serve a file or block device as eX.Y (what vblade does)
 # =============================================================================
 
+SERVE_BUFCNT = 64                # requests we queue: the sockets hold 64 jumbo frames with room to spare
 SERVE_FIRMWARE = 0x4019          # reported firmware version
 SERVE_MASK_MAX = 255             # mask list entries the target keeps
 SERVE_RESERVE_MAX = 255
@@ -2094,7 +2095,7 @@ class FaultPlan:
 class AoeTarget:
     """The protocol side of a target: one request frame in, one response (or none) out."""
 
-    def __init__(self, shelf, slot, export, mac, mtu, bufcnt=16, masks=(), model="aoe.py export",
+    def __init__(self, shelf, slot, export, mac, mtu, bufcnt=SERVE_BUFCNT, masks=(), model="aoe.py export",
                  serial=None):
         self.shelf, self.slot, self.export, self.mac = shelf, slot, export, mac
         self.bufcnt = bufcnt
@@ -3328,6 +3329,18 @@ class StopFlag:
         return self.set
 
 
+def warn_if_buffers_overflow(ports, ifc, bufcnt):
+    """The buffer count is a promise: that many requests may be outstanding.  Warn
+    when the sockets cannot queue that many full-size frames (unprivileged buffer caps)."""
+    frame = ifc.mtu + ETH_HLEN
+    per_frame = 2 * frame + 512                  # the kernel's size for a queued frame, roughly
+    room = sum(p.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for p in ports) // per_frame
+    if room < bufcnt:
+        sys.stderr.write("serve: %s: the receive buffer holds about %d frames of %d bytes, fewer than the %d "
+                         "buffers advertised: use -b %d, or raise net.core.rmem_max\n"
+                         % (ifc.name, room, frame, bufcnt, room))
+
+
 def cmd_serve(args):
     shelf, slot = parse_device("%s.%s" % (args.shelf, args.slot))
     ifc = Interface(args.interface)
@@ -3356,6 +3369,7 @@ def cmd_serve(args):
                  ", FAULT INJECTION ON" if faults.active else ""), flush=True)
         if why_fewer:
             sys.stderr.write("serve: one thread only: %s\n" % why_fewer)
+        warn_if_buffers_overflow(ports, ifc, args.bufcnt)
         stop = StopFlag()
         if fast:
             fast.run(stop)
@@ -3734,7 +3748,8 @@ def build_parser():
     p.add_argument("slot")
     p.add_argument("interface")
     p.add_argument("file")
-    p.add_argument("-b", dest="bufcnt", type=positive(int), default=16, help="buffer count to advertise")
+    p.add_argument("-b", dest="bufcnt", type=positive(int), default=SERVE_BUFCNT,
+                   help="buffer count to advertise (default %(default)s; vblade's is 16)")
     p.add_argument("-d", dest="direct", action="store_true", help="O_DIRECT")
     p.add_argument("-s", dest="sync", action="store_true", help="O_SYNC: acknowledge writes once durable")
     p.add_argument("-r", dest="readonly", action="store_true", help="read-only")

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import uuid
 
 import pytest
@@ -984,6 +985,21 @@ def random_request(rng, scnt, target_mac, initiators):
     if rng.random() < 0.05:
         frame = frame[:rng.randrange(len(frame))]
     return frame + bytes(max(0, 60 - len(frame))) if rng.random() < 0.7 else frame
+
+
+@pytest.mark.codec
+def test_serve_warns_when_its_sockets_cannot_hold_the_buffer_count(capsys):
+    """A small receive buffer (unprivileged caps) cannot keep the -b promise: serve says so."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        ports = [types.SimpleNamespace(sock=ours)]
+        ifc = types.SimpleNamespace(name="eth9", mtu=9000)
+        aoe.warn_if_buffers_overflow(ports, ifc, 4)
+        assert capsys.readouterr().err == ""
+        aoe.warn_if_buffers_overflow(ports, ifc, 64)
+        err = capsys.readouterr().err
+        assert err.startswith("serve: eth9: the receive buffer holds about 7 frames of 9014 bytes") and "-b 7" in err
 
 
 @pytest.mark.codec
