@@ -12,6 +12,12 @@ ip -n tgt link set aoetgt mtu "$MTU" up
 truncate -s 256M /tmp/export.img
 ip netns exec tgt "$PY" aoe.py serve 0 1 aoetgt /tmp/export.img > /tmp/serve.log 2>&1 &
 . vm/kernel-aoe.sh
+# If I/O hangs, say why before the harness's timeout: is serve alive, what it logged, what the driver holds.
+( sleep 300; echo "KERNEL-AOE-VS-SERVE STUCK after 300 s"; pgrep -af "aoe.py serve" || echo "serve is not running"
+  tail -20 /tmp/serve.log; mount -t debugfs none /sys/kernel/debug 2>/dev/null
+  cat /sys/kernel/debug/aoe/e0.1 2>/dev/null; dmesg | tail -30 ) &
+watchdog=$!
+trap 'kill $watchdog 2>/dev/null; ip netns del tgt 2>/dev/null || true' EXIT
 kernel_aoe_attach aoeini e0.1 || { echo "e0.1 did not appear"; cat /tmp/serve.log; exit 1; }
 echo "kernel aoe sees: $(cat /sys/block/etherd!e0.1/size) sectors, payload $(cat /sys/block/etherd!e0.1/payload)"
 mkfs.ext4 -q -F /dev/etherd/e0.1
