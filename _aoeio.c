@@ -902,8 +902,9 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
  * returns as soon as a batch held one, and aoe.py answers it with handle().
  *
  * Each answer is built in place in its receive slot (the request is at most a
- * header plus write data; the answer a header plus read data) and a batch's
- * answers leave with one sendmmsg.  Slots begin ATA_HDR_LEN bytes before an
+ * header plus write data; the answer a header plus read data), a run of
+ * requests for back-to-back sectors is read or written with one preadv or
+ * pwritev, and a batch's answers leave with one sendmmsg.  Slots begin ATA_HDR_LEN bytes before an
  * SRV_ALIGN boundary, so data is aligned for a file opened O_DIRECT.
  * One struct aoe_srv per socket and thread.  Only the mask and reservation
  * lists change while it runs, through aoe_srv_set_lists, under its lock.
@@ -933,7 +934,7 @@ struct aoe_srv_counters {
     uint64_t frames_slow;           /* handed to aoe.py */
     uint64_t frames_sent;
     uint64_t sectors_read, sectors_written;
-    uint64_t io_errors;             /* answered UNC: pread/pwrite failed or was short */
+    uint64_t io_errors;             /* answered UNC: the read or write failed or was short */
     uint64_t drop_short;            /* the drop_* names follow AoeTarget.drops */
     uint64_t drop_not_aoe;
     uint64_t drop_version;
@@ -1094,15 +1095,19 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
     return SRV_FAST;
 }
 
-/* Do one READ/WRITE and turn the request in place into its answer; returns
- * the answer's length.  Same answer as AoeTarget._ata: aflags and LBA echoed
- * (the LBA re-encoded as the request's EXT bit says), count 0, status DRDY or
- * ERR|DRDY with IDNF (past the end), ABRT (write to read-only) or UNC (I/O
- * error or short transfer: never a partial success). */
-static size_t srv_answer(struct aoe_srv *s, uint8_t *h)
+/* One READ/WRITE of a batch: its request (answered in place) and how it went. */
+struct srv_io {
+    uint8_t *h;
+    uint64_t lba;
+    uint8_t count, write, status, err;
+};
+
+/* Decode a request and check it against the export; no I/O yet.  The LBA of an
+ * LBA28 request is re-encoded as its answer echoes it.  Same checks and answers
+ * as AoeTarget._ata: IDNF past the end, ABRT for a write to a read-only export. */
+static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
 {
-    uint8_t cmd = h[27], count = h[26];
-    int write = cmd == ATA_WRITE || cmd == ATA_WRITE_EXT;
+    uint8_t cmd = h[27];
     int cmd_ext = cmd == ATA_READ_EXT || cmd == ATA_WRITE_EXT;
     uint64_t lba;
     if (h[24] & AOEAFL_EXT) {
@@ -1116,38 +1121,74 @@ static size_t srv_answer(struct aoe_srv *s, uint8_t *h)
     }
     if (!cmd_ext)
         lba &= LBA28_MASK;
+    io->h = h;
+    io->lba = lba;
+    io->count = h[26];
+    io->write = cmd == ATA_WRITE || cmd == ATA_WRITE_EXT;
+    io->status = ATA_ST_DRDY;
+    io->err = 0;
+    if (lba + io->count > s->sectors) {
+        io->status |= ATA_ST_ERR;
+        io->err = ATA_ER_IDNF;
+    } else if (io->write && s->readonly) {
+        io->status |= ATA_ST_ERR;
+        io->err = ATA_ER_ABRT;
+    }
+}
 
-    uint8_t status = ATA_ST_DRDY, err = 0;
-    size_t bytes = (size_t)count * SECTOR_SIZE, data = 0;
-    if (lba + count > s->sectors) {
-        status |= ATA_ST_ERR;
-        err = ATA_ER_IDNF;
-    } else if (write && s->readonly) {
-        status |= ATA_ST_ERR;
-        err = ATA_ER_ABRT;
-    } else if (bytes) {
-        off_t off = (off_t)(s->base + lba * SECTOR_SIZE);
-        ssize_t n = write ? pwrite(s->file_fd, h + ATA_HDR_LEN, bytes, off)
-                          : pread(s->file_fd, h + ATA_HDR_LEN, bytes, off);
-        if (n < 0 || (size_t)n != bytes) {
-            status |= ATA_ST_ERR;
-            err = ATA_ER_UNC;
-            s->c.io_errors++;
-        } else if (write) {
-            s->c.sectors_written += count;
+static int srv_moves_data(const struct srv_io *io)
+{
+    return !(io->status & ATA_ST_ERR) && io->count;
+}
+
+/* Move the data of io[0..n), back to back on the export and all reads or all
+ * writes, with one preadv or pwritev.  If that falls short, frame by frame, so
+ * that exactly the frames that fail are answered UNC: never a partial success. */
+static void srv_transfer(struct aoe_srv *s, struct srv_io *io, int n)
+{
+    struct iovec iov[SRV_BATCH];
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = io[i].h + ATA_HDR_LEN;
+        iov[i].iov_len = (size_t)io[i].count * SECTOR_SIZE;
+        total += iov[i].iov_len;
+    }
+    off_t off = (off_t)(s->base + io[0].lba * SECTOR_SIZE);
+    ssize_t got = io[0].write ? pwritev(s->file_fd, iov, n, off) : preadv(s->file_fd, iov, n, off);
+    if (got >= 0 && (size_t)got == total)
+        return;
+    if (n > 1) {
+        for (int i = 0; i < n; i++)
+            srv_transfer(s, io + i, 1);
+        return;
+    }
+    io->status |= ATA_ST_ERR;
+    io->err = ATA_ER_UNC;
+    s->c.io_errors++;
+}
+
+/* Turn a decoded, transferred request into its answer; returns the answer's
+ * length.  aflags and LBA echoed, count 0 (all of it after an error: what is
+ * left to transfer, as vblade says), status DRDY or ERR|DRDY. */
+static size_t srv_finish(struct aoe_srv *s, const struct srv_io *io)
+{
+    uint8_t *h = io->h;
+    size_t data = 0;
+    if (!(io->status & ATA_ST_ERR) && io->count) {
+        if (io->write) {
+            s->c.sectors_written += io->count;
         } else {
-            s->c.sectors_read += count;
-            data = bytes;
+            s->c.sectors_read += io->count;
+            data = (size_t)io->count * SECTOR_SIZE;
         }
     }
-
     memcpy(h, h + 6, 6);                    /* back to the requester, from us */
     memcpy(h + 6, s->mac, 6);
     h[14] = AOE_VER_FLAGS | AOEFL_RSP;
     h[15] = 0;
-    h[25] = err;
-    h[26] = status & ATA_ST_ERR ? count : 0;    /* sectors left to transfer */
-    h[27] = status;
+    h[25] = io->err;
+    h[26] = io->status & ATA_ST_ERR ? io->count : 0;
+    h[27] = io->status;
     h[34] = h[35] = 0;
     size_t len = ATA_HDR_LEN + data;
     if (len < ETH_MIN_FRAME) {
@@ -1199,7 +1240,8 @@ static void srv_batch(struct aoe_srv *s, int n)
     }
     pthread_mutex_unlock(&s->lock);
 
-    int ntx = 0;
+    struct srv_io io[SRV_BATCH];
+    int nio = 0;
     for (int i = 0; i < n; i++) {
         uint8_t *h = srv_frame(s, i);
         if (kind[i] == SRV_SLOW) {
@@ -1208,18 +1250,34 @@ static void srv_batch(struct aoe_srv *s, int n)
             s->nslow++;
             s->c.frames_slow++;
         } else if (kind[i] == SRV_FAST) {
-            struct msghdr *m = &s->tx_msg[ntx].msg_hdr;
-            memset(m, 0, sizeof(*m));
-            s->tx_iov[ntx].iov_base = h;
-            s->tx_iov[ntx].iov_len = srv_answer(s, h);
-            m->msg_iov = &s->tx_iov[ntx];
-            m->msg_iovlen = 1;
-            ntx++;
+            srv_decode(s, h, &io[nio++]);
             s->c.frames_fast++;
         }
     }
-    if (ntx)
-        srv_send(s, ntx);
+    /* Runs of back-to-back reads (or writes) share one system call, in the
+     * batch's order, so a read after a write to the same sector sees it. */
+    for (int a = 0; a < nio;) {
+        if (!srv_moves_data(&io[a])) {
+            a++;
+            continue;
+        }
+        int b = a + 1;
+        while (b < nio && srv_moves_data(&io[b]) && io[b].write == io[a].write &&
+               io[b].lba == io[b - 1].lba + io[b - 1].count)
+            b++;
+        srv_transfer(s, io + a, b - a);
+        a = b;
+    }
+    for (int i = 0; i < nio; i++) {
+        struct msghdr *m = &s->tx_msg[i].msg_hdr;
+        memset(m, 0, sizeof(*m));
+        s->tx_iov[i].iov_base = io[i].h;
+        s->tx_iov[i].iov_len = srv_finish(s, &io[i]);
+        m->msg_iov = &s->tx_iov[i];
+        m->msg_iovlen = 1;
+    }
+    if (nio)
+        srv_send(s, nio);
 }
 
 /*

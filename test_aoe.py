@@ -1039,6 +1039,61 @@ def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly):
     assert answered > 500 and srv.c.drop_masked > 0
 
 
+@pytest.mark.codec
+def test_serve_fast_path_batches_like_python(tmp_path):
+    """Requests that arrive together are answered as one batch, where runs of
+    back-to-back sectors share one preadv/pwritev: the answers still equal
+    AoeTarget.handle's one by one (reads see the batch's earlier writes), and when
+    the file is cut short under a run, exactly the frames past its end fail (UNC)."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    mac, me = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+    content = os.urandom(256 * 512)
+    targets = []
+    for name in ("fast", "twin"):
+        (tmp_path / name).write_bytes(content)
+        targets.append(aoe.AoeTarget(3, 7, aoe.Export(str(tmp_path / name)), mac, 1500))
+    fast_side, twin = targets
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    port = DatagramPort(ours)
+    fast = aoe.FastServe(helper, fast_side, [port], 1514)
+    srv = fast.srvs[0]
+    tags = iter(range(1, 1000))
+
+    def read(lba, count=2):
+        return aoe.pack_ata(mac, me, 3, 7, next(tags), aoe.AtaFields(aoe.AOEAFL_EXT, 0, count,
+                                                                     aoe.ATA_CMD_PIO_READ_EXT, lba, b""))
+
+    def write(lba, count=2):
+        return aoe.pack_ata(mac, me, 3, 7, next(tags), aoe.AtaFields(aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, 0, count,
+                                                                     aoe.ATA_CMD_PIO_WRITE_EXT, lba,
+                                                                     os.urandom(count * 512)))
+
+    def exchange(batch):
+        batches = srv.c.batches
+        for frame in batch:
+            theirs.send(frame)
+        assert helper.lib.aoe_srv_pump(srv, 0) == 0
+        assert srv.c.batches == batches + 1              # all in one batch
+        replies = [theirs.recv(70000, socket.MSG_DONTWAIT) for _ in batch]
+        assert replies == [twin.handle(frame) for frame in batch]
+        return [aoe.parse_ata(aoe.parse_frame(r)) for r in replies]
+
+    with ours, theirs:
+        answers = exchange([read(0), read(2), read(4), read(6, 1),          # one run of reads
+                            write(10), write(12), read(10), read(11),        # reads of what was just written
+                            read(100), write(100), read(100),                # before and after a write
+                            read(50), read(40), read(254), read(255)])       # out of order; past the end
+        assert [a.cmd_status for a in answers] == [aoe.ATA_DRDY] * 14 + [aoe.ATA_DRDY | aoe.ATA_ERR]
+        assert answers[0].data[:1024] == content[:1024] and answers[8].data[:1024] == content[100 * 512:102 * 512]
+        assert answers[10].data[:1024] != answers[8].data[:1024]
+        for path in ("fast", "twin"):                                        # the file shrinks under serve
+            os.truncate(str(tmp_path / path), 200 * 512 + 256)
+        answers = exchange([read(lba) for lba in range(190, 206, 2)])
+        assert [a.err_feature for a in answers] == [0] * 5 + [aoe.ATA_UNC] * 3
+    assert srv.c.io_errors == 3
+
+
 # -----------------------------------------------------------------------------
 # vm: a qemu VM (vm/run) with a kernel that has aoe, ublk and nbd
 # -----------------------------------------------------------------------------
