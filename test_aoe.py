@@ -711,6 +711,42 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
 
 
 @pytest.mark.net
+@pytest.mark.parametrize("serve_path", ["helper", "python"])
+def test_serve_block_device_direct_and_sync(tmp_path, serve_path):
+    """serve exports a block device (a loop device) with -d (O_DIRECT) and a file
+    with -s (O_SYNC): what aoe.py writes reads back and is in the backing store."""
+    need(shutil.which("losetup"), "needs losetup (util-linux)")
+    if serve_path == "helper":
+        need(aoe.load_helper() is not None, "needs the compiled helper: python3 build_ffi.py")
+    backing = make_file(tmp_path / "backing", 8 << 20, 8 << 20)
+    loop = subprocess.run(["losetup", "--find", "--show", backing], capture_output=True, text=True)
+    need(loop.returncode == 0, "needs a free loop device: %s" % loop.stderr.strip())
+    device = loop.stdout.strip()
+    bench = Bench(9000, tmp_path)
+    try:
+        synced = make_file(tmp_path / "synced", 8 << 20, 8 << 20)
+        serve = (["env", "AOE_NO_HELPER=1"] if serve_path == "python" else []) + [sys.executable, AOE_PY, "serve"]
+        for opts, slot, path in ((["-d"], "1", device), (["-s"], "2", synced)):
+            bench.start(bench.tgt_ns, serve + opts + ["5", slot, bench.tgt_if, path], ready="pid ")
+        data = os.urandom(3 << 20)
+        src = tmp_path / "src"
+        src.write_bytes(data)
+        for name in ("e5.1", "e5.2"):
+            r = bench.aoe("write", "--yes", "--offset", "1M", str(src), name)
+            assert r.returncode == 0, r.stderr
+            r = bench.aoe("read", name, "-", "--offset", "1M", "--length", "3M", binary=True)
+            assert r.returncode == 0 and r.stdout == data, r.stderr
+        subprocess.run(["blockdev", "--flushbufs", device], check=True)
+        for path in (backing, synced):
+            with open(path, "rb") as f:
+                f.seek(1 << 20)
+                assert f.read(3 << 20) == data
+    finally:
+        bench.close()
+        subprocess.run(["losetup", "-d", device])
+
+
+@pytest.mark.net
 def test_serve_mask_and_reserve(served):
     path = make_file(os.path.join(str(served.tmp), "masked"), 1 << 20, 1 << 20)
     served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "3", served.tgt_if, path], ready="pid ")
