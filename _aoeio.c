@@ -904,8 +904,9 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
  * Each answer is built in place in its receive slot (the request is at most a
  * header plus write data; the answer a header plus read data), a run of
  * requests for back-to-back sectors is read or written with one preadv or
- * pwritev, and a batch's answers leave with one sendmmsg.  Slots begin ATA_HDR_LEN bytes before an
- * SRV_ALIGN boundary, so data is aligned for a file opened O_DIRECT.
+ * pwritev, and a batch's answers leave with one sendmmsg.  Slots begin
+ * ATA_HDR_LEN bytes before an SRV_ALIGN boundary, so data is aligned for a
+ * file opened O_DIRECT.
  * One struct aoe_srv per socket and thread.  Only the mask and reservation
  * lists change while it runs, through aoe_srv_set_lists, under its lock.
  */
@@ -1174,7 +1175,7 @@ static size_t srv_finish(struct aoe_srv *s, const struct srv_io *io)
 {
     uint8_t *h = io->h;
     size_t data = 0;
-    if (!(io->status & ATA_ST_ERR) && io->count) {
+    if (srv_moves_data(io)) {
         if (io->write) {
             s->c.sectors_written += io->count;
         } else {
