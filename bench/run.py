@@ -44,10 +44,11 @@ CLIENTS = [  # name, verb, extra environment
 BUFCNT = {"vblade": 16}                 # what each target advertises, for the yardstick's window
 
 
-def rate(stderr):
-    m = re.search(r"\(([\d.]+) MB/s", stderr)
+def rate(output):
+    """The "(N MB/s" a client prints (aoe.py on stderr, minread on stdout)."""
+    m = re.search(r"\(([\d.]+) MB/s", output)
     if not m:
-        raise RuntimeError("no rate in: " + stderr.strip()[-300:])
+        raise RuntimeError("no rate in: " + output.strip()[-300:])
     return float(m.group(1))
 
 
