@@ -32,9 +32,14 @@
 /* ========================================================================== */
 /*
  * Every frame of a request owns a slot from submit to completion.  Its tag on
- * the wire is TAG_ENGINE | generation << 16 | slot, the generation moving on
- * at every transmission, so an answer is found by index and a late answer to
- * an earlier transmission (or to a freed slot) is recognised as stale.
+ * the wire is TAG_ENGINE | generation << 16 | slot << 1 | parity: the
+ * generation moves on at every transmission, so an answer names the exact
+ * transmission it answers, and the parity bit makes every valid tag even, so a
+ * tag with one bit flipped never names a frame.  An answer is accepted for any
+ * transmission of the frame (one to a transmission given up as lost means the
+ * resend was spurious, which aoe.py is told so it can undo what it did about
+ * the "loss"), and only when its ATA header echoes the frame's: command flags,
+ * LBA and at most its sector count.
  * A slot sits on exactly one list: free, pending (FIFO; resends go to the
  * head), or the in-flight list of the path that carries it (oldest first,
  * so expiry checks stop at the first young frame).
@@ -67,6 +72,7 @@
  * so their answers can never be taken for data. */
 #define TAG_ENGINE      0xC0000000u
 #define GEN_MAX         0x3FFF      /* generations run 1..GEN_MAX in bits 16..29 */
+#define SLOT_MAX        0x8000      /* slots in bits 1..15; bit 0 is the parity */
 
 #define STATUS_AOE_ERR  0x100
 #define STATUS_ATA_ERR  0x200
@@ -74,20 +80,27 @@
 #define TX_BATCH        64
 #define RX_BATCH        64
 #define RX_ROUNDS       4           /* recvmmsg calls per socket before refilling windows */
+#define RX_CATCH_UP     64          /* ... when catching up at the start of a pump */
 
 #define NONE            UINT32_MAX
+#define NO_ANSWER       UINT16_MAX
 
 enum { OP_READ, OP_WRITE, OP_FLUSH };
 enum { FRAME_FREE, FRAME_PENDING, FRAME_INFLIGHT };
 
 struct aoe_counters {
     uint64_t frames_sent, frames_resent, frames_recv, bytes_data;
+    uint64_t resent_needed;         /* answers to a resend: the transmission before got none in time */
+    uint64_t resent_spurious;       /* answers to the transmission before a resend, which was spurious */
     uint64_t drop_short;
     uint64_t drop_not_response;
     uint64_t drop_version;
     uint64_t drop_foreign;
     uint64_t drop_bad_mac;
-    uint64_t drop_stale;
+    uint64_t drop_stale;            /* a tag of no transmission waiting: duplicate, another's, ... */
+    uint64_t drop_late;             /* an earlier transmission of a frame a resend completed */
+    uint64_t drop_bad_tag;          /* a tag failing its parity: corrupted */
+    uint64_t drop_echo;             /* the ATA header does not echo the frame's: misdirected */
     uint64_t errors;
     uint64_t send_eagain;
 };
@@ -98,29 +111,46 @@ struct aoe_path {
     int maxout;
     int outstanding;
     int enabled;
-    uint32_t rto_us;
+    uint32_t rto_us;                /* a frame unanswered this long is lost (set by aoe.py) */
+    uint32_t reorder_us;            /* ... or this long, once a later frame was answered (aoe.py) */
+    int64_t newest_answered_us;     /* when the latest-sent transmission answered so far was sent */
     uint64_t sent, recv;
     int64_t last_recv_us;
-    /* RTT of first transmissions answered during the last aoe_pump (Karn):
+    /* During the last aoe_pump: round trips of the transmissions answered
+     * (every answer names its transmission, so resends count too), and
+     * answers to transmissions already given up as lost (spurious resends).
      * aoe.py updates its estimate once per pump from these, not per frame. */
     uint32_t rtt_n, rtt_max_us;
     uint64_t rtt_sum_us;
+    uint32_t spurious;
+    uint32_t needed;                /* answers to resends whose earlier transmissions had none */
+    uint32_t late;                  /* ... which then came after all: those resends were not needed */
 };
 
 struct aoe_event { uint64_t req_id; int32_t status; };
 
+/* One transmission of a frame. */
+struct aoe_tx {
+    int64_t sent_us;
+    uint16_t gen;
+    uint8_t path;
+};
+
 struct aoe_frame {
     uint8_t *data;          /* this frame's bytes in the caller's buffer; NULL for flush */
     uint64_t lba;
-    int64_t sent_us;
+    struct aoe_tx last;     /* the latest transmission */
+    struct aoe_tx before;   /* the one before it, while ntx > 1 */
     uint32_t req;           /* index in reqs[] */
     uint32_t next, prev;    /* links of whichever list holds the slot */
-    uint16_t gen;           /* generation of the current transmission */
+    uint16_t ntx;           /* transmissions of this request's frame so far (saturating); the
+                             * slot's generations go on from last.gen across requests */
     uint8_t nsect;
     uint8_t state;
-    uint8_t path;
-    uint8_t tx;             /* transmissions so far (saturating); 1 = first, for Karn */
-    uint8_t reported;       /* expiry of the current transmission already reported */
+    uint8_t path;           /* the path whose in-flight list holds it */
+    uint8_t reported;       /* expiry of the latest transmission already reported */
+    uint16_t done_back;     /* while free: which transmission's answer completed it (0 the
+                             * latest; NO_ANSWER if none), to recognise late answers */
 };
 
 struct aoe_request {
@@ -132,10 +162,13 @@ struct aoe_request {
     uint8_t lba48;          /* eng->lba48 at submit */
 };
 
-/* Frames gathered for one socket, sent with one sendmmsg. */
+/* Frames gathered for one socket, sent with one sendmmsg; a frame the socket
+ * refuses gets back its transmission record from before staging. */
 struct aoe_tx_batch {
     int n;
     uint32_t slot[TX_BATCH];
+    struct aoe_tx last[TX_BATCH], before[TX_BATCH];
+    uint16_t ntx[TX_BATCH];
     struct mmsghdr msg[TX_BATCH];
     struct iovec iov[TX_BATCH][2];          /* header, then write data in place */
     uint8_t hdr[TX_BATCH][ETH_MIN_FRAME];
@@ -160,7 +193,8 @@ struct aoe_eng {
     uint32_t max_frames;
     struct aoe_frame *frames;
     struct aoe_request *reqs;
-    uint32_t free_frame, nfree_frames, free_req;
+    uint32_t free_frame, free_tail, nfree_frames, free_req;   /* free slots rest FIFO: late answers
+                                                                * find them still free */
     uint32_t pend_head, pend_tail;
     uint32_t fly_head[AOE_MAX_PATHS], fly_tail[AOE_MAX_PATHS];
     int rr;                                 /* path to try first for the next frame */
@@ -199,6 +233,7 @@ int64_t aoe_now_us(void)
 static void pending_push_tail(struct aoe_eng *e, uint32_t s)
 {
     e->frames[s].next = NONE;
+    e->frames[s].prev = e->pend_tail;
     if (e->pend_tail == NONE)
         e->pend_head = s;
     else
@@ -208,18 +243,33 @@ static void pending_push_tail(struct aoe_eng *e, uint32_t s)
 
 static void pending_push_head(struct aoe_eng *e, uint32_t s)
 {
+    e->frames[s].prev = NONE;
     e->frames[s].next = e->pend_head;
-    e->pend_head = s;
-    if (e->pend_tail == NONE)
+    if (e->pend_head == NONE)
         e->pend_tail = s;
+    else
+        e->frames[e->pend_head].prev = s;
+    e->pend_head = s;
+}
+
+static void pending_unlink(struct aoe_eng *e, uint32_t s)
+{
+    struct aoe_frame *f = &e->frames[s];
+    if (f->prev == NONE)
+        e->pend_head = f->next;
+    else
+        e->frames[f->prev].next = f->next;
+    if (f->next == NONE)
+        e->pend_tail = f->prev;
+    else
+        e->frames[f->next].prev = f->prev;
+    e->pending_frames--;
 }
 
 static uint32_t pending_pop(struct aoe_eng *e)
 {
     uint32_t s = e->pend_head;
-    e->pend_head = e->frames[s].next;
-    if (e->pend_head == NONE)
-        e->pend_tail = NONE;
+    pending_unlink(e, s);
     return s;
 }
 
@@ -249,11 +299,16 @@ static void fly_unlink(struct aoe_eng *e, uint32_t s)
         e->frames[f->next].prev = f->prev;
 }
 
-static void frame_release(struct aoe_eng *e, uint32_t s)
+static void frame_release(struct aoe_eng *e, uint32_t s, uint16_t done_back)
 {
     e->frames[s].state = FRAME_FREE;
-    e->frames[s].next = e->free_frame;
-    e->free_frame = s;
+    e->frames[s].done_back = done_back;
+    e->frames[s].next = NONE;
+    if (e->free_frame == NONE)
+        e->free_frame = s;
+    else
+        e->frames[e->free_tail].next = s;
+    e->free_tail = s;
     e->nfree_frames++;
 }
 
@@ -270,6 +325,21 @@ static void frame_land(struct aoe_eng *e, uint32_t s)
     fly_unlink(e, s);
     e->paths[e->frames[s].path].outstanding--;
     e->inflight_frames--;
+}
+
+/* Back to the head of pending, to be sent again first. */
+static void frame_requeue(struct aoe_eng *e, uint32_t s)
+{
+    e->frames[s].state = FRAME_PENDING;
+    pending_push_head(e, s);
+    e->pending_frames++;
+}
+
+/* The tag of generation gen of slot s: even parity over all 32 bits. */
+static uint32_t frame_tag(uint16_t gen, uint32_t s)
+{
+    uint32_t t = TAG_ENGINE | (uint32_t)gen << 16 | s << 1;
+    return t | (uint32_t)(__builtin_popcount(t) & 1);
 }
 
 /* ---- engine life ---------------------------------------------------------- */
@@ -315,9 +385,11 @@ void aoe_eng_free(struct aoe_eng *e)
     free(e);
 }
 
-struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames)
+/* gen_seed: where every slot's generations start (random, so that late answers
+ * to an earlier engine on the same target are stale for this one). */
+struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16_t gen_seed)
 {
-    if (max_frames < 1 || max_frames > 65535) {
+    if (max_frames < 1 || max_frames > SLOT_MAX) {
         errno = EINVAL;
         return NULL;
     }
@@ -347,8 +419,11 @@ struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames)
     }
     e->done = e->done_buf;
     e->free_frame = e->free_req = NONE;
+    for (uint32_t i = 0; i < (uint32_t)max_frames; i++) {
+        e->frames[i].last.gen = gen_seed % GEN_MAX + 1;
+        frame_release(e, i, NO_ANSWER);
+    }
     for (uint32_t i = (uint32_t)max_frames; i-- > 0;) {
-        frame_release(e, i);
         e->reqs[i].next_free = e->free_req;
         e->free_req = i;
     }
@@ -384,7 +459,7 @@ int aoe_eng_add_path(struct aoe_eng *e, int fd, const uint8_t *src6, const uint8
     memcpy(pa->dst, dst6, 6);
     pa->maxout = 1;
     pa->enabled = 1;
-    pa->rto_us = 250000;                    /* until aoe.py has an RTT estimate */
+    pa->rto_us = pa->reorder_us = 250000;   /* until aoe.py has an RTT estimate */
     e->path_fd[p] = (uint8_t)fi;
     e->npaths++;
     return p;
@@ -439,7 +514,8 @@ int aoe_submit(struct aoe_eng *e, uint64_t req_id, int op, uint64_t lba, uint32_
         f->nsect = (uint8_t)n;
         f->req = r;
         f->state = FRAME_PENDING;
-        f->tx = 0;
+        f->ntx = 0;
+        f->reported = 0;
         pending_push_tail(e, s);
         done += n;
     }
@@ -447,12 +523,16 @@ int aoe_submit(struct aoe_eng *e, uint64_t req_id, int op, uint64_t lba, uint32_
     return 0;
 }
 
-/* An answered (or failed) frame is done; its request completes with its last frame. */
-static void frame_finish(struct aoe_eng *e, uint32_t s, int32_t status)
+/* A frame answered by its transmission `back` (0 the latest) is done; its
+ * request completes with its last frame. */
+static void frame_finish(struct aoe_eng *e, uint32_t s, int32_t status, uint16_t back)
 {
     struct aoe_frame *f = &e->frames[s];
     struct aoe_request *rq = &e->reqs[f->req];
-    frame_land(e, s);
+    if (f->state == FRAME_INFLIGHT)
+        frame_land(e, s);
+    else
+        pending_unlink(e, s);               /* answered while waiting to be resent */
     if (status && !rq->status)
         rq->status = status;
     if (--rq->frames_left == 0) {
@@ -461,19 +541,18 @@ static void frame_finish(struct aoe_eng *e, uint32_t s, int32_t status)
         e->ndone++;
         request_release(e, f->req);
     }
-    frame_release(e, s);
+    frame_release(e, s, back);
 }
 
 /* Take an in-flight frame off its path and send it again first, with a new
- * generation (given when it goes out), so an answer to this transmission is stale. */
+ * generation (given when it goes out).  An answer to the transmission given up
+ * still completes the frame, until it is resent once more: then it is stale. */
 int aoe_resend(struct aoe_eng *e, uint32_t frame_slot)
 {
     if (!e || frame_slot >= e->max_frames || e->frames[frame_slot].state != FRAME_INFLIGHT)
         return -EINVAL;
     frame_land(e, frame_slot);
-    e->frames[frame_slot].state = FRAME_PENDING;
-    pending_push_head(e, frame_slot);
-    e->pending_frames++;
+    frame_requeue(e, frame_slot);
     return 0;
 }
 
@@ -507,7 +586,7 @@ int aoe_fail_all(struct aoe_eng *e, int32_t status)
             rq->frames_left = 0;
             request_release(e, f->req);
         }
-        frame_release(e, s);
+        frame_release(e, s, NO_ANSWER);
     }
     e->pend_head = e->pend_tail = NONE;
     for (int p = 0; p < e->npaths; p++) {
@@ -571,7 +650,8 @@ static int pick_path(struct aoe_eng *e, uint32_t blocked_fds)
     return -1;
 }
 
-/* Put a pending frame on path p (as if sent: counted against the window) and in the batch. */
+/* Put a pending frame on path p (as if sent: counted against the window) and
+ * in the batch, as a new transmission with the next generation. */
 static void stage_frame(struct aoe_eng *e, uint32_t s, int p, int64_t now)
 {
     struct aoe_frame *f = &e->frames[s];
@@ -580,17 +660,24 @@ static void stage_frame(struct aoe_eng *e, uint32_t s, int p, int64_t now)
     const struct aoe_request *rq = &e->reqs[f->req];
     int i = b->n++;
 
-    f->gen = f->gen % GEN_MAX + 1;
+    b->last[i] = f->last;
+    b->before[i] = f->before;
+    b->ntx[i] = f->ntx;
+    if (f->ntx)
+        f->before = f->last;
+    f->last.gen = f->last.gen % GEN_MAX + 1;
+    f->last.path = (uint8_t)p;
+    f->last.sent_us = now;
+    if (f->ntx < UINT16_MAX)
+        f->ntx++;
     f->state = FRAME_INFLIGHT;
     f->path = (uint8_t)p;
-    f->sent_us = now;
     f->reported = 0;
     fly_append(e, p, s);
     pa->outstanding++;
     e->inflight_frames++;
-    e->pending_frames--;
 
-    build_header(e, pa, f, rq, TAG_ENGINE | (uint32_t)f->gen << 16 | s, b->hdr[i]);
+    build_header(e, pa, f, rq, frame_tag(f->last.gen, s), b->hdr[i]);
     struct msghdr *m = &b->msg[i].msg_hdr;
     memset(m, 0, sizeof(*m));
     m->msg_iov = b->iov[i];
@@ -608,7 +695,7 @@ static void stage_frame(struct aoe_eng *e, uint32_t s, int p, int64_t now)
 }
 
 /* Send one socket's batch.  Frames the socket did not take go back to the head
- * of pending in order, as if never sent.  Returns 0, or -errno for an error
+ * of pending in order, as if never staged.  Returns 0, or -errno for an error
  * other than a full socket. */
 static int flush_batch(struct aoe_eng *e, int fi, uint32_t *blocked_fds)
 {
@@ -623,9 +710,7 @@ static int flush_batch(struct aoe_eng *e, int fi, uint32_t *blocked_fds)
     b->n = 0;
     for (int i = 0; i < sent; i++) {
         struct aoe_frame *f = &e->frames[b->slot[i]];
-        if (f->tx < UINT8_MAX)
-            f->tx++;
-        if (f->tx > 1)
+        if (f->ntx > 1)
             e->c.frames_resent++;
         e->paths[f->path].sent++;
     }
@@ -636,10 +721,12 @@ static int flush_batch(struct aoe_eng *e, int fi, uint32_t *blocked_fds)
         *blocked_fds |= 1u << fi;
         for (int i = n; i-- > sent;) {
             uint32_t s = b->slot[i];
+            struct aoe_frame *f = &e->frames[s];
             frame_land(e, s);
-            e->frames[s].state = FRAME_PENDING;
-            pending_push_head(e, s);
-            e->pending_frames++;
+            f->last = b->last[i];
+            f->before = b->before[i];
+            f->ntx = b->ntx[i];
+            frame_requeue(e, s);
         }
     }
     return rc;
@@ -679,8 +766,17 @@ static uint32_t be32(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* Check one received frame; only a frame proven to answer an in-flight
- * transmission of ours may touch the caller's buffer. */
+/* The LBA an answer's ATA header carries, as many bits as the command has. */
+static uint64_t echoed_lba(const uint8_t *h, int lba48)
+{
+    uint64_t lba = 0;
+    for (int i = lba48 ? 5 : 3; i >= 0; i--)
+        lba = lba << 8 | h[28 + i];
+    return lba48 ? lba : lba & 0x0FFFFFFF;
+}
+
+/* Check one received frame; only a frame proven to answer a transmission of
+ * ours that is still waiting may touch the caller's buffer. */
 static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64_t now)
 {
     struct aoe_counters *c = &e->c;
@@ -701,16 +797,42 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
         return;
     }
     uint32_t tag = be32(h + 20);
-    uint32_t s = tag & 0xFFFF;
-    if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames ||
-        e->frames[s].state != FRAME_INFLIGHT || e->frames[s].gen != (tag >> 16 & GEN_MAX)) {
+    if (__builtin_popcount(tag) & 1) {
+        c->drop_bad_tag++;
+        return;
+    }
+    uint32_t s = tag >> 1 & (SLOT_MAX - 1);
+    struct aoe_frame *f = &e->frames[s];
+    /* Which transmission it answers: 0 the latest, 1 the one before, ... */
+    unsigned back = (unsigned)(f->last.gen + GEN_MAX - (tag >> 16 & GEN_MAX)) % GEN_MAX;
+    if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames || back >= f->ntx) {
         c->drop_stale++;
         return;
     }
-    struct aoe_frame *f = &e->frames[s];
-    struct aoe_path *pa = &e->paths[f->path];
+    const struct aoe_tx *tx = back == 0 ? &f->last : back == 1 ? &f->before : NULL;
+    int p = tx ? tx->path : 0;
+    if (!tx)                                /* an older one: whichever of our paths it came by */
+        while (p < e->npaths - 1 && memcmp(h + 6, e->paths[p].dst, 6) != 0)
+            p++;
+    struct aoe_path *pa = &e->paths[p];
+    if (f->state == FRAME_FREE) {
+        if (f->done_back != NO_ANSWER && back > f->done_back && memcmp(h + 6, pa->dst, 6) == 0) {
+            pa->late++;                     /* a resend completed it, and this shows it need not have */
+            c->drop_late++;
+        } else {
+            c->drop_stale++;
+        }
+        return;
+    }
     if (memcmp(h + 6, pa->dst, 6) != 0) {
         c->drop_bad_mac++;
+        return;
+    }
+    const struct aoe_request *rq = &e->reqs[f->req];
+    uint8_t aflags = (rq->lba48 ? AOEAFL_EXT : 0) | (rq->op == OP_WRITE ? AOEAFL_WRITE : 0);
+    if ((h[24] & (AOEAFL_EXT | AOEAFL_WRITE)) != aflags || h[26] > f->nsect ||
+        echoed_lba(h, rq->lba48) != f->lba) {
+        c->drop_echo++;
         return;
     }
 
@@ -720,9 +842,9 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
         status = -(STATUS_AOE_ERR | h[15]);
     } else if (h[27] & (ATA_ST_ERR | ATA_ST_DF)) {
         status = -(STATUS_ATA_ERR | h[25]);
-    } else if (e->reqs[f->req].op == OP_READ) {
+    } else if (rq->op == OP_READ) {
         if (len - ATA_HDR_LEN < bytes) {
-            c->drop_short++;                /* stays in flight; expiry will resend it */
+            c->drop_short++;                /* still waiting; expiry will resend it */
             return;
         }
         memcpy(f->data, h + ATA_HDR_LEN, bytes);
@@ -734,20 +856,29 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
     c->frames_recv++;
     pa->recv++;
     pa->last_recv_us = now;
-    if (f->tx == 1) {
-        uint32_t us = (uint32_t)(now - f->sent_us);
+    if (tx) {
+        if (tx->sent_us > pa->newest_answered_us)
+            pa->newest_answered_us = tx->sent_us;
+        uint32_t us = (uint32_t)(now - tx->sent_us);
         pa->rtt_n++;
         pa->rtt_sum_us += us;
         if (us > pa->rtt_max_us)
             pa->rtt_max_us = us;
     }
-    frame_finish(e, s, status);
+    if (back || f->state == FRAME_PENDING) {
+        pa->spurious++;                     /* given up as lost, yet answered */
+        c->resent_spurious++;
+    } else if (f->ntx > 1) {
+        pa->needed++;
+        c->resent_needed++;
+    }
+    frame_finish(e, s, status, (uint16_t)back);
 }
 
-/* Read what socket fi holds, in batches. */
-static void drain_socket(struct aoe_eng *e, int fi)
+/* Read what socket fi holds, in batches, for at most `rounds` batches. */
+static void drain_socket(struct aoe_eng *e, int fi, int rounds)
 {
-    for (int round = 0; round < RX_ROUNDS; round++) {
+    for (int round = 0; round < rounds; round++) {
         int n = recvmmsg(e->fds[fi], e->rx_msg, RX_BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0)
             break;
@@ -761,33 +892,43 @@ static void drain_socket(struct aoe_eng *e, int fi)
 
 /* ---- expiry --------------------------------------------------------------- */
 
-/* Report in-flight frames older than their path's rto_us, once per transmission.
- * Each path's list is oldest first, so the walk stops at the first young frame. */
+/* Whether a frame in flight on path pa is lost at `now`: unanswered for
+ * rto_us, or for reorder_us once a frame sent after it was answered. */
+static int frame_lost(const struct aoe_path *pa, const struct aoe_frame *f, int64_t now)
+{
+    int64_t age = now - f->last.sent_us;
+    return age > pa->rto_us || (age > pa->reorder_us && f->last.sent_us < pa->newest_answered_us);
+}
+
+/* Report lost in-flight frames, once per transmission.  Each path's list is
+ * oldest first, and a frame that is not lost has no lost frame after it. */
 static void collect_expired(struct aoe_eng *e, int64_t now)
 {
     for (int p = 0; p < e->npaths; p++) {
-        int64_t rto = e->paths[p].rto_us;
+        const struct aoe_path *pa = &e->paths[p];
         for (uint32_t s = e->fly_head[p]; s != NONE; s = e->frames[s].next) {
             struct aoe_frame *f = &e->frames[s];
-            if (now - f->sent_us <= rto)
+            if (f->reported)
+                continue;
+            if (!frame_lost(pa, f, now))
                 break;
-            if (!f->reported) {
-                f->reported = 1;
-                e->expired[e->nexpired++] = s;
-            }
+            f->reported = 1;
+            e->expired[e->nexpired++] = s;
         }
     }
 }
 
-/* When the next unreported frame expires (INT64_MAX if none). */
+/* When the next unreported frame is lost if nothing comes (INT64_MAX if none). */
 static int64_t next_expiry(const struct aoe_eng *e)
 {
     int64_t t = INT64_MAX;
     for (int p = 0; p < e->npaths; p++) {
+        const struct aoe_path *pa = &e->paths[p];
         for (uint32_t s = e->fly_head[p]; s != NONE; s = e->frames[s].next) {
             const struct aoe_frame *f = &e->frames[s];
             if (!f->reported) {
-                int64_t due = f->sent_us + e->paths[p].rto_us + 1;
+                int overtaken = f->last.sent_us < pa->newest_answered_us;
+                int64_t due = f->last.sent_us + (overtaken ? pa->reorder_us : pa->rto_us) + 1;
                 if (due < t)
                     t = due;
                 break;
@@ -800,9 +941,11 @@ static int64_t next_expiry(const struct aoe_eng *e)
 /* ---- the pump ------------------------------------------------------------- */
 
 /*
- * Send, then wait and receive until something needs aoe.py: a request
- * completed, a frame expired, extra_fd became readable,
- * or timeout_us passed (at once if nothing is in flight and extra_fd < 0).
+ * Receive what arrived since the last call, send, then wait and receive until
+ * something needs aoe.py: a request completed, a frame expired, extra_fd
+ * became readable, or timeout_us passed (at once if nothing is in flight and
+ * extra_fd < 0).  Expiry is judged only after the sockets have been read, so
+ * a pause of the caller never turns answers waiting there into losses.
  * With a bridged ublk queue (whose ring fd is then extra_fd), new requests are
  * taken and successful ones committed here; only failures, requests aoe.py
  * must answer itself (handed) and the end of the queue come back.
@@ -819,9 +962,11 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
         bridge_take(e);
     for (int p = 0; p < e->npaths; p++) {
         struct aoe_path *pa = &e->paths[p];
-        pa->rtt_n = pa->rtt_max_us = 0;
+        pa->rtt_n = pa->rtt_max_us = pa->spurious = pa->needed = pa->late = 0;
         pa->rtt_sum_us = 0;
     }
+    for (int fi = 0; fi < e->nfds; fi++)
+        drain_socket(e, fi, RX_CATCH_UP);
 
     int rc = send_pending(e);
     if (rc < 0)
@@ -872,13 +1017,16 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
                 break;                      /* let Python see its signal */
             return -errno;
         }
-        if (n == 0)
+        if (n == 0) {                       /* a frame is due: what arrived just now counts */
+            for (int fi = 0; fi < e->nfds; fi++)
+                drain_socket(e, fi, 1);
             continue;
+        }
         if (extra_fd >= 0 && pfd[e->nfds].revents)
             extra_ready = 1;
         for (int fi = 0; fi < e->nfds; fi++)
             if (pfd[fi].revents)
-                drain_socket(e, fi);
+                drain_socket(e, fi, RX_ROUNDS);
         send_pending(e);                    /* a hard error shows at the next pump's first send */
     }
     collect_expired(e, aoe_now_us());

@@ -20,6 +20,7 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import random
 import select
 import shutil
@@ -900,6 +901,15 @@ def find_target(control, device, wait=DISCOVER_WAIT):
 # expiry); the Engine decides (windows, retransmit timeouts, failover, dead
 # target).  The compiled helper provides a fast pump; PyPump is the same
 # mechanism in Python, used when the helper is not built.
+#
+# A frame keeps one tag slot from submit to completion; each transmission
+# gets the slot's next generation, and the tag is TAG_USER | TAG_ENGINE |
+# generation << 16 | slot << 1 | parity (even over all 32 bits, so a tag with
+# one bit flipped names no frame).  An answer counts for any transmission of
+# the frame, so one that comes after the frame was resent shows the resend was
+# spurious; and only when its ATA header echoes the frame's (write and LBA48
+# flags, LBA, at most its sector count), so a misdirected answer never lands
+# in the wrong place.
 
 OP_READ, OP_WRITE, OP_FLUSH = 0, 1, 2
 STATUS_AOE_ERROR = 0x100         # status -(0x100 | AoE error code)
@@ -907,9 +917,18 @@ STATUS_ATA_ERROR = 0x200         # status -(0x200 | ATA error register)
 MIN_RTO_US = 2000
 MAX_RTO_US = 4000000
 INITIAL_RTO_US = 250000          # before any sample (the kernel starts at 250 ms too)
-PATH_LOST_LIMIT = 4              # expiries in a row before a path counts as silent
+PATH_LOST_LIMIT = 4              # expiries with no answer before a path counts as silent
 PATH_RETRY_US = 2000000          # a silent path is tried again after this
-MAX_FRAMES = 32768               # tag slots per engine (the helper gives each queued frame one)
+MAX_FRAMES = 1 << 15             # tag slots per engine (bits 1-15 of the tag)
+GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
+MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
+REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
+REORDER_SHRINK_AFTER = 16        # rounds with resends needed and none spurious before it shrinks
+LOSS_WEIGHT = 1 / 16             # how far one frame's fate moves the loss estimate
+LOSS_CONGESTED = 0.25            # above this share of frames lost the window is halved
+PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
+                 "resent_spurious", "send_eagain", "errors")
+PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac", "echo")
 
 
 def status_text(status):
@@ -929,41 +948,80 @@ def ata_opcode(op, ext, flush_cmd=ATA_CMD_FLUSH_EXT):
     return base | (0x04 if ext else 0)
 
 
+def frame_tag(gen, slot):
+    tag = TAG_USER | TAG_ENGINE | gen << 16 | slot << 1
+    return tag | (bin(tag).count("1") & 1)
+
+
+def next_gen(gen):
+    return gen % GEN_MAX + 1
+
+
 class PumpPath:
     """Per-path state shared by pump and engine (fields as in the helper's struct aoe_path)."""
 
-    __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us",
-                 "sent", "recv", "last_recv_us", "rtt_n", "rtt_sum_us", "rtt_max_us", "header")
+    __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us", "reorder_us",
+                 "newest_answered_us", "sent", "recv", "last_recv_us", "rtt_n", "rtt_sum_us", "rtt_max_us",
+                 "spurious", "needed", "late", "header")
 
     def __init__(self, index, port, dst):
         self.index, self.port, self.src, self.dst = index, port, port.mac, dst
         self.maxout, self.outstanding, self.enabled = 1, 0, 1
-        self.rto_us, self.sent, self.recv, self.last_recv_us = INITIAL_RTO_US, 0, 0, 0
-        self.rtt_n = self.rtt_sum_us = self.rtt_max_us = 0   # first transmissions answered this pump
+        self.rto_us = self.reorder_us = INITIAL_RTO_US
+        self.newest_answered_us = self.sent = self.recv = self.last_recv_us = 0
+        self.rtt_n = self.rtt_sum_us = self.rtt_max_us = 0   # answers during the last pump
+        self.spurious = self.needed = self.late = 0
 
 
 def now_us():
     return time.monotonic_ns() // 1000
 
 
+FRAME_PENDING, FRAME_INFLIGHT, FRAME_DONE = 1, 2, 3
+
+
+class PumpFrame:
+    """One frame of a request in PyPump (struct aoe_frame in the helper)."""
+
+    __slots__ = ("slot", "req", "lba", "nsect", "offset", "state", "path", "reported", "ntx",
+                 "gen", "sent_us", "before_path", "before_sent_us", "done_back")
+
+    def __init__(self, slot, req, lba, nsect, offset):
+        self.slot, self.req, self.lba, self.nsect, self.offset = slot, req, lba, nsect, offset
+        self.state, self.path, self.reported, self.ntx = FRAME_PENDING, None, False, 0
+        self.gen = self.sent_us = self.before_sent_us = 0   # of the latest transmission
+        self.before_path = None                             # of the one before it
+        self.done_back = None                               # once done: which one was answered
+
+
+class PumpRequest:
+    """A request in PyPump (struct aoe_request in the helper)."""
+
+    __slots__ = ("req_id", "op", "buf", "frames_left", "status", "aflags")
+
+    def __init__(self, req_id, op, buf, frames, aflags):
+        self.req_id, self.op, self.buf, self.frames_left, self.status = req_id, op, buf, frames, 0
+        self.aflags = aflags
+
+
 class PyPump:
     """The frame mechanism in pure Python: one frame per system call."""
 
     _ATA_REQ = struct.Struct(">IBBBB6sxx")       # tag, then the ATA header
-    _RSP = struct.Struct(">HBBHBBIBBBB")         # from offset 12: type .. ATA status
+    _RSP = struct.Struct(">HBBHBBIBBBB6s")       # from offset 12: type .. ATA status, LBA
 
-    def __init__(self, shelf, slot, lba48, spf):
+    def __init__(self, shelf, slot, lba48, spf, gen_seed):
         self.shelf, self.slot, self.lba48, self.spf = shelf, slot, lba48, spf
         self.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.paths = []
         self.drops = DropCounters()
         self.stats = collections.Counter()
         self.free = collections.deque(range(MAX_FRAMES))
-        self.gen = [0] * MAX_FRAMES
-        self.frame = [None] * MAX_FRAMES          # slot -> frame list, see submit()
-        self.inflight = {}                        # slot -> frame list
-        self.pending = collections.deque()        # frame lists waiting for a window
-        self.requests = {}                        # req_id -> [frames left, status, buffer, op]
+        self.gen = [next_gen(gen_seed)] * MAX_FRAMES  # each slot's last generation
+        self.frames = {}                          # slot -> PumpFrame, waiting or done (until reused)
+        self.inflight = {}                        # slot -> PumpFrame in flight
+        self.pending = collections.deque()        # frames waiting for a window (done ones skipped)
+        self.requests = {}                        # req_id -> PumpRequest
         self.done = []
         self.rxbuf = bytearray(65536)
         self.rxview = memoryview(self.rxbuf)
@@ -982,18 +1040,18 @@ class PyPump:
         return bool(self.requests)
 
     def submit(self, req_id, op, lba, nsect, buf):
-        # A frame: [req_id, lba, sectors, byte offset, path, sent_us, expiry reported, resent]
-        frames = []
-        if op == OP_FLUSH:
-            frames.append([req_id, 0, 0, 0, None, 0, False, False])
-        else:
-            off = 0
-            while off < nsect:
-                n = min(self.spf, nsect - off)
-                frames.append([req_id, lba + off, n, off * SECTOR_SIZE, None, 0, False, False])
-                off += n
-        self.requests[req_id] = [len(frames), 0, memoryview(buf).cast("B") if buf is not None else None, op]
-        self.pending.extend(frames)
+        count = 1 if op == OP_FLUSH else (nsect + self.spf - 1) // self.spf
+        if count > len(self.free):
+            return -errno.ENOSPC
+        aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
+        req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count, aflags)
+        self.requests[req_id] = req
+        for i in range(count):
+            first = i * self.spf
+            n = 0 if op == OP_FLUSH else min(self.spf, nsect - first)
+            fr = PumpFrame(self.free.popleft(), req, 0 if op == OP_FLUSH else lba + first, n, first * SECTOR_SIZE)
+            self.frames[fr.slot] = fr
+            self.pending.append(fr)
         return 0
 
     def _pick_path(self):
@@ -1006,73 +1064,76 @@ class PyPump:
         return None
 
     def _send_pending(self):
-        while self.pending and self.free:
+        while self.pending:
+            if self.pending[0].state != FRAME_PENDING:  # answered while waiting to be resent
+                self.pending.popleft()
+                continue
             path = self._pick_path()
             if path is None:
                 return
-            fr = self.pending.popleft()
-            req = self.requests.get(fr[0])
-            if req is None:                       # failed meanwhile
-                continue
-            slot = self.free.popleft()
-            self.gen[slot] = gen = (self.gen[slot] + 1) & 0x3FFF
-            tag = TAG_USER | TAG_ENGINE | gen << 16 | slot
-            op = req[3]
-            aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
-            self._ATA_REQ.pack_into(path.header, 20, tag, aflags, 0, fr[2], ata_opcode(op, self.lba48, self.flush_cmd),
-                                    lba_bytes(fr[1], self.lba48))
+            fr = self.pending[0]
+            req = fr.req
+            gen = next_gen(self.gen[fr.slot])
+            self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0, fr.nsect,
+                                    ata_opcode(req.op, self.lba48, self.flush_cmd), lba_bytes(fr.lba, self.lba48))
             parts = [path.header]
             length = ATA_HDR_LEN
-            if op == OP_WRITE:
-                parts.append(req[2][fr[3]:fr[3] + fr[2] * SECTOR_SIZE])
-                length += fr[2] * SECTOR_SIZE
+            if req.op == OP_WRITE:
+                parts.append(req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE])
+                length += fr.nsect * SECTOR_SIZE
             if length < ETH_ZLEN:
                 parts.append(bytes(ETH_ZLEN - length))
             try:
-                path.port.sock.sendmsg(parts)
+                path.port.sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                self.free.appendleft(slot)
-                self.pending.appendleft(fr)
                 self.stats["send_eagain"] += 1
                 return
-            fr[4], fr[5], fr[6] = path, now_us(), False
-            self.frame[slot] = fr
-            self.inflight[slot] = fr
+            self.pending.popleft()
+            self.gen[fr.slot] = gen
+            if fr.ntx:
+                fr.before_path, fr.before_sent_us = fr.path, fr.sent_us
+                self.stats["frames_resent"] += 1
+            fr.gen, fr.path, fr.sent_us, fr.reported = gen, path, now_us(), False
+            fr.ntx += 1
+            fr.state = FRAME_INFLIGHT
+            self.inflight[fr.slot] = fr
             path.outstanding += 1
             path.sent += 1
             self.stats["frames_sent"] += 1
 
-    def _finish_frame(self, slot, fr, status):
-        del self.inflight[slot]
-        self.frame[slot] = None
-        self.free.append(slot)
-        fr[4].outstanding -= 1
-        req = self.requests.get(fr[0])
-        if req is None:
-            return
-        if status and not req[1]:
-            req[1] = status
-        req[0] -= 1
-        if req[0] == 0:
-            del self.requests[fr[0]]
-            self.done.append((fr[0], req[1]))
+    def _finish_frame(self, fr, status, back):
+        if fr.state == FRAME_INFLIGHT:
+            del self.inflight[fr.slot]
+            fr.path.outstanding -= 1
+        fr.state, fr.done_back = FRAME_DONE, back
+        self.free.append(fr.slot)                 # FIFO: late answers find the slot still done
+        req, fr.req = fr.req, None
+        if status and not req.status:
+            req.status = status
+        req.frames_left -= 1
+        if req.frames_left == 0:
+            del self.requests[req.req_id]
+            self.done.append((req.req_id, req.status))
 
-    def _receive(self, port_index_by_fd):
+    def _path_to(self, mac):
+        return next((p for p in self.paths if p.dst == mac), None)
+
+    def _receive(self, port_index_by_fd, timeout_ms=0):
         drops = self.drops
         buf, view = self.rxbuf, self.rxview
-        for fd, _ in self.poller.poll(0):
+        for fd, _ in self.poller.poll(timeout_ms):
             if fd not in port_index_by_fd:        # the caller's extra_fd
                 continue
             sock = self.paths[port_index_by_fd[fd]].port.sock
-            for _ in range(512):
+            for _ in range(4096):
                 try:
-                    n = sock.recv_into(buf)
+                    n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     break
                 if n < ATA_HDR_LEN:
                     drops["short"] += 1
                     continue
-                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status = \
+                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status, raw_lba = \
                     self._RSP.unpack_from(buf, 12)
                 if etype != ETH_P_AOE or verfl & 0xF0 != AOE_HVER:
                     drops["version"] += 1
@@ -1083,14 +1144,33 @@ class PyPump:
                 if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
                     drops["foreign"] += 1
                     continue
-                slot = tag & 0xFFFF
-                fr = self.inflight.get(slot) if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
-                if fr is None or self.gen[slot] != (tag >> 16) & 0x3FFF:
-                    drops["stale"] += 1
+                if bin(tag).count("1") & 1:
+                    drops["bad_tag"] += 1
                     continue
-                path = fr[4]
-                if buf[6:12] != path.dst:
+                fr = self.frames.get(tag >> 1 & (MAX_FRAMES - 1)) \
+                    if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
+                back = (fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx else None
+                if back is None or back >= fr.ntx:
+                    drops["stale"] += 1           # names no transmission of this frame
+                    continue
+                # The transmission answered: the latest, the one before, or an older one.
+                path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
+                    (fr.before_path, fr.before_sent_us) if back == 1 else (self._path_to(buf[6:12]), None)
+                if fr.state == FRAME_DONE:
+                    if fr.done_back is not None and back > fr.done_back and path is not None and \
+                            path.dst == buf[6:12]:
+                        path.late += 1            # a resend completed it, and this shows it need not have
+                        drops["late"] += 1
+                    else:
+                        drops["stale"] += 1
+                    continue
+                if path is None or path.dst != buf[6:12]:
                     drops["bad_mac"] += 1
+                    continue
+                req = fr.req
+                if aflags & (AOEAFL_EXT | AOEAFL_WRITE) != req.aflags or count > fr.nsect or \
+                        lba_value(raw_lba, self.lba48) != fr.lba:
+                    drops["echo"] += 1
                     continue
                 if verfl & AOEFL_ERR:
                     result = -(STATUS_AOE_ERROR | err)
@@ -1098,76 +1178,89 @@ class PyPump:
                     result = -(STATUS_ATA_ERROR | aerr)
                 else:
                     result = 0
-                    req = self.requests.get(fr[0])
-                    if req is not None and req[3] == OP_READ:
-                        size = fr[2] * SECTOR_SIZE
+                    size = fr.nsect * SECTOR_SIZE
+                    if req.op == OP_READ:
                         if n < ATA_HDR_LEN + size:
                             drops["short"] += 1
                             continue
-                        req[2][fr[3]:fr[3] + size] = view[ATA_HDR_LEN:ATA_HDR_LEN + size]
-                        self.stats["bytes_data"] += size
+                        req.buf[fr.offset:fr.offset + size] = view[ATA_HDR_LEN:ATA_HDR_LEN + size]
+                    self.stats["bytes_data"] += size
+                if result:
+                    self.stats["errors"] += 1
                 t = now_us()
                 path.recv += 1
                 path.last_recv_us = t
                 self.stats["frames_recv"] += 1
-                if not fr[7]:
-                    us = t - fr[5]
+                if sent_us is not None:
+                    path.newest_answered_us = max(path.newest_answered_us, sent_us)
+                    us = t - sent_us
                     path.rtt_n += 1
                     path.rtt_sum_us += us
                     path.rtt_max_us = max(path.rtt_max_us, us)
-                self._finish_frame(slot, fr, result)
+                if back or fr.state == FRAME_PENDING:
+                    path.spurious += 1            # given up as lost, yet answered
+                    self.stats["resent_spurious"] += 1
+                elif fr.ntx > 1:
+                    path.needed += 1
+                    self.stats["resent_needed"] += 1
+                self._finish_frame(fr, result, back)
 
     def pump(self, timeout_us, extra_fd=-1):
-        """One round: send, wait up to timeout_us (or until extra_fd is readable), receive;
-        returns (done, expired).  Each path's rtt_* fields then describe this round's answers."""
+        """One round: receive what arrived, send, wait up to timeout_us (or until extra_fd
+        is readable), receive, send; returns (done, expired), expiry judged only after the
+        sockets were read.  Each path's rtt_*, spurious and needed then describe this round."""
         self.done = []
         for p in self.paths:
-            p.rtt_n = p.rtt_sum_us = p.rtt_max_us = 0
-        self._send_pending()
+            p.rtt_n = p.rtt_sum_us = p.rtt_max_us = p.spurious = p.needed = p.late = 0
         by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
+        self._receive(by_fd)
+        self._send_pending()
         if extra_fd >= 0:
             self.poller.register(extra_fd, select.POLLIN)
         try:
-            ready = self.poller.poll(max(0, timeout_us) // 1000 if self.inflight or extra_fd >= 0 else 0)
+            wait = self.inflight or extra_fd >= 0
+            self._receive(by_fd, max(0, timeout_us) // 1000 if wait and not self.done else 0)
         finally:
             if extra_fd >= 0:
                 self.poller.unregister(extra_fd)
-        if ready:
-            self._receive(by_fd)
-            self._send_pending()
+        self._send_pending()
         expired = []
         t = now_us()
         for slot, fr in self.inflight.items():
-            if not fr[6] and t - fr[5] > fr[4].rto_us:
-                fr[6] = True
+            if not fr.reported and self._lost(fr, t):
+                fr.reported = True
                 expired.append(slot)
         return self.done, expired
+
+    @staticmethod
+    def _lost(fr, t):
+        """Unanswered for rto_us, or for reorder_us once a frame sent after it was answered."""
+        age, path = t - fr.sent_us, fr.path
+        return age > path.rto_us or (age > path.reorder_us and fr.sent_us < path.newest_answered_us)
 
     @property
     def answered(self):
         return self.stats["frames_recv"]
 
     def expired_path(self, slot):
-        return self.frame[slot][4].index
+        return self.inflight[slot].path.index
 
     def resend(self, slot):
-        """Retransmit later with a new tag; a late answer to the old one is then stale."""
+        """Send again first, with the slot's next generation; an answer to the transmission
+        given up still completes the frame."""
         fr = self.inflight.pop(slot)
-        self.frame[slot] = None
-        fr[4].outstanding -= 1
-        self.gen[slot] = (self.gen[slot] + 1) & 0x3FFF
-        self.free.append(slot)
-        fr[4], fr[7] = None, True                 # Karn: no RTT sample from a resent frame
+        fr.path.outstanding -= 1
+        fr.state = FRAME_PENDING
         self.pending.appendleft(fr)
-        self.stats["frames_resent"] += 1
 
     def fail_all(self, status):
-        for slot in list(self.inflight):
-            fr = self.inflight.pop(slot)
-            fr[4].outstanding -= 1
-            self.gen[slot] = (self.gen[slot] + 1) & 0x3FFF
-            self.frame[slot] = None
-            self.free.append(slot)
+        for fr in self.inflight.values():
+            fr.path.outstanding -= 1
+        for fr in self.frames.values():
+            if fr.state != FRAME_DONE:
+                fr.state, fr.done_back, fr.req = FRAME_DONE, None, None
+                self.free.append(fr.slot)
+        self.inflight.clear()
         self.pending.clear()
         failed = [(req_id, status) for req_id in self.requests]
         self.requests.clear()
@@ -1183,12 +1276,9 @@ class HelperPump:
     Python objects never see single frames here: requests go in whole, and
     completions, expiries and RTT samples come back as arrays per pump()."""
 
-    _COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "send_eagain", "errors")
-    _DROPS = ("short", "not_response", "version", "foreign", "bad_mac", "stale")
-
-    def __init__(self, helper, shelf, slot, lba48, spf):
+    def __init__(self, helper, shelf, slot, lba48, spf, gen_seed):
         self.ffi, self.lib = helper.ffi, helper.lib
-        eng = self.lib.aoe_eng_new(shelf, slot, MAX_FRAMES)
+        eng = self.lib.aoe_eng_new(shelf, slot, MAX_FRAMES, gen_seed)
         if eng == self.ffi.NULL:
             raise AoeError("out of memory for the frame engine")
         self.eng = self.ffi.gc(eng, self.lib.aoe_eng_free)
@@ -1261,12 +1351,12 @@ class HelperPump:
     @property
     def stats(self):
         c = self.eng.c
-        return collections.Counter({k: getattr(c, k) for k in self._COUNTERS})
+        return collections.Counter({k: getattr(c, k) for k in PUMP_COUNTERS})
 
     @property
     def drops(self):
         c = self.eng.c
-        return DropCounters({k: getattr(c, "drop_" + k) for k in self._DROPS})
+        return DropCounters({k: getattr(c, "drop_" + k) for k in PUMP_DROPS})
 
     def close(self):
         self.buffers.clear()
@@ -1287,44 +1377,154 @@ def load_helper():
 
 
 class PathPolicy:
-    """The engine's view of one path: RTT estimate, window growth, silence."""
+    """One path's window and retransmit timeout, decided once per pump round from
+    what the round brought (answers, round trips, expiries, late answers).
 
-    __slots__ = ("srtt", "rttvar", "ssthresh", "credit", "lost", "retry_at", "last_shrink", "times_set_aside")
+    A frame counts as lost when it goes unanswered for the retransmit timeout,
+    or, sooner, for a reorder window (a quarter of a round trip at first) once a
+    frame sent after it has been answered: a target that answers in order has
+    then surely dropped it, and one that reorders shows it by answering resent
+    frames after all, which widens the window.
 
-    def __init__(self, window):
-        self.times_set_aside = 0
-        self.srtt, self.rttvar = 0.0, 0.0
-        self.ssthresh, self.credit, self.lost = window, 0, 0
-        self.retry_at = self.last_shrink = 0
+    The window starts at the target's buffer count: on a LAN that count, not
+    the link, is the limit, and a frame lost here and there (random loss) is
+    resent without shrinking it.  Only when the path falls silent for a whole
+    retransmit timeout, or more than a quarter of recent frames are lost (the
+    target or a switch overflowing), is the window halved and the timeout
+    doubled, at most once per timeout; slow start then grows it back to where
+    it was cut, and one frame per window of answers after that.  When frames
+    given up as lost are answered after all and none of the resends was needed,
+    the losses were delays: the cut is undone."""
+
+    __slots__ = ("limit", "window", "ssthresh", "rto_us", "srtt", "rttvar", "credit", "loss",
+                 "reorder_factor", "clean_rounds", "last_answer", "expired_since", "next_cut",
+                 "before_cut", "needed_since_cut", "cuts", "undone", "retry_at", "times_set_aside")
+
+    def __init__(self, limit, t):
+        self.limit = limit
+        self.cuts = self.undone = self.times_set_aside = self.retry_at = 0
+        self.restart(t, limit)
+
+    def restart(self, t, window):
+        """Forget what was learnt: a fresh start at `window` frames."""
+        self.window, self.ssthresh = window, self.limit
+        self.rto_us, self.srtt, self.rttvar = INITIAL_RTO_US, 0.0, 0.0
+        self.credit, self.loss = 0, 0.0
+        self.reorder_factor, self.clean_rounds = 1, 0
+        self.last_answer, self.expired_since, self.next_cut = t, 0, 0
+        self.before_cut, self.needed_since_cut = None, 0
+
+    def round(self, t, answered, samples, rtt_sum_us, rtt_max_us, lost, spurious, needed, late):
+        """Take one pump round of this path: `answered` answers, `samples` of them
+        with round trips summing to rtt_sum_us (largest rtt_max_us), `lost` frames
+        expired, `spurious` answers to transmissions given up as lost, `needed`
+        answers to resends whose earlier transmissions had none, `late` answers
+        to those earlier transmissions after all."""
+        spurious, needed = spurious + late, needed - late
+        if spurious:
+            self.reorder_factor = min(REORDER_MAX_FACTOR, self.reorder_factor * 2)
+            self.clean_rounds = 0
+        elif needed:
+            self.clean_rounds += 1
+            if self.clean_rounds >= REORDER_SHRINK_AFTER:
+                self.reorder_factor, self.clean_rounds = max(1, self.reorder_factor // 2), 0
+        if self.before_cut is not None:
+            self.needed_since_cut += needed
+            if spurious and self.needed_since_cut <= 0:
+                self.window, self.ssthresh, self.rto_us = self.before_cut
+                self.before_cut = None
+                self.undone += 1
+        if samples:
+            self._learn_rtt(rtt_sum_us / samples, rtt_max_us)
+        if answered:
+            self.last_answer, self.expired_since = t, 0
+        outcomes = answered + lost
+        if outcomes:
+            keep = (1 - LOSS_WEIGHT) ** outcomes
+            self.loss = self.loss * keep + lost / outcomes * (1 - keep)
+        if lost:
+            self._lost(t, lost)
+        elif answered:
+            if self.before_cut is not None and t >= self.next_cut:
+                self.before_cut = None            # a timeout went by without sign of a delay: it stands
+            self._grow(answered)
+
+    def _learn_rtt(self, mean, largest):
+        """Jacobson/Karels, fed once per round with the round's mean and spread."""
+        if self.srtt == 0:
+            self.srtt, self.rttvar = mean, mean / 2
+        else:
+            err = mean - self.srtt
+            self.srtt += err / 8
+            self.rttvar += (max(abs(err), largest - mean) - self.rttvar) / 4
+        self.rto_us = int(min(MAX_RTO_US, max(MIN_RTO_US, self.srtt + 4 * self.rttvar)))
+
+    def _lost(self, t, lost):
+        self.expired_since += lost
+        silent = t - self.last_answer >= self.rto_us
+        if (silent or self.loss > LOSS_CONGESTED) and t >= self.next_cut:
+            if self.before_cut is None:
+                self.before_cut, self.needed_since_cut = (self.window, self.ssthresh, self.rto_us), 0
+            self.ssthresh = max(1, self.window // 2)
+            self.window = self.ssthresh
+            self.rto_us = min(MAX_RTO_US, self.rto_us * 2)
+            self.next_cut = t + self.rto_us
+            self.cuts += 1
+
+    def _grow(self, answered):
+        """Slow start below ssthresh, then one more frame per window of answers."""
+        if self.window >= self.limit:
+            return
+        if self.window < self.ssthresh:
+            self.window = min(self.ssthresh, self.window + answered)
+        else:
+            self.credit += answered
+            if self.credit >= self.window:
+                self.credit = 0
+                self.window += 1
+
+    @property
+    def reorder_us(self):
+        if not self.srtt:
+            return self.rto_us
+        return int(min(self.rto_us, max(MIN_REORDER_US, self.srtt / 4 * self.reorder_factor)))
+
+    @property
+    def silent_for_long(self):
+        return self.expired_since >= PATH_LOST_LIMIT
 
 
 class Engine:
     """Reads, writes and flushes on one target: the policy over a pump.
 
-    Window per path bounded by the target's buffer count (and --maxout),
-    halved on loss and grown back as answers come, like the kernel driver;
-    retransmit timeout from smoothed RTT + 4 deviations; a path that stops
-    answering is set aside while others work; after `deadsecs` without any
-    answer every request fails with ETIMEDOUT."""
+    A window per path up to the target's buffer count (and --maxout), a
+    retransmit timeout from the smoothed RTT (see PathPolicy); every path that
+    answers is used, and one that falls silent is set aside while others
+    work; after `deadsecs` without any answer every request fails with
+    ETIMEDOUT.  `clock` (microseconds) is for tests."""
 
-    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None):
+    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None, clock=now_us):
         if target.identify is None:
             raise AoeError("%s: %s" % (target.name, target.identify_error or "not identified"))
         self.target = target
         self.deadsecs = deadsecs
+        self.clock = clock
         self.lba48 = target.identify.lba48
         self.sectors = target.identify.sectors
         self.spf = target.sectors_per_frame
         self.window = max(1, min(target.info.bufcnt or 1, maxout))
         self.helper_used = helper is not None
-        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf) if helper is None \
-            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf)
+        seed = random.getrandbits(14)
+        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed) if helper is None \
+            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed)
+        t = clock()
         self.policy = []
         for p in target.paths:
             i = self.pump.add_path(p.port, p.mac)
             self.pump.paths[i].maxout = self.window
-            self.policy.append(PathPolicy(self.window))
-        self.last_progress = now_us()
+            self.policy.append(PathPolicy(self.window, t))
+        self.path_recv = [0] * len(self.policy)  # each path's answers as of the last poll
+        self.last_progress = t
         self.answered = 0
         self.dead = None
         self.next_id = 0
@@ -1342,7 +1542,7 @@ class Engine:
         if req_id is None:
             req_id = self.next_id = self.next_id + 1
         if not self.pump.busy:
-            self.last_progress = now_us()
+            self.last_progress = self.clock()
         rc = self.pump.submit(req_id, op, lba, nsect, buf)
         if rc < 0:
             raise AoeError("%s: cannot queue request: %s" % (self.target.name, os.strerror(-rc)))
@@ -1351,19 +1551,24 @@ class Engine:
     def poll(self, timeout_us=10000, extra_fd=-1):
         """Advance I/O; returns [(req_id, status)] of finished requests (status 0 or -code).
         Waits at most timeout_us, less once extra_fd (e.g. a ublk queue) is readable."""
-        idle, started = not self.pump.busy, now_us()
+        idle, started = not self.pump.busy, self.clock()
         done, expired = self.pump.pump(0 if self.backlog else timeout_us, extra_fd)
         if idle:                                  # requests the pump took itself (ublk) start the clock now
             self.last_progress = started
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
-        t = now_us()
+        t = self.clock()
         answered = self.pump.answered
         if answered != self.answered:
             self.answered, self.last_progress = answered, t
-        self._learn_rtt()
-        for slot in expired:
-            self._on_loss(self.pump.expired_path(slot), t)
+        lost = collections.Counter(self.pump.expired_path(slot) for slot in expired)
+        for i, (pol, path) in enumerate(zip(self.policy, self.pump.paths)):
+            answers, self.path_recv[i] = path.recv - self.path_recv[i], path.recv
+            pol.round(t, answers, path.rtt_n, path.rtt_sum_us, path.rtt_max_us, lost[i], path.spurious,
+                      path.needed, path.late)
+            self._apply(pol, path)
+        self._set_aside_silent(t, lost)
+        for slot in reversed(expired):            # each goes to the head: keep them in order
             self.pump.resend(slot)
         self._revive_paths(t)
         if self.pump.busy and t - self.last_progress > self.deadsecs * 1000000:
@@ -1372,57 +1577,37 @@ class Engine:
             done = list(done) + self.pump.fail_all(-errno.ETIMEDOUT)
         return done
 
-    def _learn_rtt(self):
-        """Jacobson/Karels per path, fed once per pump with the round's mean and spread."""
-        for pol, path in zip(self.policy, self.pump.paths):
-            count = path.rtt_n
-            if not count:
-                continue
-            mean = path.rtt_sum_us / count
-            spread = path.rtt_max_us - mean
-            if pol.srtt == 0:
-                pol.srtt, pol.rttvar = mean, mean / 2
-            else:
-                err = mean - pol.srtt
-                pol.srtt += err / 8
-                pol.rttvar += (max(abs(err), spread) - pol.rttvar) / 4
-            path.rto_us = int(min(MAX_RTO_US, max(MIN_RTO_US, pol.srtt + 4 * pol.rttvar)))
-            pol.lost = 0
-            # Window growth: one more per answer below ssthresh, else one per window of answers.
-            if path.maxout < self.window:
-                if path.maxout < pol.ssthresh:
-                    path.maxout = min(self.window, path.maxout + count)
-                else:
-                    pol.credit += count
-                    if pol.credit >= path.maxout:
-                        pol.credit = 0
-                        path.maxout += 1
-
-    def _on_loss(self, index, t):
-        pol, path = self.policy[index], self.pump.paths[index]
-        pol.lost += 1
-        if t - pol.last_shrink > path.rto_us:      # one decrease per loss episode
-            pol.last_shrink = t
-            pol.ssthresh = max(1, path.maxout // 2)
-            path.maxout = pol.ssthresh
-            path.rto_us = min(MAX_RTO_US, path.rto_us * 2)
-        others = [p for i, p in enumerate(self.pump.paths) if i != index and p.enabled]
-        if pol.lost >= PATH_LOST_LIMIT and others and path.enabled:
-            path.enabled = 0
-            pol.retry_at = t + PATH_RETRY_US
-            pol.times_set_aside += 1
+    def _set_aside_silent(self, t, lost):
+        """A path whose frames keep expiring unanswered rests while others work."""
+        for i in lost:
+            pol, path = self.policy[i], self.pump.paths[i]
+            others = any(p.enabled for j, p in enumerate(self.pump.paths) if j != i)
+            if path.enabled and others and pol.silent_for_long:
+                path.enabled = 0
+                pol.retry_at = t + PATH_RETRY_US
+                pol.times_set_aside += 1
 
     def revive(self):
         """Forget a dead verdict: the next requests try every path again, one frame at a time."""
         self.dead = None
-        self.last_progress = now_us()
+        t = self.last_progress = self.clock()
         for pol, path in zip(self.policy, self.pump.paths):
-            path.enabled, path.maxout, path.rto_us, pol.lost = 1, 1, INITIAL_RTO_US, 0
+            pol.restart(t, 1)
+            path.enabled = 1
+            self._apply(pol, path)
 
     def _revive_paths(self, t):
         for pol, path in zip(self.policy, self.pump.paths):
             if not path.enabled and t >= pol.retry_at:
-                path.enabled, path.maxout, pol.lost = 1, 1, PATH_LOST_LIMIT - 1
+                pol.restart(t, 1)
+                pol.expired_since = PATH_LOST_LIMIT - 1
+                path.enabled = 1
+                self._apply(pol, path)
+
+    @staticmethod
+    def _apply(pol, path):
+        """What the policy decided, into the pump's view of the path."""
+        path.maxout, path.rto_us, path.reorder_us = pol.window, pol.rto_us, pol.reorder_us
 
     def fall_back_flush(self, status):
         """After a failed flush: True if the target aborted FLUSH CACHE EXT (vblade does), in
@@ -1438,7 +1623,7 @@ class Engine:
         if status and self.fall_back_flush(status):
             status = self.wait(self.submit(OP_FLUSH, 0, 0, None))
         if status:
-            raise AoeError(io_error_text(self, OP_FLUSH, 0, 0, status))
+            raise AoeError(self.error_text(OP_FLUSH, 0, 0, status))
 
     def wait(self, req):
         """Poll until request `req` finishes; returns its status.  Other requests'
@@ -1457,19 +1642,36 @@ class Engine:
         """Do one request to completion."""
         status = self.wait(self.submit(op, lba, nsect, buf))
         if status:
-            raise AoeError(io_error_text(self, op, lba, nsect, status))
+            raise AoeError(self.error_text(op, lba, nsect, status))
+
+    def error_text(self, op, lba, n, status):
+        """What went wrong with a request, in words."""
+        name = self.target.name
+        if self.dead:
+            return self.dead
+        if op == OP_WRITE and status == -(STATUS_ATA_ERROR | ATA_ABORTED):
+            return ("%s refused the write at sector %d (ATA command aborted): the target is probably"
+                    " exported read-only" % (name, lba))
+        return "%s: %s %d sectors at %d failed: %s" % (name, ("read", "write", "flush")[op], n, lba,
+                                                       status_text(status))
 
     def describe(self):
-        """Per-path and engine counters, for -v."""
+        """Per-path and engine counters, for -v: every resend explained, every drop counted."""
         lines = []
         for path, p, pol in zip(self.target.paths, self.pump.paths, self.policy):
-            lines.append("path %s: sent %d, answered %d, window %d, rto %.1f ms%s%s\n"
-                         % (path, p.sent, p.recv, p.maxout, p.rto_us / 1000.0, "" if p.enabled else ", set aside now",
+            lines.append("path %s: sent %d, answered %d, window %d of %d, rto %.1f ms, srtt %.2f ms; "
+                         "window cut %d times (%d undone)%s%s\n"
+                         % (path, p.sent, p.recv, p.maxout, pol.limit, p.rto_us / 1000.0, pol.srtt / 1000.0,
+                            pol.cuts, pol.undone, "" if p.enabled else ", set aside now",
                             ", set aside %d times" % pol.times_set_aside if pol.times_set_aside else ""))
-        stats = self.pump.stats
-        lines.append("frames: sent %d, resent %d, answered %d; dropped: %s\n"
-                     % (stats["frames_sent"], stats["frames_resent"], stats["frames_recv"],
-                        self.pump.drops.describe()))
+        s = self.pump.stats
+        late = self.pump.drops["late"]
+        lines.append("frames: sent %d, answered %d, resent %d: %d lost (the resend was answered, the earlier "
+                     "transmission never), %d late (the resend was answered first, the earlier one after), %d "
+                     "spurious (the earlier one was answered first), the rest unanswered\n"
+                     % (s["frames_sent"], s["frames_recv"], s["frames_resent"], s["resent_needed"] - late, late,
+                        s["resent_spurious"]))
+        lines.append("dropped: %s\n" % self.pump.drops.describe())
         return "".join(lines)
 
     def close(self):
@@ -2061,28 +2263,72 @@ class Export:
 
 
 class FaultPlan:
-    """Testing aid: drop, duplicate, delay or reorder a fraction of responses."""
+    """Testing aid: drop, duplicate, delay (with jitter) or reorder a fraction of
+    responses; and, as a hostile target would, send forged answers before the
+    true one to a fraction of READs: a tag with one bit flipped, the right tag
+    with another LBA's echo and data, with a wrong count or command, cut short,
+    from another MAC, for another shelf, not marked as a response, with a random
+    tag, and earlier answers replayed late."""
 
-    def __init__(self, drop=0.0, duplicate=0.0, delay_ms=0.0, reorder=0.0, seed=None):
-        self.drop, self.duplicate, self.reorder = drop, duplicate, reorder
-        self.delay = delay_ms / 1000.0
+    def __init__(self, drop=0.0, duplicate=0.0, delay_ms=0.0, jitter_ms=0.0, reorder=0.0, forge=0.0,
+                 seed=None):
+        self.drop, self.duplicate, self.reorder, self.forge = drop, duplicate, reorder, forge
+        self.delay, self.jitter = delay_ms / 1000.0, jitter_ms / 1000.0
         self.rng = random.Random(seed)
-        self.held = []                            # (due time, port, frame) for delay/reorder
+        self.held = []                            # (due time, frame) for delay and reorder
+        self.history = collections.deque(maxlen=64)   # recent true answers, to replay late
 
     @property
     def active(self):
-        return bool(self.drop or self.duplicate or self.delay or self.reorder)
+        return bool(self.drop or self.duplicate or self.delay or self.jitter or self.reorder or self.forge)
 
-    def outgoing(self, frame):
-        """Frames to send now for one response (none, one or two); the rest are held."""
+    def outgoing(self, reply, request=b"", export=None):
+        """Frames to send now for one response (none, one, two, or forgeries first); the rest are held."""
         r = self.rng.random
+        out = self.forgeries(request, reply, export) if self.forge and r() < self.forge else []
         if r() < self.drop:
+            return out
+        mine = [reply, reply] if r() < self.duplicate else [reply]
+        if self.delay or self.jitter or r() < self.reorder:
+            due = time.monotonic() + max(0.0, (self.delay or 0.002) + self.rng.uniform(-self.jitter, self.jitter))
+            self.held.extend((due, f) for f in mine)
+            return out
+        return out + mine
+
+    def forgeries(self, request, reply, export):
+        """Wrong answers to a READ, three kinds of them at random."""
+        try:
+            f = parse_frame(request)
+            a = parse_ata(f)
+        except FrameError:
             return []
-        out = [frame, frame] if r() < self.duplicate else [frame]
-        if self.delay or r() < self.reorder:
-            due = time.monotonic() + (self.delay or 0.002)
-            self.held.extend((due, f) for f in out)
+        if f.command != AOECMD_ATA or a.cmd_status not in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT) or \
+                len(reply) < ATA_HDR_LEN + a.count * SECTOR_SIZE:
             return []
+        rng, data = self.rng, reply[ATA_HDR_LEN:ATA_HDR_LEN + a.count * SECTOR_SIZE]
+        limit = (export.sectors if export else 0) - a.count
+
+        def answer(tag=f.tag, aflags=a.aflags, count=0, lba=a.lba, payload=data, src=None, shelf=None,
+                   flags=AOEFL_RSP):
+            body = AtaFields(aflags, 0, count, ATA_DRDY, lba, payload)
+            return pack_ata(f.src, src or reply[6:12], f.shelf if shelf is None else shelf, f.slot, tag, body, flags)
+
+        other = max(0, min(limit, a.lba + rng.choice((-1, 1)) * max(1, a.count))) if limit > 0 else a.lba
+        kinds = [
+            lambda: answer(tag=f.tag ^ 1 << rng.randrange(30)),
+            lambda: answer(lba=other, payload=export.read(other, a.count) if export else data),
+            lambda: answer(count=min(255, a.count + 1)),
+            lambda: answer(aflags=a.aflags ^ AOEAFL_WRITE),
+            lambda: answer()[:ATA_HDR_LEN + len(data) // 2],
+            lambda: answer(src=bytes([2]) + rng.getrandbits(40).to_bytes(5, "big")),
+            lambda: answer(shelf=(f.shelf + 1) % AOE_SHELF_ANY),
+            lambda: answer(flags=0),
+            lambda: answer(tag=rng.getrandbits(32), payload=rng.getrandbits(8 * len(data)).to_bytes(len(data), "big")),
+        ]
+        out = [rng.choice(kinds)() for _ in range(3)]
+        if self.history:
+            out.append(rng.choice(self.history))
+        self.history.append(reply)
         return out
 
     def due(self):
@@ -2281,7 +2527,7 @@ def serve_loop(target, port, faults=None, stop=lambda: False):
             reply = target.handle(view[:n])
             if reply is None:
                 continue
-            for frame in (faults.outgoing(reply) if faults else (reply,)):
+            for frame in (faults.outgoing(reply, view[:n], target.export) if faults else (reply,)):
                 port.send(frame)
         if faults and faults.held:
             for frame in faults.due():
@@ -2842,53 +3088,116 @@ def cmd_version(args):
 
 STREAM_CHUNK = 1 << 20           # bytes per request when streaming an image
 STREAM_DEPTH = 8                 # requests in flight when streaming
+STREAM_QUEUED = 8                # more buffers, with the file thread or waiting for it
 
 
-def stream(engine, op, lba, nsect, produce=None, consume=None, progress=None):
+class FileThread:
+    """The file side of a stream, in a thread of its own so that frames keep
+    moving while the file system works (os.write and os.readv let go of the
+    GIL): work(view, lba) runs for each buffer handed over, in order, and
+    each comes back with work's result."""
+
+    def __init__(self, work):
+        self.work = work
+        self.todo, self.finished = queue.Queue(), queue.Queue()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="file", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        for item in iter(self.todo.get, None):
+            i, view, lba = item
+            try:
+                result = self.work(view, lba)
+            except BaseException as e:            # raised again in the stream's thread
+                self.error = e
+                self.finished.put(None)
+                return
+            self.finished.put((i, view, lba, result))
+
+    def give(self, i, view, lba):
+        self.todo.put((i, view, lba))
+
+    def take(self, wait):
+        """The next buffer done, as (index, view, lba, result), or None if there is none
+        within `wait` seconds."""
+        try:
+            item = self.finished.get(timeout=wait) if wait else self.finished.get_nowait()
+        except queue.Empty:
+            return None
+        if item is None:
+            raise self.error
+        return item
+
+    def close(self):
+        self.todo.put(None)
+        self.thread.join()
+
+
+def stream(engine, op, lba, nsect, file_work, progress=None, fix_tail=None):
     """Move `nsect` sectors from `lba` through a ring of buffers, requests in flight
-    together, handing them back in order: produce(view) fills a buffer before a
-    write, consume(view) takes one after a read.  Memory stays flat whatever the size."""
+    together and in order.  The file side runs in a FileThread: file_work(view, lba)
+    takes a buffer after a read, or fills one before a write and returns how many
+    bytes it put there; fix_tail(view, lba, got) completes a write buffer filled
+    short (in this thread, as it may read the target).  Memory stays flat whatever
+    the size."""
     chunk = STREAM_CHUNK // SECTOR_SIZE
-    buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(STREAM_DEPTH)]
-    free = collections.deque(range(STREAM_DEPTH))
-    order = collections.deque()
-    inflight, finished = {}, set()
+    buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(STREAM_DEPTH + STREAM_QUEUED)]
+    free = collections.deque(range(len(buffers)))
+    ready = collections.deque()                  # (index, view, lba) to send
+    order, inflight, finished = collections.deque(), {}, set()
+    with_file = 0                                # buffers the file thread holds
     next_lba, end = lba, lba + nsect
-    while next_lba < end or order:
-        while free and next_lba < end:
-            i = free.popleft()
-            n = min(chunk, end - next_lba)
-            view = buffers[i][:n * SECTOR_SIZE]
-            if produce is not None:
-                produce(view, next_lba)
-            rid = engine.submit(op, next_lba, n, view)
-            inflight[rid] = (i, next_lba, n)
-            order.append(rid)
-            next_lba += n
-        for rid, status in engine.poll(50000):
-            if status:
-                _, at, n = inflight[rid]
-                raise AoeError(io_error_text(engine, op, at, n, status))
-            finished.add(rid)
-        while order and order[0] in finished:
-            rid = order.popleft()
-            finished.discard(rid)
-            i, at, n = inflight.pop(rid)
-            if consume is not None:
-                consume(buffers[i][:n * SECTOR_SIZE])
-            if progress is not None:
-                progress.update(n * SECTOR_SIZE)
-            free.append(i)
-
-
-def io_error_text(engine, op, lba, n, status):
-    name = engine.target.name
-    if engine.dead:
-        return engine.dead
-    if op == OP_WRITE and status == -(STATUS_ATA_ERROR | ATA_ABORTED):
-        return ("%s refused the write at sector %d (ATA command aborted): the target is probably"
-                " exported read-only" % (name, lba))
-    return "%s: %s %d sectors at %d failed: %s" % (name, ("read", "write", "flush")[op], n, lba, status_text(status))
+    side = FileThread(file_work)
+    try:
+        while next_lba < end or ready or order or with_file:
+            while free and next_lba < end:
+                i = free.popleft()
+                n = min(chunk, end - next_lba)
+                if op == OP_WRITE:
+                    side.give(i, buffers[i][:n * SECTOR_SIZE], next_lba)
+                    with_file += 1
+                else:
+                    ready.append((i, buffers[i][:n * SECTOR_SIZE], next_lba))
+                next_lba += n
+            wait = 0.2 if not order and not ready else 0
+            while with_file:
+                item = side.take(wait)
+                if item is None:
+                    break
+                wait, with_file = 0, with_file - 1
+                i, view, at, got = item
+                if op == OP_READ:
+                    free.append(i)
+                    continue
+                if got < len(view):
+                    fix_tail(view, at, got)
+                ready.append((i, view, at))
+            while ready and len(order) < STREAM_DEPTH:
+                i, view, at = ready.popleft()
+                rid = engine.submit(op, at, len(view) // SECTOR_SIZE, view)
+                inflight[rid] = (i, view, at)
+                order.append(rid)
+            if not order:
+                continue
+            for rid, status in engine.poll(50000):
+                if status:
+                    _, view, at = inflight[rid]
+                    raise AoeError(engine.error_text(op, at, len(view) // SECTOR_SIZE, status))
+                finished.add(rid)
+            while order and order[0] in finished:
+                rid = order.popleft()
+                finished.discard(rid)
+                i, view, at = inflight.pop(rid)
+                if progress is not None:
+                    progress.update(len(view))
+                if op == OP_READ:
+                    side.give(i, view, at)
+                    with_file += 1
+                else:
+                    free.append(i)
+    finally:
+        side.close()
 
 
 def make_engine(args, target):
@@ -2943,7 +3252,7 @@ def cmd_read(args):
             if have:
                 sys.stderr.write("resuming %s at byte %d\n" % (args.output, have * SECTOR_SIZE))
 
-    def consume(view):
+    def consume(view, lba):
         out.write(view)
         if hasher:
             hasher.update(view)
@@ -2951,7 +3260,7 @@ def cmd_read(args):
     engine = make_engine(args, target)
     progress = Progress(count * SECTOR_SIZE, "read %s" % target.name)
     try:
-        stream(engine, OP_READ, first, count, consume=consume, progress=progress)
+        stream(engine, OP_READ, first, count, consume, progress)
         out.flush()
     finally:
         seconds = progress.finish()
@@ -2997,9 +3306,8 @@ def cmd_write(args):
         raise usage_error("not writing to %s: confirm at the prompt, or pass --yes" % target.name)
     engine = make_engine(args, target)
     count = (size + SECTOR_SIZE - 1) // SECTOR_SIZE
-    written = [0]
 
-    def produce(view, lba):
+    def fill(view, lba):
         got = src.readinto(view)
         while got and got < len(view):
             more = src.readinto(view[got:])
@@ -3008,23 +3316,24 @@ def cmd_write(args):
             got += more
         if len(view) - got >= SECTOR_SIZE:
             raise AoeError("%s changed size while being written; %s holds a partial copy" % (args.input, target.name))
-        if got < len(view):
-            # Keep the bytes after the image's last partial sector as they are on the target.
-            tail = (got // SECTOR_SIZE) * SECTOR_SIZE
-            old = bytearray(SECTOR_SIZE)
-            engine.run(OP_READ, lba + tail // SECTOR_SIZE, 1, old)
-            view[got:tail + SECTOR_SIZE] = old[got - tail:]
-        written[0] += got
+        return got
+
+    def keep_tail(view, lba, got):
+        """The bytes after the image's last partial sector stay as they are on the target."""
+        tail = (got // SECTOR_SIZE) * SECTOR_SIZE
+        old = bytearray(SECTOR_SIZE)
+        engine.run(OP_READ, lba + tail // SECTOR_SIZE, 1, old)
+        view[got:tail + SECTOR_SIZE] = old[got - tail:]
 
     progress = Progress(size, "write %s" % target.name)
     try:
-        stream(engine, OP_WRITE, first, count, produce=produce, progress=progress)
+        stream(engine, OP_WRITE, first, count, fill, progress, keep_tail)
         engine.flush()
     finally:
         seconds = progress.finish()
         engine.close()
         src.close()
-    sys.stderr.write(summary(target, engine, "wrote", written[0], seconds) + ", flushed\n")
+    sys.stderr.write(summary(target, engine, "wrote", size, seconds) + ", flushed\n")
     if args.verbose:
         sys.stderr.write(engine.describe())
     return EXIT_OK
@@ -3064,7 +3373,7 @@ def bench_one(engine, op, pattern, block, depth, seconds, span, rng):
             break
         for rid, status in engine.poll(20000):
             if status:
-                raise AoeError(io_error_text(engine, op, 0, block, status))
+                raise AoeError(engine.error_text(op, 0, block, status))
             latencies.append(time.monotonic() - started.pop(rid))
             free.append(owner.pop(rid))
     elapsed = time.monotonic() - t0
@@ -3350,8 +3659,8 @@ def cmd_serve(args):
     export = Export(args.file, args.readonly, args.direct, args.sync,
                     sector_aligned(parse_size(args.offset), "-o") if args.offset else 0, length)
     masks = [parse_mac(m) for m in (args.mask or "").replace(",", " ").split()]
-    faults = FaultPlan(args.fault_drop, args.fault_duplicate, args.fault_delay, args.fault_reorder,
-                       args.fault_seed)
+    faults = FaultPlan(args.fault_drop, args.fault_duplicate, args.fault_delay, args.fault_jitter,
+                       args.fault_reorder, args.fault_forge, args.fault_seed)
     helper = load_helper()
     why_python = ("fault injection" if faults.active else "no helper" if helper is None
                   else "over %d masks" % SERVE_MASK_MAX if len(masks) > SERVE_MASK_MAX else None)
@@ -3618,14 +3927,14 @@ def add_engine(p):
     p.add_argument("--no-helper", action="store_true", help="use the pure-Python data path")
 
 
-def positive(kind):
+def positive(kind, zero_too=False):
     def check(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError("%r is not a number" % text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be greater than 0")
+        if value < 0 or value == 0 and not zero_too:
+            raise argparse.ArgumentTypeError("must be %s 0" % ("at least" if zero_too else "greater than"))
         return value
     return check
 
@@ -3759,8 +4068,13 @@ def build_parser():
     t = p.add_argument_group("testing aids (fault injection; never for production)")
     t.add_argument("--fault-drop", type=fraction, default=0.0, metavar="P", help="drop this fraction of responses")
     t.add_argument("--fault-duplicate", type=fraction, default=0.0, metavar="P", help="send some responses twice")
-    t.add_argument("--fault-delay", type=float, default=0.0, metavar="MS", help="delay every response")
+    t.add_argument("--fault-delay", type=positive(float, zero_too=True), default=0.0, metavar="MS",
+                   help="delay every response")
+    t.add_argument("--fault-jitter", type=positive(float, zero_too=True), default=0.0, metavar="MS",
+                   help="vary the delay by up to this much either way (reorders responses)")
     t.add_argument("--fault-reorder", type=fraction, default=0.0, metavar="P", help="hold back some responses")
+    t.add_argument("--fault-forge", type=fraction, default=0.0, metavar="P",
+                   help="send forged answers before the true one to this fraction of READs (a hostile target)")
     t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
     add_common(p, json_flag=False, iface=False)
 

@@ -20,12 +20,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CDEF = """
 struct aoe_counters {
     uint64_t frames_sent, frames_resent, frames_recv, bytes_data;
+    uint64_t resent_needed;
+    uint64_t resent_spurious;
     uint64_t drop_short;
     uint64_t drop_not_response;
     uint64_t drop_version;
     uint64_t drop_foreign;
     uint64_t drop_bad_mac;
     uint64_t drop_stale;
+    uint64_t drop_late;
+    uint64_t drop_bad_tag;
+    uint64_t drop_echo;
     uint64_t errors;
     uint64_t send_eagain;
 };
@@ -36,10 +41,15 @@ struct aoe_path {
     int outstanding;
     int enabled;
     uint32_t rto_us;
+    uint32_t reorder_us;
+    int64_t newest_answered_us;
     uint64_t sent, recv;
     int64_t last_recv_us;
     uint32_t rtt_n, rtt_max_us;
     uint64_t rtt_sum_us;
+    uint32_t spurious;
+    uint32_t needed;
+    uint32_t late;
 };
 struct aoe_event { uint64_t req_id; int32_t status; };
 struct aoe_eng {
@@ -58,7 +68,7 @@ struct aoe_eng {
     ...;
 };
 
-struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames);
+struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16_t gen_seed);
 void aoe_eng_free(struct aoe_eng *);
 int aoe_eng_add_path(struct aoe_eng *, int fd, const uint8_t *src6, const uint8_t *dst6);
 int aoe_submit(struct aoe_eng *, uint64_t req_id, int op, uint64_t lba, uint32_t nsect, void *buf);

@@ -3,15 +3,19 @@
 
 Two private network namespaces joined by a veth pair (aoe.NetLab); one target
 at a time serves the same sparse file on tmpfs; the client is `aoe.py read`
-and `aoe.py write` in the other namespace, and, as the yardstick, bench/minread.c,
-the smallest reader there can be (one send and one recv per frame, a window of
-the target's buffer count).  Rows: target x client; columns: MTU.  Figures are
-best-of-N MB/s (10^6 bytes/s), and the CPU time per GB moved (least of the N
-runs; threads and the kernel work done in system calls included) of the target
-and of the client: on two cores, whichever is near 1 s per second of the run is
-the limit.  Needs root, and a C compiler for the yardstick.
+(into /dev/null, and into a file on tmpfs as imaging does) and `aoe.py write`
+in the other namespace, and, as the yardstick, bench/minread.c, the smallest
+reader there can be (one send and one recv per frame, a window of the target's
+buffer count, data thrown away).  One target is `serve` with its fault
+injection: 5% of answers dropped, 1% duplicated, all delayed 1 ms +- 1 ms,
+10% held back (it runs serve's pure-Python path, so compare it with that row).
+Rows: target x client; columns: MTU.  Figures are the median MB/s (10^6
+bytes/s) of N runs with the slowest and fastest, and the median CPU time per
+GB moved (threads and the kernel work done in system calls included) of the
+target and of the client: on two cores, whichever is near 1 s per second of
+the run is the limit.  Needs root, and a C compiler for the yardstick.
 
-    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 3]
+    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 5]
 """
 
 import argparse
@@ -20,6 +24,7 @@ import platform
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,11 +39,16 @@ TARGETS = [  # name, argv before "SHELF SLOT IFACE FILE", extra environment
     ("vblade -b 64", ["vblade", "-b", "64"], {}),
     ("aoe.py serve (helper)", [sys.executable, aoe.__file__, "serve"], {}),
     ("aoe.py serve (pure Python)", [sys.executable, aoe.__file__, "serve"], {"AOE_NO_HELPER": "1"}),
+    ("aoe.py serve, lossy and jittery", [sys.executable, aoe.__file__, "serve", "--fault-drop", "0.05",
+                                         "--fault-duplicate", "0.01", "--fault-delay", "1", "--fault-jitter", "1",
+                                         "--fault-reorder", "0.1"], {}),
 ]
 CLIENTS = [  # name, verb, extra environment
     ("read, minimal C reader", "minread", {}),
     ("read, helper", "read", {}),
+    ("read into a file, helper", "readfile", {}),
     ("read, pure Python", "read", {"AOE_NO_HELPER": "1"}),
+    ("read into a file, pure Python", "readfile", {"AOE_NO_HELPER": "1"}),
     ("write, helper", "write", {}),
 ]
 BUFCNT = {"vblade": 16}                 # what each target advertises, for the yardstick's window
@@ -50,6 +60,11 @@ def rate(output):
     if not m:
         raise RuntimeError("no rate in: " + output.strip()[-300:])
     return float(m.group(1))
+
+
+def spread(rates):
+    """median (slowest-fastest)"""
+    return "%.0f (%.0f-%.0f)" % (statistics.median(rates), min(rates), max(rates))
 
 
 def cpu_seconds(pid):
@@ -64,30 +79,33 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def client_argv(lab, verb, slot, size, source, minread, window):
+def client_argv(lab, verb, slot, size, source, image_copy, minread, window):
     device = "e0.%d" % slot
     if verb == "minread":
         mac = lab.mac(lab.tgt_ns, lab.tgt_if)
         return lab.argv(lab.ini_ns, [minread, lab.ini_if, mac, "0", str(slot), str(size // aoe.SECTOR_SIZE),
                                      str(aoe.frame_sectors(lab.mtu)), str(window)])
-    args = ["read", device, "/dev/null"] if verb == "read" else ["write", "--yes", source, device]
+    args = {"read": ["read", device, "/dev/null"], "readfile": ["read", device, image_copy],
+            "write": ["write", "--yes", source, device]}[verb]
     return lab.aoe_argv(lab.ini_ns, args)
 
 
-def measure(lab, client_env, argv, size, runs, target_pid):
-    """Best rate in MB/s, and the least target and client CPU time per GB moved in those runs."""
-    best, target_cpu, client_cpu = 0.0, float("inf"), float("inf")
+def measure(lab, client_env, argv, size, runs, target_pid, image_copy):
+    """MB/s of each run, and the target's and the client's CPU time per GB moved in each."""
+    rates, target_cpu, client_cpu = [], [], []
     for _ in range(runs):
         env = lab.env()
         env.update(client_env)
         before, before_client = cpu_seconds(target_pid), children_cpu_seconds()
         r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        if os.path.exists(image_copy):
+            os.unlink(image_copy)
         if r.returncode:
             raise RuntimeError("%s: %s" % (" ".join(argv[4:]), r.stderr.strip()))
-        best = max(best, rate(r.stdout + r.stderr))
-        target_cpu = min(target_cpu, (cpu_seconds(target_pid) - before) / (size / 1e9))
-        client_cpu = min(client_cpu, (children_cpu_seconds() - before_client) / (size / 1e9))
-    return best, target_cpu, client_cpu
+        rates.append(rate(r.stdout + r.stderr))
+        target_cpu.append((cpu_seconds(target_pid) - before) / (size / 1e9))
+        client_cpu.append((children_cpu_seconds() - before_client) / (size / 1e9))
+    return rates, statistics.median(target_cpu), statistics.median(client_cpu)
 
 
 def run_mtu(mtu, size, runs, shm, minread):
@@ -95,6 +113,7 @@ def run_mtu(mtu, size, runs, shm, minread):
     lab = aoe.NetLab(mtu, prefix="aoebench")
     image = os.path.join(shm, "aoe-bench-%s.img" % lab.tag)
     source = os.path.join(shm, "aoe-bench-%s.src" % lab.tag)
+    image_copy = os.path.join(shm, "aoe-bench-%s.copy" % lab.tag)
     try:
         with open(image, "wb") as f:
             f.truncate(size)
@@ -114,17 +133,17 @@ def run_mtu(mtu, size, runs, shm, minread):
                     if verb == "minread" and not minread:
                         continue
                     window = int(argv[argv.index("-b") + 1]) if "-b" in argv else BUFCNT.get(tname, aoe.SERVE_BUFCNT)
-                    figures = measure(lab, cenv, client_argv(lab, verb, slot, size, source, minread, window),
-                                      size, runs, proc.pid)
+                    argv = client_argv(lab, verb, slot, size, source, image_copy, minread, window)
+                    figures = measure(lab, cenv, argv, size, runs, proc.pid, image_copy)
                     results[(tname, cname)] = figures
-                    print("  MTU %d  %-28s %-24s %8.1f MB/s, CPU s/GB: target %.2f, client %.2f"
-                          % ((mtu, tname, cname) + figures), file=sys.stderr)
+                    print("  MTU %d  %-32s %-30s %s MB/s, CPU s/GB: target %.2f, client %.2f"
+                          % ((mtu, tname, cname, spread(figures[0])) + figures[1:]), file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait(10)
     finally:
         lab.close()
-        for path in (image, source):
+        for path in (image, source, image_copy):
             if os.path.exists(path):
                 os.unlink(path)
     return results
@@ -134,7 +153,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="1G", help="image size (default %(default)s)")
     p.add_argument("--mtu", default="1500,9000")
-    p.add_argument("--runs", type=int, default=3, help="best of this many (default %(default)s)")
+    p.add_argument("--runs", type=int, default=5, help="runs of each client (default %(default)s)")
     p.add_argument("--shm", default="/dev/shm", help="tmpfs directory for the image")
     args = p.parse_args()
     size = aoe.parse_size(args.size)
@@ -147,7 +166,7 @@ def main():
             minread = None
         table = {mtu: run_mtu(mtu, size, args.runs, args.shm, minread) for mtu in mtus}
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print("%s, %s, %d cores (%s), Linux %s, Python %s, image %s on tmpfs, best of %d"
+    print("%s, %s, %d cores (%s), Linux %s, Python %s, image %s on tmpfs, median (slowest-fastest) of %d runs"
           % (time.strftime("%Y-%m-%d"), platform.machine(), os.cpu_count(), cpu, platform.release(),
              platform.python_version(), args.size, args.runs))
     print()
@@ -157,7 +176,7 @@ def main():
     for tname, _, _ in TARGETS:
         for cname, _, _ in CLIENTS:
             if all((tname, cname) in table[m] for m in mtus):
-                cells = ["%.0f" % table[m][(tname, cname)][0] for m in mtus]
+                cells = [spread(table[m][(tname, cname)][0]) for m in mtus]
                 cells += ["%.2f, %.2f" % table[m][(tname, cname)][1:] for m in mtus]
                 print("| %s | %s | %s |" % (tname, cname, " | ".join(cells)))
 

@@ -2,8 +2,10 @@
 # aoe.py attach vs the kernel's own aoe driver, side by side in one VM boot, same vblade, same image.
 # Usage (from the checkout): vm/run 'bench/vm-vs-kernel.sh PYTHON [SECONDS] [MTU...]'
 # For each MTU: vblade exports a tmpfs image; the kernel driver (insmod aoe.ko) runs every fio job
-# on /dev/etherd/e0.0, is removed, then aoe.py attach runs the same jobs on /dev/ublkbN.
-# Prints one table row per job: MB/s or IOPS, mean latency, and aoe.py/kernel ratios.
+# on /dev/etherd/e0.0, then the netem jobs with netem on the target's side ($NETEM: loss, duplicates,
+# jitter, reordering), is removed, then aoe.py attach runs the same jobs on /dev/ublkbN.
+# Prints one table row per job: MB/s or IOPS, mean latency, and aoe.py/kernel ratios; and for the
+# netem job, what each keeps of its own clean rate.
 set -euo pipefail
 PY=${1:?python interpreter}; SECS=${2:-5}; shift 2 || shift $#
 MTUS=("$@"); [ ${#MTUS[@]} -gt 0 ] || MTUS=(1500 9000)
@@ -11,10 +13,12 @@ IMG=/tmp/bench.img
 . vm/kernel-aoe.sh
 JOBS=("seq-read-1M-qd1 read 1M 1" "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd1 write 1M 1"
       "seq-write-1M-qd16 write 1M 16" "rand-read-4k-qd1 randread 4k 1" "rand-read-4k-qd32 randread 4k 32"
-      "rand-write-4k-qd1 randwrite 4k 1" "rand-write-4k-qd32 randwrite 4k 32")
+      "rand-write-4k-qd1 randwrite 4k 1" "rand-write-4k-qd32 randwrite 4k 32" "rand-write-64k-qd16 randwrite 64k 16")
+NETEM="loss 5% duplicate 1% delay 1ms 1ms reorder 10%"
+NETEM_JOBS=("netem-rand-write-64k-qd16 randwrite 64k 16")
 
-run_jobs() {  # run_jobs DEVICE LABEL MTU -> JSON lines in /tmp/results
-    for job in "${JOBS[@]}"; do
+run_jobs() {  # run_jobs JOB... with DEV, LABEL, MTU set -> JSON lines in /tmp/results
+    for job in "$@"; do
         set -- $job
         fio --name="$1" --filename="$DEV" --direct=1 --ioengine=libaio --rw="$2" --bs="$3" --iodepth="$4" \
             --size=448M --time_based --runtime="$SECS" --ramp_time=1 --output-format=json 2>/dev/null |
@@ -38,11 +42,17 @@ for MTU in "${MTUS[@]}"; do
     VB=$!
 
     kernel_aoe_attach aoeini e0.0 || { echo "the kernel driver did not find e0.0"; exit 1; }
-    DEV=/dev/etherd/e0.0 LABEL=kernel run_jobs
+    all_jobs() {  # the clean jobs, then the netem ones under netem
+        run_jobs "${JOBS[@]}"
+        ip netns exec tgt tc qdisc add dev aoetgt root netem $NETEM
+        run_jobs "${NETEM_JOBS[@]}"
+        ip netns exec tgt tc qdisc del dev aoetgt root
+    }
+    DEV=/dev/etherd/e0.0 LABEL=kernel all_jobs
     rmmod aoe
 
     DEV=$(AOE_IFLIST=aoeini "$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ublk"])')
-    LABEL=aoe.py run_jobs
+    LABEL=aoe.py all_jobs
     AOE_IFLIST=aoeini "$PY" aoe.py detach e0.0 > /dev/null
 
     kill $VB; wait $VB 2>/dev/null || true
@@ -60,9 +70,15 @@ print("|---:|---|---:|---:|---:|---|")
 for mtu in sorted({r["mtu"] for r in rows}):
     for job in dict.fromkeys(r["job"] for r in rows if r["mtu"] == mtu):
         k, a = by[("kernel", mtu, job)], by[("aoe.py", mtu, job)]
-        unit, key = ("MB/s", "mbs") if "seq" in job else ("IOPS", "iops")
+        unit, key = ("MB/s", "mbs") if "seq" in job or "64k" in job else ("IOPS", "iops")
         lat = "%.0f / %.0f (%.2fx)" % (k["lat_us"], a["lat_us"], a["lat_us"] / k["lat_us"]) if job.endswith("qd1") else ""
         print("| %d | %s | %.1f %s | %.1f %s | %.2f | %s |" % (mtu, job, k[key], unit, a[key], unit,
                                                                a[key] / max(k[key], 1e-9), lat))
+for mtu in sorted({r["mtu"] for r in rows}):
+    for job in (j for j in dict.fromkeys(r["job"] for r in rows) if j.startswith("netem-")):
+        clean = job[len("netem-"):]
+        kept = ["%s %.2f" % (who, by[(who, mtu, job)]["mbs"] / max(by[(who, mtu, clean)]["mbs"], 1e-9))
+                for who in ("kernel", "aoe.py")]
+        print("MTU %d, %s under netem keeps of its clean rate: %s" % (mtu, clean, ", ".join(kept)))
 EOF
 echo "BENCH DONE"

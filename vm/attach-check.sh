@@ -3,7 +3,8 @@
 #   ext4 (mkfs, files, e2fsck -fn), fio crc32c verify (sequential 1M and random 4k qd32),
 #   the device's bytes against vblade's backing file, a partition (eX.Yp1), SIGTERM = clean detach,
 #   read-only attach, target restarted within deadsecs, target dead past deadsecs (EIO, down, back up),
-#   SIGKILL of the daemon + attach --recover (or detach), detach under load, flush; at MTU 9000 the demo.
+#   SIGKILL of the daemon + attach --recover (or detach), a hostile target (serve --fault-forge),
+#   detach under load, flush; at MTU 9000 the demo.
 # Usage: vm/run 'vm/attach-check.sh PYTHON MTU', or as root on a machine with ublk: vm/attach-check.sh PYTHON MTU
 # (then everything it makes is its own: namespace, veth pair, work directory, aoe.py's records and links).
 set -euo pipefail
@@ -57,7 +58,11 @@ FIO=(fio --direct=1 --ioengine=libaio --verify=crc32c --do_verify=1 --verify_fat
 
 cleanup() {
     umount "$WORK/mnt" 2>/dev/null || true
-    [ -e "$RUN/e0.0.json" ] && kill "$(daemon_pid)" 2>/dev/null && sleep 2
+    for f in "$RUN"/*.json; do
+        [ -e "$f" ] && kill "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$f")" 2>/dev/null || true
+    done
+    [ -n "${HOSTILE_PID:-}" ] && kill "$HOSTILE_PID" 2>/dev/null || true
+    sleep 2
     ip netns del "$NS" 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -150,6 +155,24 @@ wait_state up 10
 same_as_image 256 16
 "${FIO[@]}" --name=after --filename="$DEV" --rw=randwrite --bs=4k --iodepth=8 --offset=400M --size=8M > /dev/null \
     || fail "fio verify after recovery"
+
+step "a hostile target: forged answers before every true one, the device still reads exactly"
+HOSTILE=$WORK/e0.9.img
+head -c 32M /dev/urandom > "$HOSTILE"
+ip netns exec "$NS" "$PY" aoe.py serve --fault-forge 1 0 9 "$TGT" "$HOSTILE" >> "$WORK/hostile.log" 2>&1 &
+HOSTILE_PID=$!
+sleep 1
+aoe attach --json e0.9 > "$WORK/attach9.json" || fail "attach e0.9"
+DEV9=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ublk"])' "$WORK/attach9.json")
+for _ in $(seq 50); do [ -b "$DEV9" ] && break; sleep 0.1; done
+cmp <(dd if="$DEV9" bs=1M iflag=direct status=none) "$HOSTILE" || fail "e0.9 read through the hostile target differs"
+"${FIO[@]}" --name=hostile --filename="$DEV9" --rw=randwrite --bs=16k --iodepth=16 --size=8M > /dev/null \
+    || fail "fio verify through the hostile target"
+kill -USR1 "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$RUN/e0.9.json")"
+sleep 1
+grep -A3 "state up" "$RUN/e0.9.log" | grep "dropped:" || fail "no drop counters in the e0.9 log"
+aoe detach e0.9 || fail "detach e0.9"
+kill "$HOSTILE_PID"; wait "$HOSTILE_PID" 2>/dev/null || true
 
 step "detach under load"
 timeout -s KILL 120 fio --name=load --filename="$DEV" --direct=1 --ioengine=libaio --rw=randrw --bs=64k \
