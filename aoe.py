@@ -16,6 +16,7 @@ The file reads top to bottom, each section using only those above it:
 import argparse
 import collections
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -1039,6 +1040,10 @@ class PyPump:
     def busy(self):
         return bool(self.requests)
 
+    @property
+    def active_requests(self):
+        return len(self.requests)
+
     def submit(self, req_id, op, lba, nsect, buf):
         count = 1 if op == OP_FLUSH else (nsect + self.spf - 1) // self.spf
         if count > len(self.free):
@@ -1307,6 +1312,10 @@ class HelperPump:
     def busy(self):
         return self.eng.active_requests > 0
 
+    @property
+    def active_requests(self):
+        return self.eng.active_requests
+
     def submit(self, req_id, op, lba, nsect, buf):
         ptr = self.ffi.NULL
         if buf is not None:
@@ -1348,6 +1357,26 @@ class HelperPump:
         self.lib.aoe_fail_all(self.eng, status)
         return self._events()
 
+    # The ublk bridge: pump() takes the requests of a ublk queue itself, submits
+    # them under ids BRIDGE_ID | op << 16 | tag and commits those that succeed;
+    # failures come back among the completions, and the requests it does not
+    # take (admission off, other ops, out of range) through bridge_events().
+
+    def bridge(self, queue, sectors, readonly):
+        """Bridge a ublk queue (NULL: end the bridge, before the queue is closed); 0 or -errno."""
+        return self.lib.aoe_eng_bridge(self.eng, queue, sectors, 1 if readonly else 0)
+
+    def bridge_admit(self, on):
+        """Whether the bridge submits requests itself (off: every one is handed over)."""
+        self.eng.bridge_on = 1 if on else 0
+
+    def bridge_events(self):
+        """What the last pump() left for Python: (the queue is finished, the last ublk error
+        or 0, the requests handed over)."""
+        eng = self.eng
+        error, eng.bridge_error = eng.bridge_error, 0
+        return bool(eng.bridge_finished), error, [eng.handed[i] for i in range(eng.nhanded)]
+
     @property
     def stats(self):
         c = self.eng.c
@@ -1374,6 +1403,14 @@ def load_helper():
     except ImportError:
         return None
     return _aoeio
+
+
+def need_helper(verb):
+    helper = load_helper()
+    if helper is None:
+        raise AoeError("%s needs the compiled helper: install cffi and a C compiler, then run "
+                       "'python3 build_ffi.py' next to aoe.py" % verb)
+    return helper
 
 
 class PathPolicy:
@@ -1679,20 +1716,30 @@ class Engine:
 
 
 # =============================================================================
-# Block backends: a target as /dev/ublkbN through ublk
+# Block backends: a target as a block device, through ublk or NBD
 # =============================================================================
 #
-# One daemon process per attached device.  Its single thread owns the ublk
-# queue (the kernel binds a queue to the task that fetched it) and the engine:
-# each request the kernel hands out becomes an engine request on that tag's
-# buffer, and completions go back to the kernel in batches.  The daemon records
-# itself in RUN_DIR/eX.Y.json, where stat, detach, flush and attach --recover
-# find it, and logs to RUN_DIR/eX.Y.log.
+# One daemon process per attached device (AttachDaemon) owns the engine and
+# one backend, the kernel driver that makes the block device:
+#
+#   UblkBackend  /dev/ublkbN (Linux 6.5+, the compiled helper): the helper's
+#                pump takes requests from the ublk queue and commits those
+#                that go well itself; Python sees only failures and requests
+#                handed over.
+#   NbdBackend   /dev/nbdN (every kernel with the nbd module; standard library
+#                only): the daemon serves the NBD transmission protocol on a
+#                socketpair whose other end the kernel holds.
+#
+# Both have the same few methods (create, recover, wait_fd, completed, intake,
+# set_down, stop, close; missing and remove_orphan), so
+# the daemon, its record RUN_DIR/eX.Y.json (where stat, detach, flush and
+# attach --recover find it), its log RUN_DIR/eX.Y.log and the links
+# /dev/etherd/eX.Y behave the same for both.
 
 RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
-LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")   # eX.Y -> /dev/ublkbN, named as the kernel driver does
-UBLK_MIN_REQUEST = 128            # sectors: smallest largest-request we advertise (64 KiB)
-UBLK_MAX_REQUEST = 1024           # sectors: 512 KiB, the default largest ublk buffer
+LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")   # eX.Y -> the block device, named as the kernel driver does
+MIN_REQUEST = 128                 # sectors: smallest largest-request we advertise (64 KiB)
+MAX_REQUEST = 1024                # sectors: 512 KiB, the default largest ublk buffer
 UBLK_MIN_DEPTH = 32               # tags: enough for random I/O at queue depth 32
 UBLK_MAX_DEPTH = 128
 UBLK_NEEDED = UBLK_F_CMD_IOCTL_ENCODE
@@ -1704,22 +1751,194 @@ PROBE_DEADSECS = 2                # a probe fails after this long without an ans
 DETACH_DEADSECS = 5               # while detaching, give up on a silent target after this long
 CONTROL_LIMIT = 60                # seconds a control command may take beyond deadsecs
 QUIESCE_WAIT = 30                 # seconds to wait for the kernel to notice a dead daemon
+BACKENDS = ("ublk", "nbd")
 
+
+def request_layout(target):
+    """(largest request in sectors, requests in flight) for a target: a request is one
+    full window of frames (buffer count x sectors per frame, within 64-512 KiB), and
+    there are tags for four such windows, at least 32 and at most 128."""
+    window = max(1, target.info.bufcnt) * target.sectors_per_frame
+    request = max(MIN_REQUEST, min(MAX_REQUEST, window))
+    depth = max(UBLK_MIN_DEPTH, min(UBLK_MAX_DEPTH, 4 * window // request))
+    return request, depth
+
+
+class Attachment:
+    """What RUN_DIR/eX.Y.json records about an attached device."""
+
+    FIELDS = ("device", "backend", "dev", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log")
+
+    def __init__(self, **fields):
+        for k in self.FIELDS:
+            setattr(self, k, fields.get(k))
+        if self.backend is None and self.dev_id is not None:    # recorded before there was a choice
+            self.backend, self.dev = "ublk", "ublkb%d" % self.dev_id
+
+    @staticmethod
+    def file(device):
+        return os.path.join(RUN_DIR, device + ".json")
+
+    @classmethod
+    def load(cls, device):
+        try:
+            with open(cls.file(device)) as f:
+                return cls(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @classmethod
+    def all(cls):
+        try:
+            names = sorted(n[:-5] for n in os.listdir(RUN_DIR) if n.endswith(".json"))
+        except OSError:
+            return []
+        return [a for a in map(cls.load, names) if a is not None]
+
+    @classmethod
+    def find(cls, name):
+        """The attachment named by eX.Y, its block device or /dev/etherd/eX.Y, or None."""
+        path = os.path.realpath(name) if name.startswith("/") else None
+        for a in cls.all():
+            if name == a.device or path == a.block:
+                return a
+        return None
+
+    def save(self):
+        os.makedirs(RUN_DIR, exist_ok=True)
+        tmp = self.file(self.device) + ".new"
+        with open(tmp, "w") as f:
+            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
+        os.replace(tmp, self.file(self.device))
+
+    def remove(self):
+        try:
+            os.unlink(self.file(self.device))
+        except FileNotFoundError:
+            pass
+
+    @property
+    def block(self):
+        return "/dev/" + self.dev
+
+    @property
+    def exists(self):
+        """Whether the kernel still has the device (nbd's devices exist unconfigured too)."""
+        return os.path.exists("/sys/block/" + self.dev + ("/pid" if self.backend == "nbd" else ""))
+
+    @property
+    def daemon_alive(self):
+        try:
+            with open("/proc/%d/cmdline" % self.pid, "rb") as f:
+                return b"attach" in f.read()
+        except (OSError, TypeError):
+            return False
+
+    @property
+    def status(self):
+        """up, down, recovering, or dead (daemon gone: attach --recover or detach)."""
+        return self.state if self.daemon_alive else "dead"
+
+    def as_dict(self):
+        d = {k: getattr(self, k) for k in self.FIELDS}
+        d.update(block_device=self.block, state=self.status)
+        return d
+
+
+def device_in_use(path, serving_pid=None):
+    """Why the block device (or one of its partitions) is busy, or None: mounted or held
+    exclusively, or open in some process other than the one serving it."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_EXCL))
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return "mounted or held exclusively"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if pid == str(serving_pid):
+            continue
+        fd_dir = "/proc/%s/fd" % pid
+        try:
+            for fd in os.listdir(fd_dir):
+                dest = os.readlink(os.path.join(fd_dir, fd))
+                if dest == path or dest.startswith(path + "p"):
+                    with open("/proc/%s/comm" % pid) as f:
+                        return "open in pid %s (%s)" % (pid, f.read().strip())
+        except OSError:
+            continue
+    return None
+
+
+def log_path(device):
+    return os.path.join(RUN_DIR, device + ".log")
+
+
+def refresh_links(device, dev):
+    """/dev/etherd/eX.Y -> /dev/DEV, and eX.YpK -> /dev/DEVpK for each partition;
+    returns a problem to report, or None."""
+    want = {device: dev}
+    try:
+        for entry in os.listdir("/sys/block/" + dev):
+            if entry.startswith(dev + "p"):
+                want[device + entry[len(dev):]] = entry
+    except OSError:
+        pass
+    problem = None
+    os.makedirs(LINK_DIR, exist_ok=True)
+    for name, node in want.items():
+        link, dest = os.path.join(LINK_DIR, name), "/dev/" + node
+        try:
+            if os.readlink(link) == dest:
+                continue
+        except FileNotFoundError:
+            pass
+        except OSError:                           # not a link: the kernel driver's own node
+            problem = "%s exists and is not aoe.py's link (kernel aoe driver loaded?); use %s" % (link, dest)
+            continue
+        tmp = link + ".aoe-new"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(dest, tmp)
+        os.replace(tmp, link)
+    remove_links(device, dev, keep=set(want))
+    return problem
+
+
+def remove_links(device, dev, keep=()):
+    """Remove /dev/etherd links of `device` that point at /dev/DEV or its partitions."""
+    target = "/dev/" + dev
+    try:
+        names = os.listdir(LINK_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name in keep or not (name == device or name.startswith(device + "p")):
+            continue
+        link = os.path.join(LINK_DIR, name)
+        try:
+            dest = os.readlink(link)
+        except OSError:
+            continue
+        if dest == target or dest.startswith(target + "p"):
+            os.unlink(link)
+
+
+def open_in_thread(path, what, log):
+    """Open and close a new block device from another thread, so the kernel reads its
+    partition table through the queue this thread serves meanwhile."""
+    def scan():
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except OSError as e:
+            log("%s: %s: %s" % (what, path, e.strerror))
+    threading.Thread(target=scan, name="partition-scan", daemon=True).start()
+
+
+# --- ublk ---------------------------------------------------------------------
 
 def ublk_check(ret, what):
     if ret < 0:
         raise AoeError("%s: %s" % (what, os.strerror(-ret)))
     return ret
-
-
-def ublk_layout(target):
-    """(largest request in sectors, queue depth) for a target: a request is one full
-    window of frames (buffer count x sectors per frame, within 64-512 KiB), and there
-    are tags for four such windows, at least 32 and at most 128."""
-    window = max(1, target.info.bufcnt) * target.sectors_per_frame
-    request = max(UBLK_MIN_REQUEST, min(UBLK_MAX_REQUEST, window))
-    depth = max(UBLK_MIN_DEPTH, min(UBLK_MAX_DEPTH, 4 * window // request))
-    return request, depth
 
 
 class UblkControl:
@@ -1774,241 +1993,103 @@ class UblkControl:
             self.ctrl = None
 
 
-def ublk_path(dev_id):
-    return "/dev/ublkb%d" % dev_id
+class UblkBackend:
+    """/dev/ublkbN.  One queue, served by the daemon's one thread (the kernel binds a
+    queue to the task that fetched it): the helper's pump takes each request the
+    kernel hands out onto that tag's buffer and commits it when it went well;
+    failures and requests the pump hands over come here."""
 
+    name = "ublk"
 
-class Attachment:
-    """What RUN_DIR/eX.Y.json records about an attached device."""
-
-    FIELDS = ("device", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log")
-
-    def __init__(self, **fields):
-        for k in self.FIELDS:
-            setattr(self, k, fields.get(k))
-
-    @staticmethod
-    def file(device):
-        return os.path.join(RUN_DIR, device + ".json")
-
-    @classmethod
-    def load(cls, device):
-        try:
-            with open(cls.file(device)) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    @classmethod
-    def all(cls):
-        try:
-            names = sorted(n[:-5] for n in os.listdir(RUN_DIR) if n.endswith(".json"))
-        except OSError:
-            return []
-        return [a for a in map(cls.load, names) if a is not None]
-
-    @classmethod
-    def find(cls, name):
-        """The attachment named by eX.Y, /dev/ublkbN or /dev/etherd/eX.Y, or None."""
-        path = os.path.realpath(name) if name.startswith("/") else None
-        for a in cls.all():
-            if name == a.device or path == a.ublk:
-                return a
-        return None
-
-    def save(self):
-        os.makedirs(RUN_DIR, exist_ok=True)
-        tmp = self.file(self.device) + ".new"
-        with open(tmp, "w") as f:
-            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
-        os.replace(tmp, self.file(self.device))
-
-    def remove(self):
-        try:
-            os.unlink(self.file(self.device))
-        except FileNotFoundError:
-            pass
-
-    @property
-    def ublk(self):
-        return ublk_path(self.dev_id)
-
-    @property
-    def daemon_alive(self):
-        try:
-            with open("/proc/%d/cmdline" % self.pid, "rb") as f:
-                return b"attach" in f.read()
-        except (OSError, TypeError):
-            return False
-
-    @property
-    def status(self):
-        """up, down, recovering, or dead (daemon gone: attach --recover or detach)."""
-        return self.state if self.daemon_alive else "dead"
-
-    def as_dict(self):
-        d = {k: getattr(self, k) for k in self.FIELDS}
-        d.update(ublk=self.ublk, state=self.status)
-        return d
-
-
-def device_in_use(path):
-    """Why the block device (or one of its partitions) is busy, or None: mounted or held
-    exclusively, or open in some process."""
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_EXCL))
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            return "mounted or held exclusively"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        fd_dir = "/proc/%s/fd" % pid
-        try:
-            for fd in os.listdir(fd_dir):
-                dest = os.readlink(os.path.join(fd_dir, fd))
-                if dest == path or dest.startswith(path + "p"):
-                    with open("/proc/%s/comm" % pid) as f:
-                        return "open in pid %s (%s)" % (pid, f.read().strip())
-        except OSError:
-            continue
-    return None
-
-
-def log_path(device):
-    return os.path.join(RUN_DIR, device + ".log")
-
-
-def refresh_links(device, dev_id):
-    """/dev/etherd/eX.Y -> /dev/ublkbN, and eX.YpK -> /dev/ublkbNpK for each partition;
-    returns a problem to report, or None."""
-    base = "ublkb%d" % dev_id
-    want = {device: base}
-    try:
-        for entry in os.listdir("/sys/block/" + base):
-            if entry.startswith(base + "p"):
-                want[device + entry[len(base):]] = entry
-    except OSError:
-        pass
-    problem = None
-    os.makedirs(LINK_DIR, exist_ok=True)
-    for name, dev in want.items():
-        link, dest = os.path.join(LINK_DIR, name), "/dev/" + dev
-        try:
-            if os.readlink(link) == dest:
-                continue
-        except FileNotFoundError:
-            pass
-        except OSError:                           # not a link: the kernel driver's own node
-            problem = "%s exists and is not aoe.py's link (kernel aoe driver loaded?); use %s" % (link, dest)
-            continue
-        tmp = link + ".aoe-new"
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.symlink(dest, tmp)
-        os.replace(tmp, link)
-    remove_links(device, dev_id, keep=set(want))
-    return problem
-
-
-def remove_links(device, dev_id, keep=()):
-    """Remove /dev/etherd links of `device` that point at /dev/ublkb<dev_id> or its partitions."""
-    target = "/dev/ublkb%d" % dev_id
-    try:
-        names = os.listdir(LINK_DIR)
-    except OSError:
-        return
-    for name in names:
-        if name in keep or not (name == device or name.startswith(device + "p")):
-            continue
-        link = os.path.join(LINK_DIR, name)
-        try:
-            dest = os.readlink(link)
-        except OSError:
-            continue
-        if dest == target or dest.startswith(target + "p"):
-            os.unlink(link)
-
-
-class BlockDaemon:
-    """Serves one ublk device from one target: the attach daemon's whole work."""
-
-    def __init__(self, helper, target, args, log):
+    def __init__(self, daemon, helper):
+        self.daemon, self.engine, self.log = daemon, daemon.engine, daemon.log
         self.ffi, self.lib = helper.ffi, helper.lib
-        self.target, self.log = target, log
-        self.readonly = args.ro
-        self.deadsecs = args.deadsecs
-        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper)
-        self.eng = self.engine.pump.eng           # the helper's engine, which takes requests from the queue
-        self.max_sectors, self.depth = ublk_layout(target)
+        self.pump = daemon.engine.pump           # the helper's pump: the bridge is its part
+        self.max_sectors, self.depth = request_layout(daemon.target)
         self.control = UblkControl(helper)
         self.dev_id = None
         self.queue = None
-        self.state = "up"
-        self.attachment = None
         self.inflight = {}                        # tag -> (ublk op, bytes on success)
         self.results = []                         # (tag, result) to commit
-        self.probe_buf = bytearray(SECTOR_SIZE)
-        self.probing = False
-        self.next_probe = 0.0
-        self.next_links = 0.0
-        self.link_problem = None
-        self.stop = False
-        self.report_wanted = False
 
-    # --- setting up -------------------------------------------------------
+    @property
+    def can_recover(self):
+        return self.control.can_recover
+
+    @staticmethod
+    def missing(helper):
+        """Why ublk cannot attach here, or None.  Loads ublk_drv if it is a module."""
+        if helper is None:
+            return "the compiled helper is not built (python3 build_ffi.py)"
+        if not os.path.exists("/dev/ublk-control") and shutil.which("modprobe"):
+            subprocess.run(["modprobe", "-q", "ublk_drv"], capture_output=True)
+        if not os.path.exists("/dev/ublk-control"):
+            return "this kernel has no ublk driver (/dev/ublk-control)"
+        try:
+            UblkControl(helper).close()
+        except AoeError as e:
+            return str(e)
+        return None
 
     def create(self):
-        """ADD_DEV, SET_PARAMS, open and fetch the queue, START_DEV; the disk then exists."""
-        flags = UBLK_RECOVERY if self.control.can_recover else 0
-        buf_bytes = self.max_sectors * SECTOR_SIZE
-        self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth, buf_bytes, flags),
-                                 "ublk ADD_DEV")
+        """ADD_DEV, SET_PARAMS, open and fetch the queue, START_DEV; returns the disk's name."""
+        flags = UBLK_RECOVERY if self.can_recover else 0
+        self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth,
+                                                            self.max_sectors * SECTOR_SIZE, flags), "ublk ADD_DEV")
+        target = self.daemon.target
         try:
-            attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.readonly else 0)
+            attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.daemon.readonly else 0)
             params = self.ffi.new("struct ublk_dev_params *", dict(
                 dev_sectors=self.engine.sectors, attrs=attrs, logical_bs_shift=9, physical_bs_shift=9,
-                io_min_shift=9, io_opt_shift=max(9, (self.target.sectors_per_frame * SECTOR_SIZE).bit_length() - 1),
+                io_min_shift=9, io_opt_shift=max(9, (target.sectors_per_frame * SECTOR_SIZE).bit_length() - 1),
                 max_sectors=self.max_sectors))
             ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params), "ublk SET_PARAMS")
             self._open_queue()
-            self._record("up", flags != 0)
+            self.daemon.record(self, "up", flags != 0)
             self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
         except BaseException:
             self._close_queue()
             self.control.remove(self.dev_id)
-            if self.attachment is not None:
-                self.attachment.remove()
             raise
-        self.log("attached %s as %s: %d sectors%s, requests up to %d KiB, queue depth %d%s"
-                 % (self.target.name, ublk_path(self.dev_id), self.engine.sectors, " read-only" if self.readonly
+        self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d KiB, queue depth %d%s"
+                 % (target.name, "/dev/" + self.dev, self.engine.sectors, " read-only" if self.daemon.readonly
                     else "", self.max_sectors // 2, self.depth, "" if flags else "; no user recovery in this kernel"))
+
+    @property
+    def dev(self):
+        return "ublkb%d" % self.dev_id
 
     def recover(self, attachment):
         """Serve an existing device again after its daemon died (ublk user recovery)."""
         self.dev_id = attachment.dev_id
-        self.readonly = attachment.readonly
         deadline = time.monotonic() + QUIESCE_WAIT
         while True:
             info = self.control.info(self.dev_id)
             if info is None:
                 raise AoeError("%s: %s no longer exists; attach it again without --recover"
-                               % (attachment.device, ublk_path(self.dev_id)))
+                               % (attachment.device, attachment.block))
             if info.state == UBLK_S_DEV_QUIESCED:
                 break
             if info.state == UBLK_S_DEV_LIVE and attachment.daemon_alive:
                 raise AoeError("%s is served by pid %d: nothing to recover" % (attachment.device, attachment.pid))
             if time.monotonic() > deadline:
                 raise AoeError("%s: %s did not become ready for recovery (state %d) within %d s"
-                               % (attachment.device, ublk_path(self.dev_id), info.state, QUIESCE_WAIT))
+                               % (attachment.device, attachment.block, info.state, QUIESCE_WAIT))
             time.sleep(0.2)
-        if attachment.sectors != self.engine.sectors:
-            raise AoeError("%s now has %d sectors, %s has %d: detach and attach again"
-                           % (attachment.device, self.engine.sectors, ublk_path(self.dev_id), attachment.sectors))
         ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id), "ublk START_USER_RECOVERY")
         self._open_queue()
-        self._record("recovering", True)
+        self.daemon.record(self, "recovering", True)
         self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
-        self._set_state("up")
-        self.log("recovered %s: serving it again" % ublk_path(self.dev_id))
+
+    @staticmethod
+    def remove_orphan(attachment):
+        """Stop and delete a device whose daemon is gone; an error text or None."""
+        control = UblkControl(need_helper("detach"))
+        try:
+            ret = control.remove(attachment.dev_id)
+        finally:
+            control.close()
+        return "removing %s: %s" % (attachment.block, os.strerror(-ret)) if ret < 0 else None
 
     def _open_queue(self):
         out = self.ffi.new("struct ublk_queue **")
@@ -2027,19 +2108,7 @@ class BlockDaemon:
         self.commit_tags = self.ffi.new("uint16_t[]", self.depth)
         self.commit_results = self.ffi.new("int32_t[]", self.depth)
         ublk_check(self.lib.ublk_queue_fetch_all(self.queue), "ublk FETCH_REQ")
-        ublk_check(self.lib.aoe_eng_bridge(self.eng, self.queue, self.engine.sectors, self.readonly), "bridge")
-
-    def _record(self, state, recoverable):
-        self.state = state
-        self.attachment = Attachment(device=self.target.name, dev_id=self.dev_id, pid=os.getpid(), state=state,
-                                     sectors=self.engine.sectors, readonly=self.readonly,
-                                     recoverable=recoverable, log=log_path(self.target.name))
-        self.attachment.save()
-
-    def _set_state(self, state):
-        if state != self.state:
-            self.state = self.attachment.state = state
-            self.attachment.save()
+        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.daemon.readonly), "bridge")
 
     def _control_served(self, nr, data0, what):
         """Run a control command that needs the queue served meanwhile (START_DEV reads
@@ -2057,34 +2126,46 @@ class BlockDaemon:
             if time.monotonic() > limit:
                 raise AoeError("%s did not finish in %d s" % (what, self.engine.deadsecs + CONTROL_LIMIT))
             if queue_open:                        # STOP_DEV ends the queue before it returns
-                queue_open = self.serve(10000) is not None
+                queue_open = self.daemon.serve(10000)
 
     def _close_queue(self):
         if self.queue is not None:
-            self.lib.aoe_eng_bridge(self.eng, self.ffi.NULL, 0, 0)
+            self.pump.bridge(self.ffi.NULL, 0, 0)
             self.lib.ublk_queue_close(self.queue)
             self.queue = None
 
-    # --- serving ----------------------------------------------------------
+    def wait_fd(self):
+        return self.ring_fd
 
-    def serve(self, timeout_us):
-        """One round: the helper takes new requests and commits the ones that went well;
-        here the rest: failures, requests it handed over.  None once the queue is gone."""
-        for req_id, status in self.engine.poll(timeout_us, self.ring_fd):
-            self._completed(req_id, status)
-        eng = self.eng
-        if eng.bridge_error:
-            error, eng.bridge_error = eng.bridge_error, 0
+    def set_down(self, down):
+        """While the target is down the pump hands every request over, and they fail here."""
+        self.pump.bridge_admit(not down)
+
+    def completed(self, rid, status):
+        """An engine request ended: the answer for its ublk tag, or a flush sent again."""
+        if rid & BRIDGE_ID:                       # only failures come back from the helper
+            tag, op, nbytes = rid & 0xFFFF, (rid >> 16) & 0xFF, 0
+        else:
+            tag = rid
+            op, nbytes = self.inflight.pop(tag)
+        if status and op == UBLK_IO_OP_FLUSH and self.engine.fall_back_flush(status):
+            self.inflight[tag] = (op, 0)
+            self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
+            return
+        if status and not self.engine.dead:
+            self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
+        self.results.append((tag, -errno.EIO if status else nbytes))
+
+    def intake(self):
+        """The requests the pump handed over, and the results to commit; False once the
+        queue is gone (stopped or aborted)."""
+        finished, error, handed = self.pump.bridge_events()
+        if error:
             ublk_check(error, "ublk queue")
-        if self.engine.dead and self.state == "up":
-            self._set_state("down")
-            eng.bridge_on = 0
-            self.next_probe = time.monotonic() + PROBE_INTERVAL
-            self.log(self.engine.dead + "; I/O fails until it answers again")
-        if eng.bridge_finished:
-            return None
-        for i in range(eng.nhanded):
-            self._start(eng.handed[i])
+        if finished:
+            return False
+        for r in handed:
+            self._start(r)
         if self.results:
             for i, (tag, result) in enumerate(self.results):
                 self.commit_tags[i], self.commit_results[i] = tag, result
@@ -2094,9 +2175,9 @@ class BlockDaemon:
         return True
 
     def _start(self, r):
-        """A request the helper handed over: answer it here, or send it through the engine."""
+        """A request the pump handed over: answer it here, or send it through the engine."""
         tag, op = r.tag, r.op
-        if self.state != "up" or (op == UBLK_IO_OP_WRITE and self.readonly):
+        if self.daemon.state != "up" or (op == UBLK_IO_OP_WRITE and self.daemon.readonly):
             self.results.append((tag, -errno.EIO))
             return
         if op == UBLK_IO_OP_FLUSH:            # its start_sector is meaningless: no bounds check
@@ -2116,24 +2197,625 @@ class BlockDaemon:
             return
         self.inflight[tag] = (op, nbytes)
 
-    def _completed(self, tag, status):
-        """An engine request ended: the answer for its ublk tag, or a flush sent again."""
-        if tag == PROBE_REQ:
-            self._probe_done(status)
-            return
-        if tag & BRIDGE_ID:                       # only failures come back from the helper
-            tag, op, nbytes = tag & 0xFFFF, (tag >> 16) & 0xFF, 0
-        else:
-            op, nbytes = self.inflight.pop(tag)
-        if status and op == UBLK_IO_OP_FLUSH and self.engine.fall_back_flush(status):
-            self.inflight[tag] = (op, 0)
-            self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
-            return
-        if status and not self.engine.dead:
-            self.log("%s: %s" % (self.target.name, status_text(status)))
-        self.results.append((tag, -errno.EIO if status else nbytes))
+    def report(self):
+        return "%d tags with the kernel" % (self.lib.ublk_queue_in_kernel(self.queue) if self.queue else 0)
 
-    # --- a down target, links, the main loop -------------------------------
+    def stop(self):
+        """STOP_DEV while still serving (the kernel writes back and flushes through the
+        queue), then DEL_DEV."""
+        self._control_served(UBLK_CMD_STOP_DEV, 0, "ublk STOP_DEV")
+        limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+        while self.daemon.serve(100000) and time.monotonic() < limit:
+            pass
+        self._close_queue()                       # DEL_DEV waits until /dev/ublkcN is closed
+        ret = self.control.command(UBLK_CMD_DEL_DEV, self.dev_id)
+        if ret < 0 and ret != -errno.ENOENT:
+            raise AoeError("ublk DEL_DEV %d: %s" % (self.dev_id, os.strerror(-ret)))
+
+    def close(self):
+        self._close_queue()
+        self.control.close()
+
+
+# --- NBD ----------------------------------------------------------------------
+#
+# The kernel's nbd driver, from <linux/nbd.h> and <linux/nbd-netlink.h>: the
+# kernel sends requests on a stream socket (here one end of a socketpair) and
+# reads the answers, in any order.  Devices are made through generic netlink
+# (NBD_CMD_CONNECT picks a free device itself, and NBD_CMD_RECONFIGURE gives a
+# device whose server died a new socket), or through ioctls where the kernel
+# lacks it (the device then lives as long as the daemon).
+
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH = 0, 1, 2, 3
+NBD_CMD_FLAG_FUA = 1 << 16
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_SET_SOCK, NBD_SET_BLKSIZE, NBD_DO_IT, NBD_CLEAR_SOCK = 0xAB00, 0xAB01, 0xAB03, 0xAB04
+NBD_SET_SIZE_BLOCKS, NBD_DISCONNECT, NBD_SET_TIMEOUT, NBD_SET_FLAGS = 0xAB07, 0xAB08, 0xAB09, 0xAB0A
+NBD_GENL_NAME, NBD_GENL_VERSION = b"nbd", 1
+NBD_GENL_CONNECT, NBD_GENL_DISCONNECT, NBD_GENL_RECONFIGURE, NBD_GENL_STATUS = 1, 2, 3, 5
+NBD_ATTR_INDEX, NBD_ATTR_SIZE_BYTES, NBD_ATTR_BLOCK_SIZE_BYTES, NBD_ATTR_TIMEOUT = 1, 2, 3, 4
+NBD_ATTR_SERVER_FLAGS, NBD_ATTR_SOCKETS, NBD_ATTR_DEAD_CONN_TIMEOUT = 5, 7, 8
+NBD_SOCK_ITEM = NBD_SOCK_FD = 1
+NETLINK_GENERIC = 16             # <linux/netlink.h>; the socket module lacks the name
+NLM_F_REQUEST, NLM_F_ACK = 0x01, 0x04
+NLMSG_ERROR = 2
+GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
+NBD_REQUEST = struct.Struct(">II8sQI")   # magic, type (flags << 16 | command), handle, offset, length
+NBD_REPLY = struct.Struct(">II8s")       # magic, error, handle
+NBD_TIMEOUT_MARGIN = 30           # seconds the kernel's per-request timeout exceeds deadsecs
+NBD_MAX_READ = 64                 # requests read from the kernel and not yet answered
+
+
+class NetlinkError(OSError):
+    pass
+
+
+class Genetlink:
+    """One generic netlink family (here "nbd"), standard library only: requests out,
+    the kernel's answer messages and its acknowledgement back."""
+
+    _HDR = struct.Struct("=IHHII")               # nlmsghdr: length, type, flags, seq, pid
+    _GENL = struct.Struct("=BBH")                # genlmsghdr: command, version, reserved
+
+    def __init__(self, name, version):
+        self.version = version
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        self.sock.bind((0, 0))
+        self.seq = random.getrandbits(24)
+        self.family = GENL_ID_CTRL
+        answers = self.request(CTRL_CMD_GETFAMILY, [(CTRL_ATTR_FAMILY_NAME, name + b"\0")], version=1)
+        found = [a[CTRL_ATTR_FAMILY_ID] for _, a in answers if CTRL_ATTR_FAMILY_ID in a]
+        if not found:
+            raise NetlinkError(errno.ENOENT, "no generic netlink family %s" % name.decode())
+        self.family = struct.unpack("=H", found[0][:2])[0]
+
+    @staticmethod
+    def attr(kind, payload):
+        """One attribute: u16 length, u16 type, payload padded to 4 bytes."""
+        raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+        return raw + bytes(-len(raw) % 4)
+
+    @staticmethod
+    def attrs(data):
+        """{type: payload} of a run of attributes."""
+        found, off = {}, 0
+        while off + 4 <= len(data):
+            length, kind = struct.unpack_from("=HH", data, off)
+            if length < 4:
+                break
+            found[kind & 0x3FFF] = bytes(data[off + 4:off + length])
+            off += (length + 3) & ~3
+        return found
+
+    def request(self, cmd, attributes, version=None):
+        """Send one request; returns [(command, {attribute: payload})] of the kernel's
+        answers before its acknowledgement.  Raises NetlinkError for a negative one."""
+        self.seq += 1
+        body = self._GENL.pack(cmd, self.version if version is None else version, 0)
+        body += b"".join(self.attr(k, v) for k, v in attributes)
+        self.sock.send(self._HDR.pack(self._HDR.size + len(body), self.family, NLM_F_REQUEST | NLM_F_ACK,
+                                      self.seq, 0) + body)
+        answers = []
+        while True:
+            data = self.sock.recv(65536)
+            off = 0
+            while off + self._HDR.size <= len(data):
+                length, kind, _, seq, _ = self._HDR.unpack_from(data, off)
+                if length < self._HDR.size:
+                    raise NetlinkError(errno.EPROTO, "malformed netlink message")
+                payload = data[off + self._HDR.size:off + length]
+                off += (length + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise NetlinkError(code, os.strerror(code))
+                    return answers
+                answers.append((payload[0], self.attrs(payload[self._GENL.size:])))
+
+    def close(self):
+        self.sock.close()
+
+
+def nbd_netlink():
+    """The kernel's nbd generic netlink family, or None where it has none (before Linux
+    4.12; Linux 6.1 outside the first network namespace)."""
+    try:
+        return Genetlink(NBD_GENL_NAME, NBD_GENL_VERSION)
+    except OSError:
+        return None
+
+
+def nbd_socket_attr(sock):
+    """NBD_ATTR_SOCKETS holding one socket."""
+    return Genetlink.attr(NBD_SOCK_ITEM, Genetlink.attr(NBD_SOCK_FD, struct.pack("=I", sock.fileno())))
+
+
+def nbd_module_loaded():
+    if not os.path.isdir("/sys/module/nbd") and shutil.which("modprobe"):
+        subprocess.run(["modprobe", "-q", "nbd"], capture_output=True)
+    return os.path.isdir("/sys/module/nbd")
+
+
+class NbdRequest:
+    """A request the kernel sent, until it is answered."""
+
+    __slots__ = ("handle", "command", "flags", "offset", "length", "buf", "got", "fua_pending")
+
+    def __init__(self, handle, command, flags, offset, length):
+        self.handle, self.command, self.flags, self.offset, self.length = handle, command, flags, offset, length
+        self.buf, self.got, self.fua_pending = None, 0, False
+
+
+class NbdBackend:
+    """/dev/nbdN: the daemon is the NBD server on its end of a socketpair, the kernel
+    the client on the other.  Each request becomes an engine request on its own
+    buffer (write data read straight into it, read data sent straight from it),
+    many at once, answered as they complete; FUA is a write followed by a flush."""
+
+    name = "nbd"
+
+    def __init__(self, daemon, helper):
+        self.daemon, self.engine, self.log = daemon, daemon.engine, daemon.log
+        self.max_sectors, _ = request_layout(daemon.target)
+        self.dev_id = None
+        self.sock = None
+        self.netlink = None
+        self.dev_fd = None                        # the ioctl interface's /dev/nbdN, held while it serves
+        self.do_it = None
+        self.header = bytearray(NBD_REQUEST.size)
+        self.header_got = 0
+        self.reading = None                       # the write request whose data is arriving
+        self.requests = {}                        # engine request id -> NbdRequest
+        self.next_id = 0
+        self.ended = False
+        self.can_recover = False
+
+    @staticmethod
+    def missing(helper=None):
+        if not nbd_module_loaded():
+            return "this kernel has no nbd driver ('modprobe nbd' failed; CONFIG_BLK_DEV_NBD)"
+        return None
+
+    @property
+    def dev(self):
+        return "nbd%d" % self.dev_id
+
+    def _flags(self):
+        return (NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA
+                | (NBD_FLAG_READ_ONLY if self.daemon.readonly else 0))
+
+    def _timeouts(self):
+        """The kernel's per-request timeout (never before deadsecs), and how long it keeps
+        a device whose server died waiting for attach --recover."""
+        deadsecs = -int(-self.engine.deadsecs // 1)
+        return deadsecs + NBD_TIMEOUT_MARGIN, max(deadsecs, QUIESCE_WAIT)
+
+    def _new_socket(self):
+        kernel_end, self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        size_socket_buffers(self.sock)
+        return kernel_end
+
+    def create(self):
+        if not nbd_module_loaded():
+            raise AoeError("this kernel has no nbd driver: 'modprobe nbd' failed (CONFIG_BLK_DEV_NBD)")
+        kernel_end = self._new_socket()
+        timeout, dead_conn = self._timeouts()
+        try:
+            self.netlink = None if os.environ.get("AOE_NBD_IOCTL") else nbd_netlink()
+            if self.netlink is not None:
+                self._netlink_connect(kernel_end, timeout, dead_conn)
+                how = "netlink"
+            else:
+                self._ioctl_connect(kernel_end, timeout)
+                how = "ioctl: no recovery, the device lives as long as this daemon"
+        finally:
+            kernel_end.close()                    # the kernel holds its own reference
+        self.sock.setblocking(False)
+        self._limit_request_size()
+        self.daemon.record(self, "up", self.can_recover)
+        open_in_thread("/dev/" + self.dev, "partition scan", self.log)
+        self.log("attached %s as /dev/%s through nbd (%s): %d sectors%s, kernel timeout %d s"
+                 % (self.daemon.target.name, self.dev, how, self.engine.sectors,
+                    " read-only" if self.daemon.readonly else "", timeout))
+
+    def _netlink_connect(self, kernel_end, timeout, dead_conn):
+        """NBD_CMD_CONNECT: the kernel picks a free device (or makes one) and says which."""
+        try:
+            answers = self.netlink.request(NBD_GENL_CONNECT, [
+                (NBD_ATTR_SIZE_BYTES, struct.pack("=Q", self.engine.sectors * SECTOR_SIZE)),
+                (NBD_ATTR_BLOCK_SIZE_BYTES, struct.pack("=Q", SECTOR_SIZE)),
+                (NBD_ATTR_SERVER_FLAGS, struct.pack("=Q", self._flags())),
+                (NBD_ATTR_TIMEOUT, struct.pack("=Q", timeout)),
+                (NBD_ATTR_DEAD_CONN_TIMEOUT, struct.pack("=Q", dead_conn)),
+                (NBD_ATTR_SOCKETS, nbd_socket_attr(kernel_end))])
+        except NetlinkError as e:
+            raise AoeError("nbd: NBD_CMD_CONNECT failed: %s" % e.strerror)
+        found = [a[NBD_ATTR_INDEX] for _, a in answers if NBD_ATTR_INDEX in a]
+        if not found:
+            raise AoeError("nbd: the kernel connected a device but did not say which")
+        self.dev_id = struct.unpack("=I", found[0][:4])[0]
+        self.can_recover = True
+
+    def _ioctl_connect(self, kernel_end, timeout):
+        """The older interface: take a free /dev/nbdN, configure it, and let a thread sit in
+        NBD_DO_IT for as long as it serves."""
+        for name in sorted(os.listdir("/sys/block"), key=lambda n: (len(n), n)):
+            if not (name.startswith("nbd") and name[3:].isdigit()) or os.path.exists("/sys/block/%s/pid" % name):
+                continue
+            try:
+                fd = os.open("/dev/" + name, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.ioctl(fd, NBD_SET_SOCK, kernel_end.fileno())   # fails if another program sets it up
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                fcntl.ioctl(fd, NBD_SET_BLKSIZE, SECTOR_SIZE)
+                fcntl.ioctl(fd, NBD_SET_SIZE_BLOCKS, self.engine.sectors)
+                fcntl.ioctl(fd, NBD_SET_FLAGS, self._flags())
+                fcntl.ioctl(fd, NBD_SET_TIMEOUT, timeout)
+            except OSError as e:
+                fcntl.ioctl(fd, NBD_CLEAR_SOCK)
+                os.close(fd)
+                raise AoeError("/dev/%s: setting it up failed: %s" % (name, e.strerror))
+            self.dev_fd, self.dev_id = fd, int(name[3:])
+            self.do_it = threading.Thread(target=self._do_it, name="nbd-do-it", daemon=True)
+            self.do_it.start()
+            return
+        raise AoeError("no free /dev/nbdN (every one is in use): 'modprobe nbd nbds_max=N' for more")
+
+    def _do_it(self):
+        """NBD_DO_IT returns only when the device is disconnected; signals stay with the main thread."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
+        try:
+            fcntl.ioctl(self.dev_fd, NBD_DO_IT)
+        except OSError:
+            pass
+
+    def _limit_request_size(self):
+        """Requests of at most one window of frames, as ublk gets (the kernel's own limit
+        is 128 KiB to 1.25 MiB by version, and root may raise it to 32 MiB)."""
+        try:
+            with open("/sys/block/%s/queue/max_sectors_kb" % self.dev, "w") as f:
+                f.write(str(self.max_sectors // 2))
+        except OSError:
+            pass
+
+    def recover(self, attachment):
+        """Give the device a new socket after its daemon died (NBD_CMD_RECONFIGURE); the
+        requests the kernel kept waiting go out again on it."""
+        if not attachment.recoverable:
+            raise AoeError("%s was attached through nbd's ioctl interface, which cannot recover: "
+                           "'aoe.py detach %s', then attach it again" % (attachment.device, attachment.device))
+        self.dev_id = attachment.dev_id
+        timeout, dead_conn = self._timeouts()
+        self.netlink = nbd_netlink()
+        if self.netlink is None:
+            raise AoeError("%s: this kernel's nbd has no netlink interface now: detach and attach again"
+                           % attachment.device)
+        deadline = time.monotonic() + QUIESCE_WAIT
+        while True:                               # the kernel takes it once it saw the old socket close
+            kernel_end = self._new_socket()
+            try:
+                self.netlink.request(NBD_GENL_RECONFIGURE, [
+                    (NBD_ATTR_INDEX, struct.pack("=I", self.dev_id)),
+                    (NBD_ATTR_TIMEOUT, struct.pack("=Q", timeout)),
+                    (NBD_ATTR_DEAD_CONN_TIMEOUT, struct.pack("=Q", dead_conn)),
+                    (NBD_ATTR_SOCKETS, nbd_socket_attr(kernel_end))])
+            except NetlinkError as e:
+                kernel_end.close()
+                raise AoeError("%s: /dev/%s cannot be given a new socket (%s); detach it and attach again"
+                               % (attachment.device, self.dev, e.strerror))
+            kernel_end.close()
+            ready, _, _ = select.select([self.sock], [], [], 0.2)
+            if not ready or self.sock.recv(1, socket.MSG_PEEK):   # EOF: the kernel did not take it
+                break
+            self.sock.close()
+            if time.monotonic() > deadline:
+                raise AoeError("%s: /dev/%s still has a live socket after %d s: is another daemon serving it?"
+                               % (attachment.device, self.dev, QUIESCE_WAIT))
+            time.sleep(0.2)
+        self.can_recover = True
+        self.sock.setblocking(False)
+        self.daemon.record(self, "up", True)
+
+    @staticmethod
+    def remove_orphan(attachment):
+        """Disconnect a device whose daemon is gone; an error text or None."""
+        if not attachment.recoverable:
+            return None                           # an ioctl device went with its daemon
+        nl = nbd_netlink()
+        if nl is None:
+            return "disconnecting %s: the kernel's nbd netlink interface is gone" % attachment.block
+        try:
+            nl.request(NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", attachment.dev_id))])
+        except NetlinkError as e:
+            return "disconnecting %s: %s" % (attachment.block, e.strerror)
+        finally:
+            nl.close()
+        return None
+
+    def wait_fd(self):
+        """The socket, unless as many requests as we take at once are being served."""
+        return self.sock.fileno() if len(self.requests) < NBD_MAX_READ else -1
+
+    def set_down(self, down):
+        pass                                      # each request looks at the daemon's state
+
+    def intake(self):
+        """Read what the kernel sent, start it; False once the kernel has let go."""
+        while not self.ended and len(self.requests) < NBD_MAX_READ:
+            if not self._read_some():
+                break
+        return not self.ended
+
+    def _read_some(self):
+        """Read one header or some write data; False when there is nothing more now."""
+        try:
+            if self.reading is not None:
+                r = self.reading
+                n = self.sock.recv_into(memoryview(r.buf)[r.got:])
+                if n:
+                    r.got += n
+                    if r.got == r.length:
+                        self.reading = None
+                        self._submit(r)
+            else:
+                n = self.sock.recv_into(memoryview(self.header)[self.header_got:])
+                if n:
+                    self.header_got += n
+                    if self.header_got == NBD_REQUEST.size:
+                        self.header_got = 0
+                        self._parse_header()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            self.log("nbd socket: %s" % e.strerror)
+            n = 0
+        if not n:
+            self.ended = True                     # the kernel shut the socket: disconnected
+            return False
+        return True
+
+    def _parse_header(self):
+        magic, kind, handle, offset, length = NBD_REQUEST.unpack(self.header)
+        if magic != NBD_REQUEST_MAGIC:
+            self.log("nbd: a request without the request magic (%#x): closing the socket" % magic)
+            self.ended = True
+            return
+        r = NbdRequest(handle, kind & 0xFFFF, kind & ~0xFFFF, offset, length)
+        if r.command == NBD_CMD_DISC:
+            self.ended = True
+            return
+        if r.command == NBD_CMD_WRITE:
+            r.buf = bytearray(length)
+            if length:
+                self.reading = r
+                return
+        self._submit(r)
+
+    def _submit(self, r):
+        """Into the engine, or answered at once when it cannot be."""
+        if self.daemon.state != "up":
+            return self._reply(r, errno.EIO)
+        if r.command == NBD_CMD_FLUSH:
+            return self._engine(r, OP_FLUSH, 0, 0, None)
+        if r.command not in (NBD_CMD_READ, NBD_CMD_WRITE) or r.offset % SECTOR_SIZE or r.length % SECTOR_SIZE \
+                or not r.length:
+            return self._reply(r, errno.EINVAL)
+        if r.command == NBD_CMD_WRITE and self.daemon.readonly:
+            return self._reply(r, errno.EPERM)
+        if r.command == NBD_CMD_READ:
+            r.buf = bytearray(r.length)
+        r.fua_pending = r.command == NBD_CMD_WRITE and bool(r.flags & NBD_CMD_FLAG_FUA)
+        self._engine(r, OP_READ if r.command == NBD_CMD_READ else OP_WRITE, r.offset // SECTOR_SIZE,
+                     r.length // SECTOR_SIZE, r.buf)
+
+    def _engine(self, r, op, lba, count, buf):
+        self.next_id += 1
+        try:
+            self.engine.submit(op, lba, count, buf, req_id=self.next_id)
+        except AoeError as e:
+            self.log(str(e))
+            return self._reply(r, errno.EIO)
+        self.requests[self.next_id] = r
+
+    def completed(self, rid, status):
+        r = self.requests.pop(rid)
+        if status and r.command == NBD_CMD_FLUSH and self.engine.fall_back_flush(status):
+            return self._engine(r, OP_FLUSH, 0, 0, None)
+        if status:
+            if not self.engine.dead:
+                self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
+            return self._reply(r, errno.EIO)
+        if r.fua_pending:                         # written: now make it durable
+            r.fua_pending = False
+            return self._engine(r, OP_FLUSH, 0, 0, None)
+        self._reply(r, 0)
+
+    def _reply(self, r, error):
+        parts = [NBD_REPLY.pack(NBD_REPLY_MAGIC, error, r.handle)]
+        if not error and r.command == NBD_CMD_READ:
+            parts.append(r.buf)
+        try:
+            send_all(self.sock, parts)
+        except OSError as e:
+            if not self.ended:
+                self.log("nbd socket: %s" % e.strerror)
+            self.ended = True
+
+    def report(self):
+        return "%d requests from the kernel being served" % len(self.requests)
+
+    def stop(self):
+        """Write back what the kernel holds for the device (through this server), then
+        disconnect, which fails whatever is still in flight."""
+        if self.ended:
+            return
+        try:
+            self.daemon.serve_while(lambda: flush_block_device("/dev/" + self.dev))
+        except OSError as e:                      # a target that is down cannot take it
+            self.log("writing back /dev/%s before disconnecting: %s" % (self.dev, e.strerror))
+        if self.netlink is not None:
+            self.daemon.serve_while(lambda: self.netlink.request(NBD_GENL_DISCONNECT,
+                                                                 [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
+        else:
+            fcntl.ioctl(self.dev_fd, NBD_DISCONNECT)
+            limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+            while self.do_it.is_alive() and time.monotonic() < limit and self.daemon.serve(100000):
+                pass
+            fcntl.ioctl(self.dev_fd, NBD_CLEAR_SOCK)
+
+    def close(self):
+        if self.dev_fd is not None:
+            os.close(self.dev_fd)
+            self.dev_fd = None
+        for s in (self.sock, self.netlink):
+            if s is not None:
+                s.close()
+        self.sock = self.netlink = None
+
+
+def flush_block_device(path):
+    """fsync a block device: its dirty pages written, then a flush of its write cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def send_all(sock, parts):
+    """All of parts on a non-blocking stream socket, waiting for room as needed."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        try:
+            n = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            select.select([], [sock], [], 1.0)
+            continue
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+BACKEND_CLASSES = {"ublk": UblkBackend, "nbd": NbdBackend}
+
+
+def choose_backend(wanted, helper):
+    """The backend to attach with and why: ublk where the kernel and the helper allow it,
+    NBD otherwise; `wanted` (ublk or nbd) forces one, with a clear error if it cannot work."""
+    if wanted:
+        problem = BACKEND_CLASSES[wanted].missing(helper)
+        if problem:
+            raise AoeError("--backend %s: %s" % (wanted, problem))
+        return wanted, "as asked"
+    why_not_ublk = UblkBackend.missing(helper)
+    if why_not_ublk is None:
+        return "ublk", "the kernel has ublk"
+    problem = NbdBackend.missing()
+    if problem:
+        raise AoeError("cannot attach: no ublk (%s) and no nbd (%s)" % (why_not_ublk, problem))
+    return "nbd", "no ublk: " + why_not_ublk
+
+
+# =============================================================================
+# Attach daemon: one process per attached device
+# =============================================================================
+
+class AttachDaemon:
+    """Serves one attached device: the engine, a backend, the record and links, and the
+    target's state (up; down after deadsecs of silence, probed until it answers)."""
+
+    def __init__(self, helper, target, args, log, backend):
+        self.target, self.log = target, log
+        self.readonly = args.ro
+        self.deadsecs = args.deadsecs
+        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper)
+        self.state = "up"
+        self.attachment = None
+        self.backend = BACKEND_CLASSES[backend](self, helper)
+        self.probe_buf = bytearray(SECTOR_SIZE)
+        self.probing = False
+        self.next_probe = 0.0
+        self.next_links = 0.0
+        self.link_problem = None
+        self.stop = False
+        self.report_wanted = False
+
+    def record(self, backend, state, recoverable):
+        self.state = state
+        self.attachment = Attachment(device=self.target.name, backend=backend.name, dev=backend.dev,
+                                     dev_id=backend.dev_id, pid=os.getpid(), state=state,
+                                     sectors=self.engine.sectors, readonly=self.readonly,
+                                     recoverable=recoverable, log=log_path(self.target.name))
+        self.attachment.save()
+
+    def create(self):
+        self.backend.create()
+
+    def recover(self, attachment):
+        if attachment.sectors != self.engine.sectors:
+            raise AoeError("%s now has %d sectors, %s has %d: detach and attach again"
+                           % (attachment.device, self.engine.sectors, attachment.block, attachment.sectors))
+        self.readonly = attachment.readonly
+        self.backend.recover(attachment)
+        self._set_state("up")
+        self.log("recovered %s: serving it again" % attachment.block)
+
+    def _set_state(self, state):
+        if state != self.state:
+            self.state = self.attachment.state = state
+            self.attachment.save()
+
+    def serve(self, timeout_us):
+        """One round: the engine's completions to their owners, the backend's new requests
+        in; False once the kernel has let go of the device."""
+        for req_id, status in self.engine.poll(timeout_us, self.backend.wait_fd()):
+            if req_id == PROBE_REQ:
+                self._probe_done(status)
+            else:
+                self.backend.completed(req_id, status)
+        if self.engine.dead and self.state == "up":
+            self._set_state("down")
+            self.backend.set_down(True)
+            self.next_probe = time.monotonic() + PROBE_INTERVAL
+            self.log(self.engine.dead + "; I/O fails until it answers again")
+        return self.backend.intake()
+
+    def serve_while(self, call):
+        """Run call() in another thread while serving (a control command the kernel
+        completes only after I/O through the device); returns its result."""
+        outcome = []
+
+        def run():
+            try:
+                outcome.append((True, call()))
+            except BaseException as e:
+                outcome.append((False, e))
+        worker = threading.Thread(target=run, name="control", daemon=True)
+        worker.start()
+        limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+        while worker.is_alive() and time.monotonic() < limit and self.serve(10000):
+            pass
+        worker.join(max(0.0, limit - time.monotonic()))
+        if not outcome:
+            raise AoeError("a control command did not finish in %d s" % (self.engine.deadsecs + CONTROL_LIMIT))
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def _probe(self):
         """While down: read sector 0 now and then; the first answer brings the device back."""
@@ -2150,31 +2832,30 @@ class BlockDaemon:
             self.next_probe = time.monotonic() + PROBE_INTERVAL
             return
         self.engine.deadsecs = self.deadsecs
-        self.eng.bridge_on = 1
+        self.backend.set_down(False)
         self._set_state("up")
         self.log("%s answers again; I/O resumes" % self.target.name)
 
     def refresh_links(self):
-        problem = refresh_links(self.target.name, self.dev_id)
+        problem = refresh_links(self.target.name, self.backend.dev)
         if problem and not self.link_problem:
             self.log(problem)
         self.link_problem = problem
 
     def report(self):
         """Counters into the log (SIGUSR1)."""
-        self.log("state %s; %d requests at the target, %d tags with the kernel\n%s"
-                 % (self.state, self.eng.active_requests,
-                    self.lib.ublk_queue_in_kernel(self.queue) if self.queue else 0,
+        self.log("state %s; %d requests at the target, %s\n%s"
+                 % (self.state, self.engine.pump.active_requests, self.backend.report(),
                     self.engine.describe().rstrip()))
 
     def run(self):
-        """Serve until asked to stop (SIGTERM, SIGINT) or the kernel aborts the queue."""
+        """Serve until asked to stop (SIGTERM, SIGINT) or the kernel lets go of the device."""
         while not self.stop:
             if self.report_wanted:
                 self.report_wanted = False
                 self.report()
-            if self.serve(200000) is None:
-                self.log("the kernel aborted %s's queue" % ublk_path(self.dev_id))
+            if not self.serve(200000):
+                self.log("the kernel let go of %s" % self.attachment.block)
                 return False
             now = time.monotonic()
             if self.state == "down":
@@ -2185,27 +2866,119 @@ class BlockDaemon:
         return True
 
     def detach(self):
-        """STOP_DEV while still serving (the kernel writes back and flushes through the
-        queue), then DEL_DEV.  A silent target fails the last I/O after DETACH_DEADSECS."""
-        self.log("detaching %s" % ublk_path(self.dev_id))
+        """Stop the device cleanly (the kernel writes back and flushes through it first).
+        A silent target fails the last I/O after DETACH_DEADSECS."""
+        self.log("detaching %s" % self.attachment.block)
         self.engine.deadsecs = min(self.engine.deadsecs, DETACH_DEADSECS)
         self.deadsecs = self.engine.deadsecs
-        self._control_served(UBLK_CMD_STOP_DEV, 0, "ublk STOP_DEV")
-        limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
-        while self.serve(100000) is not None and time.monotonic() < limit:
-            pass
-        self._close_queue()                       # DEL_DEV waits until /dev/ublkcN is closed
-        ret = self.control.command(UBLK_CMD_DEL_DEV, self.dev_id)
-        if ret < 0 and ret != -errno.ENOENT:
-            raise AoeError("ublk DEL_DEV %d: %s" % (self.dev_id, os.strerror(-ret)))
-        remove_links(self.target.name, self.dev_id)
+        self.backend.stop()
+        remove_links(self.target.name, self.backend.dev)
         self.attachment.remove()
-        self.log("detached %s" % ublk_path(self.dev_id))
+        self.log("detached %s" % self.attachment.block)
+
+    def forget(self):
+        """The kernel let go of the device (someone else stopped it): tidy up after it."""
+        self.backend.close()
+        problem = type(self.backend).remove_orphan(self.attachment)
+        if problem:
+            self.log(problem)
+        remove_links(self.target.name, self.backend.dev)
+        self.attachment.remove()
 
     def close(self):
-        self._close_queue()
-        self.control.close()
+        self.backend.close()
         self.engine.close()
+
+
+def daemon_logger(device):
+    def log(message):
+        sys.stderr.write("%s %s[%d] %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(),
+                                                  device, message))
+        sys.stderr.flush()
+    return log
+
+
+def attach_summary(a):
+    return ("%s is %s (%s, %.3fGB%s, through %s; daemon pid %d, log %s)"
+            % (a.block, a.device, os.path.join(LINK_DIR, a.device), a.sectors * SECTOR_SIZE / 1e9,
+               ", read-only" if a.readonly else "", a.backend, a.pid, a.log))
+
+
+def serve_device(helper, target, args, backend, ready):
+    """The attach daemon's body: make (or recover) the device, call ready(attachment),
+    serve until SIGTERM/SIGINT, then detach.  Returns the exit status."""
+    log = daemon_logger(target.name)
+    daemon = AttachDaemon(helper, target, args, log, backend)
+
+    def on_signal(signum, frame):
+        daemon.stop = True
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(daemon, "report_wanted", True))
+    try:
+        if args.recover:
+            daemon.recover(Attachment.load(target.name))
+        else:
+            daemon.create()
+        daemon.refresh_links()
+        ready(daemon.attachment)
+        if daemon.run():
+            daemon.detach()
+            return EXIT_OK
+        daemon.forget()
+        return EXIT_FAIL
+    finally:
+        daemon.close()
+
+
+def run_in_background(device, body):
+    """Run body(ready) in a daemon process whose output goes to the device's log; return
+    once it called ready(message) (then exit 0) or ended (then fail with what it said)."""
+    os.makedirs(RUN_DIR, exist_ok=True)
+    logfile = log_path(device)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        code = EXIT_FAIL
+        channel = os.fdopen(wfd, "w")
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.close(null)
+            os.close(out)
+
+            def ready(message):
+                channel.write("ready " + message)
+                channel.close()
+            code = body(ready)
+        except AoeError as e:
+            daemon_logger(device)(str(e))
+            if not channel.closed:
+                channel.write(str(e))
+            code = e.code
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            if not channel.closed:
+                channel.write("internal error; the traceback is in %s" % logfile)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd) as channel:
+        said = channel.read()
+    if said.startswith("ready "):
+        print(said[len("ready "):])
+        return EXIT_OK
+    os.waitpid(pid, 0)
+    raise AoeError(said or "the attach daemon ended without a word; see %s" % logfile)
 
 
 # =============================================================================
@@ -2796,7 +3569,7 @@ def stat_row(d):
     row = "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]) or "-", d["payload"], d["state"])
     a = d.get("attached")
     if a:
-        row += " %s pid %d" % (a["ublk"], a["pid"])
+        row += " %s (%s) pid %d" % (a["block_device"], a["backend"], a["pid"])
     return row.rstrip()
 
 
@@ -3419,107 +4192,9 @@ def cmd_bench(args):
     return EXIT_OK
 
 
-def need_helper(verb):
-    helper = load_helper()
-    if helper is None:
-        raise AoeError("%s needs the compiled helper: install cffi and a C compiler, then run "
-                       "'python3 build_ffi.py' next to aoe.py" % verb)
-    return helper
-
-
-def daemon_logger(device):
-    def log(message):
-        sys.stderr.write("%s %s[%d] %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(),
-                                                  device, message))
-        sys.stderr.flush()
-    return log
-
-
-def attach_summary(a):
-    return ("%s is %s (%s, %.3fGB%s; daemon pid %d, log %s)"
-            % (a.ublk, a.device, os.path.join(LINK_DIR, a.device), a.sectors * SECTOR_SIZE / 1e9,
-               ", read-only" if a.readonly else "", a.pid, a.log))
-
-
-def serve_device(helper, target, args, ready):
-    """The attach daemon's body: make (or recover) the device, call ready(attachment),
-    serve until SIGTERM/SIGINT, then detach.  Returns the exit status."""
-    log = daemon_logger(target.name)
-    daemon = BlockDaemon(helper, target, args, log)
-
-    def on_signal(signum, frame):
-        daemon.stop = True
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(daemon, "report_wanted", True))
-    try:
-        if args.recover:
-            daemon.recover(Attachment.load(target.name))
-        else:
-            daemon.create()
-        daemon.refresh_links()
-        ready(daemon.attachment)
-        if not daemon.run():
-            return EXIT_FAIL
-        daemon.detach()
-        return EXIT_OK
-    finally:
-        daemon.close()
-
-
-def run_in_background(device, body):
-    """Run body(ready) in a daemon process whose output goes to the device's log; return
-    once it called ready(message) (then exit 0) or ended (then fail with what it said)."""
-    os.makedirs(RUN_DIR, exist_ok=True)
-    logfile = log_path(device)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        code = EXIT_FAIL
-        channel = os.fdopen(wfd, "w")
-        try:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.close(null)
-            os.close(out)
-
-            def ready(message):
-                channel.write("ready " + message)
-                channel.close()
-            code = body(ready)
-        except AoeError as e:
-            daemon_logger(device)(str(e))
-            if not channel.closed:
-                channel.write(str(e))
-            code = e.code
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            if not channel.closed:
-                channel.write("internal error; the traceback is in %s" % logfile)
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    with os.fdopen(rfd) as channel:
-        said = channel.read()
-    if said.startswith("ready "):
-        print(said[len("ready "):])
-        return EXIT_OK
-    os.waitpid(pid, 0)
-    raise AoeError(said or "the attach daemon ended without a word; see %s" % logfile)
-
-
 def cmd_attach(args):
-    helper = need_helper("attach")
     name = device_name(*parse_device(args.device))
+    helper = None if args.no_helper else load_helper()
     known = Attachment.load(name)
     if args.recover:
         if known is None:
@@ -3527,28 +4202,35 @@ def cmd_attach(args):
         if known.daemon_alive:
             raise AoeError("%s is served by pid %d: nothing to recover" % (name, known.pid))
         if not known.recoverable:
-            raise AoeError("%s was attached without ublk user recovery (this kernel lacks it): "
-                           "'aoe.py detach %s', then attach it again" % (name, name))
-    elif known is not None:
-        if known.daemon_alive:
-            raise AoeError("%s is already attached as %s (pid %d); 'aoe.py detach %s' first"
-                           % (name, known.ublk, known.pid, name))
-        if os.path.exists("/sys/block/ublkb%d" % known.dev_id):
-            raise AoeError("%s's daemon died and %s waits for it: 'aoe.py attach --recover %s' or "
-                           "'aoe.py detach %s'" % (name, known.ublk, name, name))
-        known.remove()
-    UblkControl(helper).close()                   # no ublk, or too old: say so before anything else
+            raise AoeError("%s was attached without a way to recover (%s): 'aoe.py detach %s', then attach it "
+                           "again" % (name, "this kernel's ublk lacks user recovery" if known.backend == "ublk"
+                                      else "nbd's ioctl interface", name))
+        backend, why = known.backend, "as attached"
+        if backend == "ublk":
+            helper = need_helper("attach --recover of a ublk device")
+    else:
+        if known is not None:
+            if known.daemon_alive:
+                raise AoeError("%s is already attached as %s (pid %d); 'aoe.py detach %s' first"
+                               % (name, known.block, known.pid, name))
+            if known.exists:
+                raise AoeError("%s's daemon died and %s waits for it: 'aoe.py attach --recover %s' or "
+                               "'aoe.py detach %s'" % (name, known.block, name, name))
+            known.remove()
+        backend, why = choose_backend(args.backend, helper)
     control = open_control(args)
     target = find_target(control, args.device, args.wait)
     close_ports([p for p in control.ports if all(path.port is not p for path in target.paths)])
+    if args.verbose:
+        sys.stderr.write("%s: attaching through %s (%s), %s data path\n"
+                         % (name, backend, why, "helper" if helper else "pure-Python"))
 
-    def body(ready):
-        return serve_device(helper, target, args, lambda a: ready(
-            json.dumps(a.as_dict()) if args.json else attach_summary(a)))
+    def show(a):
+        return json.dumps(a.as_dict()) if args.json else attach_summary(a)
     if args.foreground:
-        return serve_device(helper, target, args, lambda a: print(
-            json.dumps(a.as_dict()) if args.json else attach_summary(a), flush=True))
-    return run_in_background(name, body)
+        return serve_device(helper, target, args, backend, lambda a: print(show(a), flush=True))
+    return run_in_background(name, lambda ready: serve_device(helper, target, args, backend,
+                                                              lambda a: ready(show(a))))
 
 
 DETACH_WAIT = DETACH_DEADSECS + CONTROL_LIMIT + 30   # seconds for a daemon to finish detaching
@@ -3556,9 +4238,9 @@ DETACH_WAIT = DETACH_DEADSECS + CONTROL_LIMIT + 30   # seconds for a daemon to f
 
 def detach_attachment(a, force):
     """Stop and delete an attached device, through its daemon if it lives.  Returns an error text or None."""
-    busy = None if force else device_in_use(a.ublk)
+    busy = None if force else device_in_use(a.block, a.pid)
     if busy:
-        return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.ublk, busy)
+        return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.block, busy)
     if a.daemon_alive:
         os.kill(a.pid, signal.SIGTERM)
         deadline = time.monotonic() + DETACH_WAIT
@@ -3567,16 +4249,12 @@ def detach_attachment(a, force):
         if a.daemon_alive:
             return "%s: daemon pid %d did not finish detaching in %d s; see %s" % (a.device, a.pid, DETACH_WAIT, a.log)
         if os.path.exists(Attachment.file(a.device)):
-            return "%s: daemon pid %d ended without detaching %s; see %s" % (a.device, a.pid, a.ublk, a.log)
+            return "%s: daemon pid %d ended without detaching %s; see %s" % (a.device, a.pid, a.block, a.log)
         return None
-    control = UblkControl(need_helper("detach"))
-    try:
-        ret = control.remove(a.dev_id)
-    finally:
-        control.close()
-    if ret < 0:
-        return "%s: removing %s: %s" % (a.device, a.ublk, os.strerror(-ret))
-    remove_links(a.device, a.dev_id)
+    problem = BACKEND_CLASSES[a.backend].remove_orphan(a)
+    if problem:
+        return "%s: %s" % (a.device, problem)
+    remove_links(a.device, a.dev)
     a.remove()
     return None
 
@@ -3588,7 +4266,7 @@ def cmd_detach(args):
     problem = detach_attachment(a, args.force)
     if problem:
         raise AoeError(problem)
-    print("%s: %s detached" % (a.device, a.ublk))
+    print("%s: %s detached" % (a.device, a.block))
     return EXIT_OK
 
 
@@ -3604,7 +4282,7 @@ def cmd_flush(args):
             sys.stderr.write("%s: %s\n" % (PROG, problem))
             status = EXIT_FAIL
         else:
-            print("%s: %s removed" % (a.device, a.ublk))
+            print("%s: %s removed" % (a.device, a.block))
     return status
 
 
@@ -3612,15 +4290,14 @@ def cmd_revalidate(args):
     control = open_control(args)
     target = find_target(control, args.device, args.wait)
     a = Attachment.load(target.name)
-    if a is None or not os.path.exists("/sys/block/ublkb%d" % a.dev_id):
+    if a is None or not a.exists:
         print("%s: %d sectors (%.3fGB); not attached" % (target.name, target.sectors, target.sectors * SECTOR_SIZE / 1e9))
         return EXIT_OK
     if target.sectors == a.sectors:
-        print("%s: %d sectors, as %s has" % (target.name, target.sectors, a.ublk))
+        print("%s: %d sectors, as %s has" % (target.name, target.sectors, a.block))
         return EXIT_OK
-    raise AoeError("%s now has %d sectors but %s has %d: aoe.py cannot resize a ublk device in place "
-                   "(ublk's UPDATE_SIZE is not used); detach and attach again"
-                   % (target.name, target.sectors, a.ublk, a.sectors))
+    raise AoeError("%s now has %d sectors but %s has %d: aoe.py does not resize an attached device in place; "
+                   "detach and attach again" % (target.name, target.sectors, a.block, a.sectors))
 
 
 class StopFlag:
@@ -3787,14 +4464,12 @@ class NetLab:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def ublk_missing():
-    """Why attach cannot work here, or None.  Loads ublk_drv if it is a module."""
-    if load_helper() is None:
-        return "the compiled helper is not built (python3 build_ffi.py)"
-    if not os.path.exists("/dev/ublk-control") and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "-q", "ublk_drv"], capture_output=True)
-    if not os.path.exists("/dev/ublk-control"):
-        return "this kernel has no ublk driver (/dev/ublk-control)"
+def attach_missing():
+    """Why attach cannot work here (neither ublk nor nbd), or None."""
+    try:
+        choose_backend(None, load_helper())
+    except AoeError as e:
+        return str(e)
     return None
 
 
@@ -3802,7 +4477,7 @@ def demo_block_device(lab, step, tmp):
     """attach e0.1, write through the block device, read the target directly, detach."""
     step("attach", "e0.1")
     with open(os.path.join(lab.run_dir, "e0.1.json")) as f:
-        dev = ublk_path(json.load(f)["dev_id"])
+        dev = "/dev/" + json.load(f)["dev"]
     data = os.urandom(4 << 20)
     with open(dev, "r+b") as f:
         f.seek(64 << 20)
@@ -3855,7 +4530,7 @@ def cmd_demo(args):
                 raise AoeError("demo: data read back differs from what was written")
         print("demo: read-back matches the 8 MiB written\n")
         step("bench", "e0.1", "--seconds", "1", "--qd", "16")
-        why_not = ublk_missing()
+        why_not = attach_missing()
         if why_not:
             print("demo: attach skipped: %s" % why_not)
         else:
@@ -3891,7 +4566,8 @@ EXAMPLES = {
     "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
     "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\naoe.py bench e0.1 --write --json",
     "serve": "aoe.py serve 0 1 eth1 disk.img\naoe.py serve -r -b 32 0 2 eth1 /dev/sdb",
-    "attach": "aoe.py attach e0.1              # prints /dev/ublkbN; /dev/etherd/e0.1 links to it\n"
+    "attach": "aoe.py attach e0.1              # prints /dev/ublkbN or /dev/nbdN; /dev/etherd/e0.1 links to it\n"
+              "aoe.py attach --backend nbd e0.1 # through the kernel's nbd driver even where ublk works\n"
               "aoe.py attach --ro e0.1\n"
               "aoe.py attach --foreground e0.1 # for systemd, or to watch it\n"
               "aoe.py attach --recover e0.1    # serve it again after the daemon was killed",
@@ -3919,9 +4595,9 @@ def add_wait(p):
 
 
 def add_engine(p):
-    p.add_argument("--deadsecs", type=float, default=DEFAULT_DEADSECS, metavar="SECS",
+    p.add_argument("--deadsecs", type=positive(float), default=DEFAULT_DEADSECS, metavar="SECS",
                    help="fail I/O after the target is silent this long (default %(default)s)")
-    p.add_argument("--maxout", type=int, default=DEFAULT_MAXOUT, metavar="N",
+    p.add_argument("--maxout", type=positive(int), default=DEFAULT_MAXOUT, metavar="N",
                    help="cap on frames in flight per path (default %(default)s; the target's buffer count "
                         "also caps it)")
     p.add_argument("--no-helper", action="store_true", help="use the pure-Python data path")
@@ -4078,21 +4754,21 @@ def build_parser():
     t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
     add_common(p, json_flag=False, iface=False)
 
-    p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN, linked as /dev/etherd/eX.Y)")
+    p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN or /dev/nbdN, linked as "
+                                      "/dev/etherd/eX.Y)")
     p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="the kernel driver to attach with (default: ublk where it works, else nbd)")
     p.add_argument("--ro", action="store_true", help="read-only block device")
     p.add_argument("--foreground", action="store_true", help="serve in this process; logs to standard error")
     p.add_argument("--recover", action="store_true",
-                   help="serve an attached device again after its daemon died (ublk user recovery)")
-    p.add_argument("--deadsecs", type=positive(float), default=DEFAULT_DEADSECS, metavar="SECS",
-                   help="fail I/O with EIO after the target is silent this long (default %(default)s)")
-    p.add_argument("--maxout", type=positive(int), default=DEFAULT_MAXOUT, metavar="N",
-                   help="cap on frames in flight per path (default %(default)s)")
+                   help="serve an attached device again after its daemon died")
     add_common(p)
     add_wait(p)
+    add_engine(p)
 
     p = command("detach", cmd_detach, "remove an attached device (flushes first; works if the target is gone)")
-    p.add_argument("device", metavar="eX.Y|/dev/ublkbN")
+    p.add_argument("device", metavar="eX.Y|/dev/ublkbN|/dev/nbdN")
     p.add_argument("--force", action="store_true", help="even if mounted or open")
     add_common(p, json_flag=False, iface=False)
 

@@ -11,6 +11,7 @@ CI (CI=true), where a missing need is a failure: CI must run everything.
 
 import collections
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -24,7 +25,6 @@ import subprocess
 import sys
 import time
 import types
-import uuid
 
 import pytest
 
@@ -1622,11 +1622,12 @@ def test_serve_survives_fuzzed_frames_and_writes_only_where_asked(tmp_path, kind
 VM_RUN = os.path.join(HERE, "vm", "run")
 
 
-def in_vm(script, *args, timeout=1200):
-    """Run one of vm/'s scripts inside the VM; returns its output (asserting it succeeded)."""
+def in_vm(script, *args, timeout=1200, python=sys.executable, before=""):
+    """Run one of vm/'s scripts inside the VM (after the shell words `before`); returns its
+    output (asserting it succeeded)."""
     need(os.geteuid() == 0, "the VM harness needs root")
     need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"), "needs qemu-system-x86 (or apt-get for it)")
-    command = " ".join([os.path.join("vm", script), sys.executable] + [str(a) for a in args])
+    command = before + " ".join([os.path.join("vm", script), python] + [str(a) for a in args])
     r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (r.returncode, r.stdout[-3000:], r.stderr[-2000:])
     # Only the boot that ran the script: vm/run retries boots that die before it (see there).
@@ -1662,18 +1663,46 @@ def test_ublk_plumbing_ramdisk():
     assert "(last queue error 0)" in out
 
 
+def python38():
+    """The real interpreter of a Python 3.8 here (python3.8 on PATH, or one pyenv has), not a
+    wrapper that finds it."""
+    candidates = [shutil.which("python3.8")]
+    if shutil.which("pyenv"):
+        root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+        candidates += sorted(glob.glob(os.path.join(root, "versions", "3.8*", "bin", "python3.8")))
+    for candidate in filter(None, candidates):
+        r = subprocess.run([candidate, "-c", "import sys; print(sys.executable, sys.version_info[:2])"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.split(" ", 1)[1].strip() == "(3, 8)":
+            return r.stdout.split(" ", 1)[0]
+    need(False, "needs a Python 3.8 (python3.8 on PATH, or in pyenv) to run aoe.py as the oldest supported version")
+
+
 @pytest.mark.vm
-@pytest.mark.parametrize("mtu", [1500, 9000])
-def test_attach_block_device(mtu):
-    """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM/SIGKILL, --recover, detach, flush."""
-    need(aoe.load_helper() is not None, "attach needs the compiled helper (python3 build_ffi.py)")
-    if os.path.exists("/dev/ublk-control"):      # this kernel has ublk: no VM needed
-        r = subprocess.run(["bash", os.path.join(HERE, "vm", "attach-check.sh"), sys.executable, str(mtu)],
-                           cwd=HERE, capture_output=True, text=True, timeout=1200)
+@pytest.mark.parametrize("mtu, backend, alone", [(1500, "ublk", False), (9000, "ublk", False),
+                                                 (1500, "nbd", False), (9000, "nbd", True)],
+                         ids=["ublk-mtu1500", "ublk-mtu9000", "nbd-mtu1500", "nbd-mtu9000-copied-alone-py38"])
+def test_attach_block_device(mtu, backend, alone):
+    """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during a read and
+    --recover, a hostile target, detach under load, flush.  NBD also with aoe.py copied alone into an
+    empty directory and run by Python 3.8: no helper, the standard library only."""
+    if backend == "ublk" or not alone:
+        need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    python, before = sys.executable, ""
+    if alone:
+        python = python38()
+        before = 'd=$(mktemp -d) && cp aoe.py "$d" && AOE_PY="$d/aoe.py" '
+    native = os.path.exists("/dev/ublk-control") if backend == "ublk" else os.path.isdir("/sys/module/nbd")
+    if native:                                     # this kernel can: no VM needed
+        r = subprocess.run(["bash", "-c", before + " ".join([os.path.join(HERE, "vm", "attach-check.sh"), python,
+                                                             str(mtu), backend])],
+                           cwd=HERE, capture_output=True, text=True, timeout=1500)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
         out = r.stdout
     else:
-        out = in_vm("attach-check.sh", mtu)
-    assert "ATTACH-CHECK OK mtu %d" % mtu in out
+        out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500)
+    assert "ATTACH-CHECK OK mtu %d backend %s" % (mtu, backend) in out
+    if alone:
+        assert re.search(r"aoe\.py \S+ \(python 3\.8\.\d+, helper not built", out), out[:2000]
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
     assert "Oops" not in out and "BUG:" not in out, out[-3000:]

@@ -3,7 +3,8 @@
 # Usage (from the checkout): vm/run 'bench/vm-vs-kernel.sh PYTHON [SECONDS] [MTU...]'
 # For each MTU: vblade exports a tmpfs image; the kernel driver (insmod aoe.ko) runs every fio job
 # on /dev/etherd/e0.0, then the netem jobs with netem on the target's side ($NETEM: loss, duplicates,
-# jitter, reordering), is removed, then aoe.py attach runs the same jobs on /dev/ublkbN.
+# jitter, reordering), is removed, then aoe.py attach runs the same jobs through ublk, through nbd
+# with the helper, and through nbd in pure Python (--no-helper).
 # Prints one table row per job: MB/s or IOPS, mean latency, and aoe.py/kernel ratios; and for the
 # netem job, what each keeps of its own clean rate.
 set -euo pipefail
@@ -51,9 +52,14 @@ for MTU in "${MTUS[@]}"; do
     DEV=/dev/etherd/e0.0 LABEL=kernel all_jobs
     rmmod aoe
 
-    DEV=$(AOE_IFLIST=aoeini "$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ublk"])')
-    LABEL=aoe.py all_jobs
-    AOE_IFLIST=aoeini "$PY" aoe.py detach e0.0 > /dev/null
+    for way in "ublk --backend ublk" "nbd --backend nbd" "nbd-python --backend nbd --no-helper"; do
+        set -- $way
+        LABEL=$1; shift
+        DEV=$(AOE_IFLIST=aoeini "$PY" aoe.py attach --json "$@" e0.0 |
+              "$PY" -c 'import json,sys; print(json.load(sys.stdin)["block_device"])')
+        all_jobs
+        AOE_IFLIST=aoeini "$PY" aoe.py detach e0.0 > /dev/null
+    done
 
     kill $VB; wait $VB 2>/dev/null || true
     ip netns del tgt
@@ -64,21 +70,26 @@ done
 import json, sys
 rows = [json.loads(l) for l in open("/tmp/results")]
 by = {(r["who"], r["mtu"], r["job"]): r for r in rows}
-print("Linux %s under qemu TCG; vblade on tmpfs; fio direct=1 libaio" % sys.argv[1])
-print("| MTU | job | kernel aoe | aoe.py | ratio | qd1 latency kernel / aoe.py (us) |")
-print("|---:|---|---:|---:|---:|---|")
+ways = [w for w in ("ublk", "nbd", "nbd-python") if any(r["who"] == w for r in rows)]
+print("Linux %s under qemu TCG; vblade on tmpfs; fio direct=1 libaio; aoe.py through ublk, through nbd "
+      "with the helper, and through nbd in pure Python" % sys.argv[1])
+print("| MTU | job | kernel aoe | " + " | ".join("aoe.py %s (x kernel)" % w for w in ways)
+      + " | qd1 latency, kernel / " + " / ".join(ways) + " (us) |")
+print("|---:|---|---:|" + "---:|" * len(ways) + "---|")
 for mtu in sorted({r["mtu"] for r in rows}):
     for job in dict.fromkeys(r["job"] for r in rows if r["mtu"] == mtu):
-        k, a = by[("kernel", mtu, job)], by[("aoe.py", mtu, job)]
+        k = by[("kernel", mtu, job)]
         unit, key = ("MB/s", "mbs") if "seq" in job or "64k" in job else ("IOPS", "iops")
-        lat = "%.0f / %.0f (%.2fx)" % (k["lat_us"], a["lat_us"], a["lat_us"] / k["lat_us"]) if job.endswith("qd1") else ""
-        print("| %d | %s | %.1f %s | %.1f %s | %.2f | %s |" % (mtu, job, k[key], unit, a[key], unit,
-                                                               a[key] / max(k[key], 1e-9), lat))
+        cells = ["%.1f %s (%.2f)" % (by[(w, mtu, job)][key], unit, by[(w, mtu, job)][key] / max(k[key], 1e-9))
+                 for w in ways]
+        lat = " / ".join(["%.0f" % k["lat_us"]] + ["%.0f" % by[(w, mtu, job)]["lat_us"] for w in ways]) \
+            if job.endswith("qd1") else ""
+        print("| %d | %s | %.1f %s | %s | %s |" % (mtu, job, k[key], unit, " | ".join(cells), lat))
 for mtu in sorted({r["mtu"] for r in rows}):
     for job in (j for j in dict.fromkeys(r["job"] for r in rows) if j.startswith("netem-")):
         clean = job[len("netem-"):]
         kept = ["%s %.2f" % (who, by[(who, mtu, job)]["mbs"] / max(by[(who, mtu, clean)]["mbs"], 1e-9))
-                for who in ("kernel", "aoe.py")]
+                for who in ["kernel"] + ways]
         print("MTU %d, %s under netem keeps of its clean rate: %s" % (mtu, clean, ", ".join(kept)))
 EOF
 echo "BENCH DONE"

@@ -5,10 +5,13 @@
 #   read-only attach, target restarted within deadsecs, target dead past deadsecs (EIO, down, back up),
 #   SIGKILL of the daemon + attach --recover (or detach), a hostile target (serve --fault-forge),
 #   detach under load, flush; at MTU 9000 the demo.
-# Usage: vm/run 'vm/attach-check.sh PYTHON MTU', or as root on a machine with ublk: vm/attach-check.sh PYTHON MTU
-# (then everything it makes is its own: namespace, veth pair, work directory, aoe.py's records and links).
+# Usage: vm/run 'vm/attach-check.sh PYTHON MTU [BACKEND]', or as root on a machine with ublk or nbd:
+# vm/attach-check.sh PYTHON MTU [BACKEND] (then everything it makes is its own: namespace, veth pair,
+# work directory, aoe.py's records and links).  BACKEND: ublk (default) or nbd.  $AOE_PY: the aoe.py to
+# run (default: this checkout's), e.g. one copied alone into an empty directory.
 set -euo pipefail
-PY=${1:?python interpreter}; MTU=${2:-1500}
+PY=${1:?python interpreter}; MTU=${2:-1500}; BACKEND=${3:-ublk}
+AOE_PY=${AOE_PY:-aoe.py}
 NS=aoechk$$; INI=aoeci$$; TGT=aoect$$
 WORK=$(mktemp -d /tmp/aoe-attach-check.XXXXXX)
 export AOE_IFLIST=$INI AOE_RUN_DIR=$WORK/run AOE_LINK_DIR=$WORK/etherd
@@ -22,7 +25,7 @@ fail() {
     for f in "$RUN"/*.log; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; }; done
     exit 1
 }
-aoe() { timeout 180 "$PY" aoe.py "$@"; }
+aoe() { timeout 180 "$PY" "$AOE_PY" "$@"; }
 daemon_pid() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$RUN/e0.0.json"; }
 start_vblade() { ip netns exec "$NS" vblade 0 0 "$TGT" "$IMG" >> "$WORK/vblade.log" 2>&1 & VB=$!; sleep 0.3; }
 stop_vblade() { kill "$VB"; wait "$VB" 2>/dev/null || true; }
@@ -32,19 +35,22 @@ wait_state() {  # wait_state WANT SECONDS
     fail "e0.0 did not become $1 within $2 s (state $(state))"
 }
 attach() {
-    aoe attach --json "$@" > "$WORK/attach.json" || fail "attach $*"
-    DEV=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ublk"])' "$WORK/attach.json")
+    aoe attach --backend "$BACKEND" --json "$@" > "$WORK/attach.json" || fail "attach $*"
+    DEV=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["block_device"])' "$WORK/attach.json")
     for _ in $(seq 50); do [ -b "$DEV" ] && break; sleep 0.1; done
     [ -b "$DEV" ] || fail "$DEV is not a block device after attach"
+}
+present() {  # the kernel has the device (nbd's nodes stay when unconfigured: it has a server's pid then)
+    if [ "$BACKEND" = nbd ]; then [ -e "/sys/block/${1#/dev/}/pid" ]; else [ -e "$1" ]; fi
 }
 gone() {  # the device, its link and its record are gone
     local t0=$SECONDS
     for _ in $(seq 600); do
-        [ ! -e "$DEV" ] && [ ! -L "$LINK" ] && [ ! -e "$RUN/e0.0.json" ] && break
+        ! present "$DEV" && [ ! -L "$LINK" ] && [ ! -e "$RUN/e0.0.json" ] && break
         sleep 0.1
     done
     echo "gone after $((SECONDS - t0)) s"
-    [ ! -e "$DEV" ] || fail "$DEV still exists"
+    ! present "$DEV" || fail "$DEV still exists"
     [ ! -L "$LINK" ] || fail "$LINK still exists"
     [ ! -e "$RUN/e0.0.json" ] || fail "the record $RUN/e0.0.json is still there"
 }
@@ -74,13 +80,14 @@ ip -n "$NS" link set "$TGT" mtu "$MTU" up
 truncate -s 512M "$IMG"
 start_vblade
 
+aoe version
 UBLK_BEFORE=$(ls /dev/ublkb* 2>/dev/null || true)
 step "attach, link, stat"
 attach e0.0
 [ "$(readlink $LINK)" = "$DEV" ] || fail "$LINK does not point at $DEV"
 [ "$(blockdev --getsize64 "$DEV")" = $((512 << 20)) ] || fail "$DEV has the wrong size"
 aoe stat | tee $WORK/stat.txt
-grep -q "e0.0 .* up .*$DEV pid" $WORK/stat.txt || fail "stat does not show $DEV"
+grep -q "e0.0 .* up .*$DEV ($BACKEND) pid" $WORK/stat.txt || fail "stat does not show $DEV"
 
 step "ext4: mkfs, files, e2fsck -fn"
 mkfs.ext4 -q -F $LINK
@@ -141,17 +148,22 @@ start_vblade
 wait_state up 20
 same_as_image 300 4
 
-step "SIGKILL of the daemon, then attach --recover"
+step "SIGKILL of the daemon while a read is in flight, then attach --recover: the read completes"
 OLD=$DEV
 sync
+dd if="$DEV" of=$WORK/across.bin bs=1M skip=256 count=32 iflag=direct status=none &
+READER=$!
+sleep 1
 kill -KILL "$(daemon_pid)"
 wait_state dead 10
-[ -b "$OLD" ] || fail "$OLD disappeared with its daemon"
-if aoe attach e0.0 2>$WORK/err.txt; then fail "attach over a dead daemon's device succeeded"; fi
+present "$OLD" || fail "$OLD disappeared with its daemon"
+if aoe attach --backend "$BACKEND" e0.0 2>$WORK/err.txt; then fail "attach over a dead daemon's device succeeded"; fi
 grep -q -- "--recover" $WORK/err.txt || fail "attach did not suggest --recover: $(cat $WORK/err.txt)"
 attach --recover e0.0
 [ "$DEV" = "$OLD" ] || fail "recovered as $DEV, not $OLD"
 wait_state up 10
+wait "$READER" || fail "a read in flight while the daemon was killed failed"
+cmp $WORK/across.bin <(dd if="$IMG" bs=1M skip=256 count=32 status=none) || fail "data read across the recovery differs"
 same_as_image 256 16
 "${FIO[@]}" --name=after --filename="$DEV" --rw=randwrite --bs=4k --iodepth=8 --offset=400M --size=8M > /dev/null \
     || fail "fio verify after recovery"
@@ -159,11 +171,11 @@ same_as_image 256 16
 step "a hostile target: forged answers before every true one, the device still reads exactly"
 HOSTILE=$WORK/e0.9.img
 head -c 32M /dev/urandom > "$HOSTILE"
-ip netns exec "$NS" "$PY" aoe.py serve --fault-forge 1 0 9 "$TGT" "$HOSTILE" >> "$WORK/hostile.log" 2>&1 &
+ip netns exec "$NS" "$PY" "$AOE_PY" serve --fault-forge 1 0 9 "$TGT" "$HOSTILE" >> "$WORK/hostile.log" 2>&1 &
 HOSTILE_PID=$!
 sleep 1
-aoe attach --json e0.9 > "$WORK/attach9.json" || fail "attach e0.9"
-DEV9=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["ublk"])' "$WORK/attach9.json")
+aoe attach --backend "$BACKEND" --json e0.9 > "$WORK/attach9.json" || fail "attach e0.9"
+DEV9=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["block_device"])' "$WORK/attach9.json")
 for _ in $(seq 50); do [ -b "$DEV9" ] && break; sleep 0.1; done
 cmp <(dd if="$DEV9" bs=1M iflag=direct status=none) "$HOSTILE" || fail "e0.9 read through the hostile target differs"
 "${FIO[@]}" --name=hostile --filename="$DEV9" --rw=randwrite --bs=16k --iodepth=16 --size=8M > /dev/null \
@@ -194,7 +206,7 @@ gone
 step "flush removes only down devices"
 attach --deadsecs "$DEADSECS" e0.0
 aoe flush
-[ -b "$DEV" ] || fail "flush removed an up device"
+present "$DEV" || fail "flush removed an up device"
 stop_vblade
 if dd if="$DEV" of=/dev/null bs=4k skip=1000 count=1 iflag=direct status=none 2>/dev/null; then
     fail "a read from a dead target succeeded"
@@ -202,10 +214,10 @@ fi
 wait_state down 10
 aoe flush
 gone
-if [ "$MTU" = 9000 ]; then
-    step "demo, which attaches when ublk exists"
+if [ "$MTU" = 9000 ] && [ "$BACKEND" = ublk ]; then
+    step "demo, which attaches when the kernel can"
     aoe demo > "$WORK/demo.txt" 2>&1 || { cat $WORK/demo.txt; fail "demo"; }
     grep -q "the target holds what was written to /dev/ublkb" $WORK/demo.txt || { cat $WORK/demo.txt; fail "demo did not attach"; }
     [ "$(ls /dev/ublkb* 2>/dev/null)" = "$UBLK_BEFORE" ] || fail "demo left a ublk device behind"
 fi
-echo "ATTACH-CHECK OK mtu $MTU"
+echo "ATTACH-CHECK OK mtu $MTU backend $BACKEND"

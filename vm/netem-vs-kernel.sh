@@ -34,7 +34,7 @@ kernel_aoe_attach aoeini e0.0 || { echo "NETEM FAIL: the kernel driver did not f
 fio_verify /dev/etherd/e0.0 kernel
 rmmod aoe
 
-DEV=$("$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["ublk"])')
+DEV=$("$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["block_device"])')
 fio_verify "$DEV" aoe.py
 kill -USR1 "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' $AOE_RUN_DIR/e0.0.json)"
 sleep 1
