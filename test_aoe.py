@@ -1663,6 +1663,15 @@ def test_ublk_plumbing_ramdisk():
     assert "(last queue error 0)" in out
 
 
+@pytest.mark.vm
+def test_attach_through_nbd_ioctls():
+    """nbd's ioctl interface, for kernels without its netlink family: ext4, fio verify, SIGTERM;
+    after SIGKILL the device is gone with its daemon, --recover says why not, detach tidies up."""
+    out = in_vm("nbd-ioctl-check.sh")
+    assert "NBD-IOCTL OK" in out, out[-3000:]
+    assert "Oops" not in out and "BUG:" not in out, out[-3000:]
+
+
 def python38():
     """The real interpreter of a Python 3.8 here (python3.8 on PATH, or one pyenv has), not a
     wrapper that finds it."""
