@@ -2,15 +2,16 @@
 """aoe.py - a user-space ATA over Ethernet (AoE r11) initiator and target.
 
 Finds AoE targets on the LAN, shows, probes and configures them, reads and
-writes them, and serves files or disks as targets - without the kernel's aoe
-module.  One file, standard library only; an optional compiled helper
-(_aoeio, built by build_ffi.py) moves frames in batches for speed.
+writes them, attaches them as block devices (through ublk or NBD), and serves
+files or disks as targets - without the kernel's aoe module.  One file,
+standard library only; an optional compiled helper (_aoeio, built by
+build_ffi.py) moves frames in batches for speed.
 
 The file reads top to bottom, each section using only those above it:
 
     constants  -> codec -> transport -> discovery and control queries
-    -> engine (windowed ATA I/O) -> block backends (ublk) -> target (serve)
-    -> commands -> CLI
+    -> engine (windowed ATA I/O) -> block backends (ublk, nbd)
+    -> attach daemon -> target (serve) -> commands -> CLI
 """
 
 import argparse
