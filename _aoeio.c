@@ -1514,13 +1514,26 @@ int aoe_srv_pump(struct aoe_srv *s, int timeout_us)
 #ifndef UBLK_F_CMD_IOCTL_ENCODE
 #define UBLK_F_CMD_IOCTL_ENCODE        (1ULL << 6)
 #endif
+#ifndef UBLK_CMD_UPDATE_SIZE                            /* Linux 6.16 */
+#define UBLK_CMD_UPDATE_SIZE           0x15
+#endif
+#ifndef UBLK_U_CMD_UPDATE_SIZE
+#define UBLK_U_CMD_UPDATE_SIZE         _IOWR('u', 0x15, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_CMD_QUIESCE_DEV                            /* Linux 6.16 */
+#define UBLK_CMD_QUIESCE_DEV           0x16
+#endif
+#ifndef UBLK_U_CMD_QUIESCE_DEV
+#define UBLK_U_CMD_QUIESCE_DEV         _IOWR('u', 0x16, struct ublksrv_ctrl_cmd)
+#endif
 /* Pin the spelled-out encodings to the kernel's values. */
 _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32 && sizeof(struct ublksrv_io_cmd) == 16 &&
                sizeof(struct ublksrv_io_desc) == 24 && sizeof(struct ublksrv_ctrl_dev_info) == 64,
                "ublk uapi struct sizes");
 _Static_assert(UBLK_U_CMD_ADD_DEV == 0xc0207504u && UBLK_U_CMD_GET_FEATURES == 0x80207513u &&
                UBLK_U_CMD_GET_DEV_INFO == 0x80207502u && UBLK_U_CMD_END_USER_RECOVERY == 0xc0207511u &&
-               UBLK_U_IO_FETCH_REQ == 0xc0107520u && UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521u,
+               UBLK_U_IO_FETCH_REQ == 0xc0107520u && UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521u &&
+               UBLK_U_CMD_UPDATE_SIZE == 0xc0207515u && UBLK_U_CMD_QUIESCE_DEV == 0xc0207516u,
                "ublk ioctl-encoded opcodes");
 
 struct ublk_ring {
@@ -1718,6 +1731,8 @@ static unsigned ublk_ctrl_encode(unsigned nr)
     case UBLK_CMD_START_USER_RECOVERY: return UBLK_U_CMD_START_USER_RECOVERY;
     case UBLK_CMD_END_USER_RECOVERY:   return UBLK_U_CMD_END_USER_RECOVERY;
     case UBLK_CMD_GET_FEATURES:        return UBLK_U_CMD_GET_FEATURES;
+    case UBLK_CMD_UPDATE_SIZE:         return UBLK_U_CMD_UPDATE_SIZE;
+    case UBLK_CMD_QUIESCE_DEV:         return UBLK_U_CMD_QUIESCE_DEV;
     default:                           return 0;
     }
 }

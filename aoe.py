@@ -169,6 +169,8 @@ UBLK_CMD_START_DEV = 0x06
 UBLK_CMD_STOP_DEV = 0x07
 UBLK_CMD_START_USER_RECOVERY = 0x10
 UBLK_CMD_END_USER_RECOVERY = 0x11
+UBLK_CMD_UPDATE_SIZE = 0x15
+UBLK_CMD_QUIESCE_DEV = 0x16
 UBLK_IO_OP_READ = 0
 UBLK_IO_OP_WRITE = 1
 UBLK_IO_OP_FLUSH = 2
@@ -177,6 +179,8 @@ UBLK_IO_OP_WRITE_ZEROES = 5
 UBLK_F_USER_RECOVERY = 1 << 3
 UBLK_F_USER_RECOVERY_REISSUE = 1 << 4
 UBLK_F_CMD_IOCTL_ENCODE = 1 << 6
+UBLK_F_UPDATE_SIZE = 1 << 10
+UBLK_F_QUIESCE = 1 << 12
 UBLK_ATTR_READ_ONLY = 1 << 0
 UBLK_ATTR_VOLATILE_CACHE = 1 << 2
 UBLK_S_DEV_DEAD = 0
@@ -1367,6 +1371,10 @@ class HelperPump:
         """Bridge a ublk queue (NULL: end the bridge, before the queue is closed); 0 or -errno."""
         return self.lib.aoe_eng_bridge(self.eng, queue, sectors, 1 if readonly else 0)
 
+    def bridge_resize(self, sectors):
+        """The bridged device's new size: requests past it are handed over (and fail)."""
+        self.eng.bq_sectors = sectors
+
     def bridge_admit(self, on):
         """Whether the bridge submits requests itself (off: every one is handed over)."""
         self.eng.bridge_on = 1 if on else 0
@@ -1745,6 +1753,12 @@ UBLK_MIN_DEPTH = 32               # tags: enough for random I/O at queue depth 3
 UBLK_MAX_DEPTH = 128
 UBLK_NEEDED = UBLK_F_CMD_IOCTL_ENCODE
 UBLK_RECOVERY = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE
+UBLK_FEATURES = (             # what aoe.py asks ADD_DEV for where the kernel has it, as stat --json names it
+    (UBLK_RECOVERY, "user-recovery"),         # attach --recover after the daemon died (6.1)
+    (UBLK_F_UPDATE_SIZE, "update-size"),      # revalidate resizes the live device (6.16)
+    (UBLK_F_QUIESCE, "quiesce"),              # attach --upgrade hands the device to a new daemon (6.16)
+)
+QUIESCE_TIMEOUT_MS = 10000        # how long QUIESCE_DEV may wait for a tag the daemon is not using
 PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
 BRIDGE_ID = 1 << 62               # ids of requests the helper took from the queue (AOE_BRIDGE_ID)
 PROBE_INTERVAL = 1.0              # seconds between probes of a down target
@@ -1768,7 +1782,8 @@ def request_layout(target):
 class Attachment:
     """What RUN_DIR/eX.Y.json records about an attached device."""
 
-    FIELDS = ("device", "backend", "dev", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log")
+    FIELDS = ("device", "backend", "dev", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log",
+              "features")
 
     def __init__(self, **fields):
         for k in self.FIELDS:
@@ -1971,6 +1986,14 @@ class UblkControl:
     def can_recover(self):
         return self.features & UBLK_RECOVERY == UBLK_RECOVERY
 
+    def device_flags(self):
+        """The UBLK_F_* of UBLK_FEATURES this kernel has (QUIESCE only with recovery)."""
+        flags = 0
+        for flag, _ in UBLK_FEATURES:
+            if self.features & flag == flag and (flag != UBLK_F_QUIESCE or self.can_recover):
+                flags |= flag
+        return flags
+
     def info(self, dev_id):
         info = self.ffi.new("struct ublksrv_ctrl_dev_info *")
         ret = self.lib.ublk_ctrl_get_dev_info(self.ctrl, dev_id, info)
@@ -2012,10 +2035,18 @@ class UblkBackend:
         self.queue = None
         self.inflight = {}                        # tag -> (ublk op, bytes on success)
         self.results = []                         # (tag, result) to commit
+        self.flags = 0                            # the device's UBLK_F_* of UBLK_FEATURES
 
     @property
     def can_recover(self):
         return self.control.can_recover
+
+    @property
+    def features(self):
+        return [name for flag, name in UBLK_FEATURES if self.flags & flag == flag]
+
+    def lacking(self):
+        return [name for flag, name in UBLK_FEATURES if self.control.features & flag != flag]
 
     @staticmethod
     def missing(helper):
@@ -2034,7 +2065,7 @@ class UblkBackend:
 
     def create(self):
         """ADD_DEV, SET_PARAMS, open and fetch the queue, START_DEV; returns the disk's name."""
-        flags = UBLK_RECOVERY if self.can_recover else 0
+        flags = self.flags = self.control.device_flags()
         self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth,
                                                             self.max_sectors * SECTOR_SIZE, flags), "ublk ADD_DEV")
         target = self.daemon.target
@@ -2046,15 +2077,15 @@ class UblkBackend:
                 max_sectors=self.max_sectors))
             ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params), "ublk SET_PARAMS")
             self._open_queue()
-            self.daemon.record(self, "up", flags != 0)
+            self.daemon.record(self, "up", flags & UBLK_RECOVERY != 0)
             self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
         except BaseException:
             self._close_queue()
             self.control.remove(self.dev_id)
             raise
-        self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d KiB, queue depth %d%s"
+        self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d KiB, queue depth %d; %s"
                  % (target.name, "/dev/" + self.dev, self.engine.sectors, " read-only" if self.daemon.readonly
-                    else "", self.max_sectors // 2, self.depth, "" if flags else "; no user recovery in this kernel"))
+                    else "", self.max_sectors // 2, self.depth, ublk_features_text(self)))
 
     @property
     def dev(self):
@@ -2077,10 +2108,38 @@ class UblkBackend:
                 raise AoeError("%s: %s did not become ready for recovery (state %d) within %d s"
                                % (attachment.device, attachment.block, info.state, QUIESCE_WAIT))
             time.sleep(0.2)
+        self.flags = info.flags & sum(flag for flag, _ in UBLK_FEATURES)
         ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id), "ublk START_USER_RECOVERY")
         self._open_queue()
         self.daemon.record(self, "recovering", True)
         self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
+
+    def resize(self, sectors):
+        """The target's new size onto the live device (UPDATE_SIZE): the bridge's and the
+        engine's bounds first when it shrinks, last when it grows."""
+        if not self.flags & UBLK_F_UPDATE_SIZE:
+            raise AoeError("%s cannot change size while attached: %s; detach and attach again"
+                           % ("/dev/" + self.dev, "this kernel's ublk has no UPDATE_SIZE (Linux 6.16 or later)"
+                              if self.control.features & UBLK_F_UPDATE_SIZE != UBLK_F_UPDATE_SIZE
+                              else "it was attached without UPDATE_SIZE"))
+        if sectors < self.engine.sectors:
+            self._set_bounds(sectors)
+        ublk_check(self.control.command(UBLK_CMD_UPDATE_SIZE, self.dev_id, sectors), "ublk UPDATE_SIZE")
+        self._set_bounds(sectors)
+
+    def _set_bounds(self, sectors):
+        self.engine.sectors = sectors
+        self.pump.bridge_resize(sectors)
+
+    def hand_over(self):
+        """Pause the device for a new daemon (QUIESCE_DEV: the kernel stops handing out
+        requests and ends the queue; those this daemon still holds go to the next one)."""
+        if not self.flags & UBLK_F_QUIESCE:
+            raise AoeError("%s cannot be handed over: %s" % ("/dev/" + self.dev, "this kernel's ublk has no QUIESCE "
+                           "(Linux 6.16 or later)" if not self.control.device_flags() & UBLK_F_QUIESCE
+                           else "it was attached without QUIESCE"))
+        self.daemon.serve_while(lambda: ublk_check(self.control.command(UBLK_CMD_QUIESCE_DEV, self.dev_id,
+                                                                        QUIESCE_TIMEOUT_MS), "ublk QUIESCE_DEV"))
 
     @staticmethod
     def remove_orphan(attachment):
@@ -2216,6 +2275,12 @@ class UblkBackend:
     def close(self):
         self._close_queue()
         self.control.close()
+
+
+def ublk_features_text(backend):
+    lacking = backend.lacking()
+    return "uses %s%s" % (", ".join(backend.features) or "no optional ublk feature",
+                          "; this kernel lacks " + ", ".join(lacking) if lacking else "")
 
 
 # --- NBD ----------------------------------------------------------------------
@@ -2383,6 +2448,22 @@ class NbdBackend:
         if not nbd_module_loaded():
             return "this kernel has no nbd driver ('modprobe nbd' failed; CONFIG_BLK_DEV_NBD)"
         return None
+
+    @property
+    def features(self):
+        return ["netlink" if self.netlink is not None else "ioctls"]
+
+    @staticmethod
+    def lacking():
+        return []
+
+    def resize(self, sectors):
+        raise AoeError("%s cannot change size while attached (nbd sets the size only when it connects): "
+                       "detach and attach again" % ("/dev/" + self.dev))
+
+    def hand_over(self):
+        raise AoeError("%s cannot be handed over (nbd cannot pause a device): detach and attach again, "
+                       "or attach through ublk (Linux 6.16 or later)" % ("/dev/" + self.dev))
 
     @property
     def dev(self):
@@ -2754,13 +2835,15 @@ class AttachDaemon:
         self.link_problem = None
         self.stop = False
         self.report_wanted = False
+        self.request_wanted = False
 
     def record(self, backend, state, recoverable):
         self.state = state
         self.attachment = Attachment(device=self.target.name, backend=backend.name, dev=backend.dev,
                                      dev_id=backend.dev_id, pid=os.getpid(), state=state,
                                      sectors=self.engine.sectors, readonly=self.readonly,
-                                     recoverable=recoverable, log=log_path(self.target.name))
+                                     recoverable=recoverable, log=log_path(self.target.name),
+                                     features=backend.features)
         self.attachment.save()
 
     def create(self):
@@ -2850,21 +2933,64 @@ class AttachDaemon:
                     self.engine.describe().rstrip()))
 
     def run(self):
-        """Serve until asked to stop (SIGTERM, SIGINT) or the kernel lets go of the device."""
+        """Serve until asked to stop (SIGTERM, SIGINT: "stop"), the kernel lets go of the
+        device ("gone") or it was handed to a new daemon ("handed-over")."""
         while not self.stop:
             if self.report_wanted:
                 self.report_wanted = False
                 self.report()
+            if self.request_wanted:
+                self.request_wanted = False
+                if self.answer_request() == "hand-over":
+                    return "handed-over"
             if not self.serve(200000):
                 self.log("the kernel let go of %s" % self.attachment.block)
-                return False
+                return "gone"
             now = time.monotonic()
             if self.state == "down":
                 self._probe()
             if now >= self.next_links:
                 self.refresh_links()
                 self.next_links = now + 1.0
-        return True
+        return "stop"
+
+    def answer_request(self):
+        """Do what a command asked through the request file (SIGHUP; see ask_daemon) and
+        reply; returns the verb done."""
+        try:
+            with open(daemon_file(self.target.name, "request")) as f:
+                request = json.load(f)
+            verb, token = request["verb"], request["token"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            if verb == "resize":
+                message = self.resize(int(request["sectors"]))
+            elif verb == "hand-over":
+                self._set_state("handing-over")
+                self.backend.hand_over()
+                self._set_state("handed-over")
+                message = "%s handed over by pid %d" % (self.attachment.block, os.getpid())
+            else:
+                raise AoeError("unknown request %r" % verb)
+            ok = True
+        except AoeError as e:
+            ok, message, verb = False, str(e), None
+            if self.state == "handing-over":
+                self._set_state("up")
+        self.log(message)
+        write_json(daemon_file(self.target.name, "reply"), {"token": token, "ok": ok, "message": message})
+        return verb
+
+    def resize(self, sectors):
+        before = self.engine.sectors
+        if sectors <= 0:
+            raise AoeError("%s: refusing a size of %d sectors" % (self.target.name, sectors))
+        if sectors != before:
+            self.backend.resize(sectors)
+            self.attachment.sectors = sectors
+            self.attachment.save()
+        return "%s: %s resized from %d to %d sectors" % (self.target.name, self.attachment.block, before, sectors)
 
     def detach(self):
         """Stop the device cleanly (the kernel writes back and flushes through it first).
@@ -2891,6 +3017,56 @@ class AttachDaemon:
         self.engine.close()
 
 
+DAEMON_ANSWER_WAIT = 30          # seconds a command waits for an attach daemon's reply
+
+
+def daemon_file(device, kind):
+    """RUN_DIR/eX.Y.request or .reply: how commands ask a running attach daemon."""
+    return os.path.join(RUN_DIR, "%s.%s" % (device, kind))
+
+
+def write_json(path, data):
+    tmp = path + ".new"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def ask_daemon(a, verb, wait=DAEMON_ANSWER_WAIT, **fields):
+    """Ask a's daemon to do `verb` (it reads the request file on SIGHUP); returns its
+    reply's message, or raises its error."""
+    token = os.urandom(8).hex()
+    write_json(daemon_file(a.device, "request"), dict(fields, verb=verb, token=token))
+    os.kill(a.pid, signal.SIGHUP)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            with open(daemon_file(a.device, "reply")) as f:
+                reply = json.load(f)
+        except (OSError, ValueError):
+            reply = {}
+        if reply.get("token") == token:
+            if not reply.get("ok"):
+                raise AoeError(reply.get("message", "the daemon refused"))
+            return reply.get("message", "")
+        if not a.daemon_alive:
+            raise AoeError("%s: its daemon (pid %d) ended without answering; see %s" % (a.device, a.pid, a.log))
+        time.sleep(0.05)
+    raise AoeError("%s: its daemon (pid %d) did not answer within %d s; see %s" % (a.device, a.pid, wait, a.log))
+
+
+def take_over(a, log):
+    """attach --upgrade: the running daemon pauses the device and leaves; this one then
+    serves it through user recovery, I/O held meanwhile, not failed."""
+    log(ask_daemon(a, "hand-over"))
+    deadline = time.monotonic() + QUIESCE_WAIT
+    while a.daemon_alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if a.daemon_alive:
+        raise AoeError("%s: pid %d handed the device over but did not end within %d s" % (a.device, a.pid,
+                                                                                          QUIESCE_WAIT))
+
+
 def daemon_logger(device):
     def log(message):
         sys.stderr.write("%s %s[%d] %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(),
@@ -2915,20 +3091,23 @@ def serve_device(helper, target, args, backend, ready):
         daemon.stop = True
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda signum, frame: setattr(daemon, "request_wanted", True))
     signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(daemon, "report_wanted", True))
     try:
-        if args.recover:
+        if args.upgrade:
+            take_over(Attachment.load(target.name), log)
+        if args.recover or args.upgrade:
             daemon.recover(Attachment.load(target.name))
         else:
             daemon.create()
         daemon.refresh_links()
         ready(daemon.attachment)
-        if daemon.run():
+        outcome = daemon.run()
+        if outcome == "stop":
             daemon.detach()
-            return EXIT_OK
-        daemon.forget()
-        return EXIT_FAIL
+        elif outcome == "gone":
+            daemon.forget()
+        return EXIT_FAIL if outcome == "gone" else EXIT_OK
     finally:
         daemon.close()
 
@@ -4197,7 +4376,20 @@ def cmd_attach(args):
     name = device_name(*parse_device(args.device))
     helper = None if args.no_helper else load_helper()
     known = Attachment.load(name)
-    if args.recover:
+    if args.upgrade:
+        if args.recover:
+            usage_error("--upgrade and --recover exclude each other")
+        if known is None or not known.daemon_alive:
+            raise AoeError("%s: no running attach daemon to hand over from (%s)" % (
+                name, "none recorded in %s" % RUN_DIR if known is None else "pid %d is gone: use --recover"
+                % known.pid))
+        if "quiesce" not in (known.features or []):
+            raise AoeError("%s (%s) cannot be handed to a new daemon: %s; 'aoe.py detach %s' and attach it again"
+                           % (name, known.block, "nbd cannot pause a device" if known.backend == "nbd" else
+                              "it was attached without ublk's QUIESCE (Linux 6.16 or later)", name))
+        backend, why = known.backend, "as attached"
+        helper = need_helper("attach --upgrade")
+    elif args.recover:
         if known is None:
             raise AoeError("%s: no attached device recorded in %s: nothing to recover" % (name, RUN_DIR))
         if known.daemon_alive:
@@ -4227,7 +4419,11 @@ def cmd_attach(args):
                          % (name, backend, why, "helper" if helper else "pure-Python"))
 
     def show(a):
-        return json.dumps(a.as_dict()) if args.json else attach_summary(a)
+        if args.json:
+            return json.dumps(a.as_dict())
+        if args.verbose and a.backend == "ublk":
+            return attach_summary(a) + "\n%s: ublk %s" % (a.device, ", ".join(a.features) or "without optional features")
+        return attach_summary(a)
     if args.foreground:
         return serve_device(helper, target, args, backend, lambda a: print(show(a), flush=True))
     return run_in_background(name, lambda ready: serve_device(helper, target, args, backend,
@@ -4297,8 +4493,16 @@ def cmd_revalidate(args):
     if target.sectors == a.sectors:
         print("%s: %d sectors, as %s has" % (target.name, target.sectors, a.block))
         return EXIT_OK
-    raise AoeError("%s now has %d sectors but %s has %d: aoe.py does not resize an attached device in place; "
-                   "detach and attach again" % (target.name, target.sectors, a.block, a.sectors))
+    if not a.daemon_alive:
+        raise AoeError("%s: %s's daemon is gone: 'aoe.py attach --recover %s' first" % (target.name, a.block,
+                                                                                     target.name))
+    if target.sectors < a.sectors and not args.force:
+        busy = device_in_use(a.block, a.pid)
+        if busy:
+            raise AoeError("%s shrank from %d to %d sectors but %s is %s: refusing to cut what it holds "
+                           "(--force to shrink anyway)" % (target.name, a.sectors, target.sectors, a.block, busy))
+    print(ask_daemon(a, "resize", sectors=target.sectors))
+    return EXIT_OK
 
 
 class StopFlag:
@@ -4764,6 +4968,9 @@ def build_parser():
     p.add_argument("--foreground", action="store_true", help="serve in this process; logs to standard error")
     p.add_argument("--recover", action="store_true",
                    help="serve an attached device again after its daemon died")
+    p.add_argument("--upgrade", action="store_true",
+                   help="take an attached device over from its running daemon, I/O paused meanwhile (ublk with "
+                        "QUIESCE: Linux 6.16 or later)")
     add_common(p)
     add_wait(p)
     add_engine(p)
@@ -4779,8 +4986,10 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="even if mounted or open")
     add_common(p, json_flag=False, iface=False)
 
-    p = command("revalidate", cmd_revalidate, "re-read a target's size and compare it with its block device")
+    p = command("revalidate", cmd_revalidate, "re-read a target's size; an attached device takes the new size "
+                                              "(ublk with UPDATE_SIZE: Linux 6.16 or later)")
     p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--force", action="store_true", help="shrink the device even while it is mounted or open")
     add_common(p, json_flag=False)
     add_wait(p)
 

@@ -65,6 +65,7 @@ struct aoe_eng {
     int nhanded; struct ublk_req *handed;
     int bridge_finished;
     int bridge_error;
+    uint64_t bq_sectors;
     ...;
 };
 

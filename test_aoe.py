@@ -1620,15 +1620,18 @@ def test_serve_survives_fuzzed_frames_and_writes_only_where_asked(tmp_path, kind
 # -----------------------------------------------------------------------------
 
 VM_RUN = os.path.join(HERE, "vm", "run")
+VM_SUITES = {"6.12": "bookworm-backports", "7.3": "trixie-backports"}   # kernel -> the suite vm/run boots
+BOTH_KERNELS = pytest.mark.parametrize("kernel", list(VM_SUITES))
 
 
-def in_vm(script, *args, timeout=1200, python=sys.executable, before=""):
-    """Run one of vm/'s scripts inside the VM (after the shell words `before`); returns its
-    output (asserting it succeeded)."""
+def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel="6.12"):
+    """Run one of vm/'s scripts inside the VM booted with `kernel` (after the shell words
+    `before`); returns its output (asserting it succeeded)."""
     need(os.geteuid() == 0, "the VM harness needs root")
     need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"), "needs qemu-system-x86 (or apt-get for it)")
     command = before + " ".join([os.path.join("vm", script), python] + [str(a) for a in args])
-    r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
     assert r.returncode == 0, (r.returncode, r.stdout[-3000:], r.stderr[-2000:])
     # Only the boot that ran the script: vm/run retries boots that die before it (see there).
     return r.stdout.rsplit("vm/run: the VM died before running the command", 1)[-1]
@@ -1644,11 +1647,12 @@ def test_kernel_aoe_driver_against_serve(mtu):
 
 
 @pytest.mark.vm
-def test_lossy_link_attach_and_kernel_driver_verify():
+@BOTH_KERNELS
+def test_lossy_link_attach_and_kernel_driver_verify(kernel):
     """netem on the target's side (loss 5%, duplicates 1%, delay 1 ms +- 1 ms, reorder 10%):
     fio 64k random writes with crc32c verify pass through aoe.py attach and through the
     kernel's driver, in one boot against one vblade (their rates are the benchmark's)."""
-    out = in_vm("netem-vs-kernel.sh", 9000)
+    out = in_vm("netem-vs-kernel.sh", 9000, kernel=kernel)
     assert "NETEM OK mtu 9000" in out
     for who in ("kernel", "aoe.py"):
         assert re.search(r"^%s: randwrite 64k qd16 [\d.]+ MB/s, verify errors 0$" % re.escape(who), out, re.M), out
@@ -1688,13 +1692,15 @@ def python38():
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("mtu, backend, alone", [(1500, "ublk", False), (9000, "ublk", False),
-                                                 (1500, "nbd", False), (9000, "nbd", True)],
-                         ids=["ublk-mtu1500", "ublk-mtu9000", "nbd-mtu1500", "nbd-mtu9000-copied-alone-py38"])
-def test_attach_block_device(mtu, backend, alone):
+@pytest.mark.parametrize("kernel, mtu, backend, alone", [
+    ("6.12", 1500, "ublk", False), ("6.12", 9000, "nbd", True), ("7.3", 9000, "ublk", False),
+    ("7.3", 1500, "nbd", False)],
+    ids=["6.12-ublk-mtu1500", "6.12-nbd-mtu9000-copied-alone-py38", "7.3-ublk-mtu9000", "7.3-nbd-mtu1500"])
+def test_attach_block_device(kernel, mtu, backend, alone):
     """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during a read and
-    --recover, a hostile target, detach under load, flush.  NBD also with aoe.py copied alone into an
-    empty directory and run by Python 3.8: no helper, the standard library only."""
+    --recover, a hostile target, detach under load, flush.  Each backend at both MTUs and on both
+    kernels; NBD also with aoe.py copied alone into an empty directory and run by Python 3.8: no
+    helper, the standard library only."""
     if backend == "ublk" or not alone:
         need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
     python, before = sys.executable, ""
@@ -1702,6 +1708,8 @@ def test_attach_block_device(mtu, backend, alone):
         python = python38()
         before = 'd=$(mktemp -d) && cp aoe.py "$d" && AOE_PY="$d/aoe.py" '
     native = os.path.exists("/dev/ublk-control") if backend == "ublk" else os.path.isdir("/sys/module/nbd")
+    if native and kernel != min(VM_SUITES):        # this machine's kernel runs it once, not per VM kernel
+        pytest.skip("this machine's own kernel ran the attach check (the %s case)" % min(VM_SUITES))
     if native:                                     # this kernel can: no VM needed
         r = subprocess.run(["bash", "-c", before + " ".join([os.path.join(HERE, "vm", "attach-check.sh"), python,
                                                              str(mtu), backend])],
@@ -1709,9 +1717,32 @@ def test_attach_block_device(mtu, backend, alone):
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
         out = r.stdout
     else:
-        out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500)
+        out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500, kernel=kernel)
     assert "ATTACH-CHECK OK mtu %d backend %s" % (mtu, backend) in out
     if alone:
         assert re.search(r"aoe\.py \S+ \(python 3\.8\.\d+, helper not built", out), out[:2000]
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
     assert "Oops" not in out and "BUG:" not in out, out[-3000:]
+
+
+@pytest.mark.vm
+@BOTH_KERNELS
+def test_revalidate_resizes_and_upgrade_hands_over(kernel):
+    """Where ublk has UPDATE_SIZE and QUIESCE (Linux 6.16+): revalidate grows the attached device
+    under a mounted ext4 (resize2fs sees it), refuses a shrink below it, and attach --upgrade hands
+    the device to a new daemon under a reader that sees no error.  Where it lacks them: one clear
+    line each, nothing changed."""
+    need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    out = in_vm("resize-upgrade.sh", kernel=kernel)
+    m = re.search(r"^RESIZE-UPGRADE OK (\d+)\.(\d+)\S* features: (.*)$", out, re.M)
+    assert m, out[-3000:]
+    features = m.group(3).split()
+    newer = (int(m.group(1)), int(m.group(2))) >= (6, 16)
+    assert ("update-size" in features and "quiesce" in features) == newer, (m.group(0), newer)
+    if newer:
+        assert "resized from 262144 to 393216 sectors" in out and "handed e0.0 to pid" in out
+        assert "refusing to cut what it holds" in out
+    else:
+        assert "has no UPDATE_SIZE (Linux 6.16 or later)" in out
+        assert "without ublk's QUIESCE (Linux 6.16 or later)" in out
+    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out

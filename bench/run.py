@@ -15,7 +15,7 @@ GB moved (threads and the kernel work done in system calls included) of the
 target and of the client: on two cores, whichever is near 1 s per second of
 the run is the limit.  Needs root, and a C compiler for the yardstick.
 
-    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 5]
+    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 5] [--targets vblade] [--clients read]
 """
 
 import argparse
@@ -155,7 +155,12 @@ def main():
     p.add_argument("--mtu", default="1500,9000")
     p.add_argument("--runs", type=int, default=5, help="runs of each client (default %(default)s)")
     p.add_argument("--shm", default="/dev/shm", help="tmpfs directory for the image")
+    p.add_argument("--targets", help="only targets whose name contains one of these, comma-separated")
+    p.add_argument("--clients", help="only clients whose name contains one of these, comma-separated")
     args = p.parse_args()
+    chosen = lambda rows, words: [r for r in rows if not words or any(w in r[0] for w in words.split(","))]
+    TARGETS[:] = chosen(TARGETS, args.targets)
+    CLIENTS[:] = chosen(CLIENTS, args.clients)
     size = aoe.parse_size(args.size)
     mtus = [int(m) for m in args.mtu.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
