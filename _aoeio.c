@@ -4,6 +4,23 @@
  * Mechanism only: aoe.py decides windows, retransmit timeouts and failover;
  * this file moves frames in batches and tells aoe.py what happened.
  * Linux only.  No global state.  Errors are returned as negative errno.
+ *
+ * What aoe.py sees of this file is written once, in the blocks between
+ * ABI-BEGIN and ABI-END: build_ffi.py hands their text to cffi as its cdef.
+ * There every #define becomes a constant whose value cffi takes from the
+ * compiler (aoe.py checks its own copies against them when it loads the
+ * helper, and refuses a helper that disagrees), a struct's fields after its
+ * "private" line are hidden from Python ("...;"), and every function aoe.py
+ * calls has its prototype, which the compiler holds to the definition.
+ *
+ * Three decisions are made here as well as in aoe.py, for speed, and must stay
+ * the same; a test holds each pair equal:
+ *   aoe_pump's answer checks and drop reasons = PyPump's
+ *       (test_pumps_agree_and_take_only_true_answers: both pumps, scripted answers);
+ *   srv_classify's order of checks and srv_decode's IDNF/ABRT answers =
+ *       AoeTarget.handle's (test_serve_fast_path_answers_exactly_like_python);
+ *   bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
+ *       which sees every request the bridge declines (the VM's attach checks).
  */
 
 #ifndef _GNU_SOURCE
@@ -45,37 +62,17 @@
  * so expiry checks stop at the first young frame).
  */
 
-#define AOE_MAX_PATHS   16
 #define ETH_P_AOE       0x88A2
 #define ATA_HDR_LEN     36          /* Ethernet 14 + AoE 10 + ATA argument 12 */
 #define ETH_MIN_FRAME   60          /* shorter frames are padded to this */
-#define SECTOR_SIZE     512
 #define MAX_SPF         255         /* the ATA sector count field is one byte */
 
 #define AOE_VER_FLAGS   0x10        /* version 1, no flags */
 #define AOEFL_RSP       0x08
 #define AOEFL_ERR       0x04
 #define AOECMD_ATA      0
-#define AOEAFL_EXT      0x40
-#define AOEAFL_WRITE    0x01
-
-#define ATA_READ        0x20
-#define ATA_READ_EXT    0x24
-#define ATA_WRITE       0x30
-#define ATA_WRITE_EXT   0x34
-#define ATA_FLUSH       0xE7
-#define ATA_FLUSH_EXT   0xEA
 #define ATA_ST_ERR      0x01
 #define ATA_ST_DF       0x20
-
-/* Engine tags have bits 31 and 30 set; aoe.py's own queries never set both,
- * so their answers can never be taken for data. */
-#define TAG_ENGINE      0xC0000000u
-#define GEN_MAX         0x3FFF      /* generations run 1..GEN_MAX in bits 16..29 */
-#define SLOT_MAX        0x8000      /* slots in bits 1..15; bit 0 is the parity */
-
-#define STATUS_AOE_ERR  0x100
-#define STATUS_ATA_ERR  0x200
 
 #define TX_BATCH        64
 #define RX_BATCH        64
@@ -85,8 +82,36 @@
 #define NONE            UINT32_MAX
 #define NO_ANSWER       UINT16_MAX
 
-enum { OP_READ, OP_WRITE, OP_FLUSH };
 enum { FRAME_FREE, FRAME_PENDING, FRAME_INFLIGHT };
+
+struct ublk_queue;
+struct ublk_req;
+struct aoe_frame;
+struct aoe_request;
+struct aoe_tx_batch;
+
+/* ABI-BEGIN: the frame engine */
+#define AOE_MAX_PATHS   16
+#define SECTOR_SIZE     512
+#define AOEAFL_EXT      0x40
+#define AOEAFL_WRITE    0x01
+#define ATA_READ        0x20
+#define ATA_READ_EXT    0x24
+#define ATA_WRITE       0x30
+#define ATA_WRITE_EXT   0x34
+#define ATA_FLUSH       0xE7
+#define ATA_FLUSH_EXT   0xEA
+
+/* Engine tags have bits 31 and 30 set; aoe.py's own queries never set both,
+ * so their answers can never be taken for data. */
+#define TAG_ENGINE      0xC0000000u
+#define GEN_MAX         0x3FFF      /* generations run 1..GEN_MAX in bits 16..29 */
+#define SLOT_MAX        0x8000      /* slots in bits 1..15; bit 0 is the parity */
+
+#define STATUS_AOE_ERR  0x100       /* a request's status: -(STATUS_AOE_ERR | AoE error code) */
+#define STATUS_ATA_ERR  0x200       /* ... or -(STATUS_ATA_ERR | ATA error register), or -errno */
+
+enum { OP_READ, OP_WRITE, OP_FLUSH };
 
 struct aoe_counters {
     uint64_t frames_sent, frames_resent, frames_recv, bytes_data;
@@ -128,6 +153,60 @@ struct aoe_path {
 };
 
 struct aoe_event { uint64_t req_id; int32_t status; };
+
+struct aoe_eng {
+    uint16_t shelf; uint8_t slot; uint8_t lba48;
+    uint8_t flush_cmd;                      /* ATA opcode for OP_FLUSH, chosen by aoe.py */
+    int sectors_per_frame;
+    int npaths; struct aoe_path paths[AOE_MAX_PATHS];
+    struct aoe_counters c;
+    int ndone;    struct aoe_event *done;
+    int nexpired; uint32_t *expired;
+    int inflight_frames; int pending_frames; int active_requests;
+    /* ublk bridge (aoe_eng_bridge): aoe_pump takes requests from a ublk queue itself */
+    int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
+    int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
+    int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
+    int bridge_error;                       /* last failure of a ublk call inside aoe_pump, -errno */
+    uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
+
+    /* private */
+    uint32_t max_frames;
+    struct aoe_frame *frames;
+    struct aoe_request *reqs;
+    uint32_t free_frame, free_tail, nfree_frames, free_req;   /* free slots rest FIFO: late answers
+                                                                * find them still free */
+    uint32_t pend_head, pend_tail;
+    uint32_t fly_head[AOE_MAX_PATHS], fly_tail[AOE_MAX_PATHS];
+    int rr;                                 /* path to try first for the next frame */
+    int nfds;                               /* distinct sockets among the paths */
+    int fds[AOE_MAX_PATHS];
+    uint8_t path_fd[AOE_MAX_PATHS];         /* path -> index in fds[] */
+    struct aoe_tx_batch *tx[AOE_MAX_PATHS]; /* per socket */
+    struct aoe_event *done_buf;             /* aoe_pump's events */
+    struct aoe_event *fail_buf;             /* aoe_fail_all's, so it never overwrites the former */
+    size_t rx_slot_size;                    /* bytes per receive slot, grows with sectors_per_frame */
+    uint8_t *rx_buf;
+    struct mmsghdr rx_msg[RX_BATCH];
+    struct iovec rx_iov[RX_BATCH];
+    struct ublk_queue *bq;                  /* the bridged queue, or NULL */
+    int bq_readonly;
+    int bq_ncommit;
+    uint32_t *bq_bytes;                     /* per tag: bytes the bridged request moves */
+    uint16_t *bq_tags;                      /* completions to commit */
+    int32_t *bq_results;
+};
+
+int64_t aoe_now_us(void);
+struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16_t gen_seed);
+void aoe_eng_free(struct aoe_eng *e);
+int aoe_eng_add_path(struct aoe_eng *e, int fd, const uint8_t *src6, const uint8_t *dst6);
+int aoe_submit(struct aoe_eng *e, uint64_t req_id, int op, uint64_t lba, uint32_t nsect, void *buf);
+int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd);
+int aoe_resend(struct aoe_eng *e, uint32_t frame_slot);
+int aoe_frame_path(struct aoe_eng *e, uint32_t frame_slot);
+int aoe_fail_all(struct aoe_eng *e, int32_t status);
+/* ABI-END */
 
 /* One transmission of a frame. */
 struct aoe_tx {
@@ -174,48 +253,6 @@ struct aoe_tx_batch {
     uint8_t hdr[TX_BATCH][ETH_MIN_FRAME];
 };
 
-struct aoe_eng {
-    uint16_t shelf; uint8_t slot; uint8_t lba48;
-    uint8_t flush_cmd;                      /* ATA opcode for OP_FLUSH, chosen by aoe.py */
-    int sectors_per_frame;
-    int npaths; struct aoe_path paths[AOE_MAX_PATHS];
-    struct aoe_counters c;
-    int ndone;    struct aoe_event *done;
-    int nexpired; uint32_t *expired;
-    int inflight_frames; int pending_frames; int active_requests;
-    /* ublk bridge (aoe_eng_bridge): aoe_pump takes requests from a ublk queue itself */
-    int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
-    int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
-    int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
-    int bridge_error;                       /* last failure of a ublk call inside aoe_pump, -errno */
-
-    /* private */
-    uint32_t max_frames;
-    struct aoe_frame *frames;
-    struct aoe_request *reqs;
-    uint32_t free_frame, free_tail, nfree_frames, free_req;   /* free slots rest FIFO: late answers
-                                                                * find them still free */
-    uint32_t pend_head, pend_tail;
-    uint32_t fly_head[AOE_MAX_PATHS], fly_tail[AOE_MAX_PATHS];
-    int rr;                                 /* path to try first for the next frame */
-    int nfds;                               /* distinct sockets among the paths */
-    int fds[AOE_MAX_PATHS];
-    uint8_t path_fd[AOE_MAX_PATHS];         /* path -> index in fds[] */
-    struct aoe_tx_batch *tx[AOE_MAX_PATHS]; /* per socket */
-    struct aoe_event *done_buf;             /* aoe_pump's events */
-    struct aoe_event *fail_buf;             /* aoe_fail_all's, so it never overwrites the former */
-    size_t rx_slot_size;                    /* bytes per receive slot, grows with sectors_per_frame */
-    uint8_t *rx_buf;
-    struct mmsghdr rx_msg[RX_BATCH];
-    struct iovec rx_iov[RX_BATCH];
-    struct ublk_queue *bq;                  /* the bridged queue, or NULL */
-    uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
-    int bq_readonly;
-    int bq_ncommit;
-    uint32_t *bq_bytes;                     /* per tag: bytes the bridged request moves */
-    uint16_t *bq_tags;                      /* completions to commit */
-    int32_t *bq_results;
-};
 
 static int bridge_take(struct aoe_eng *e);
 static void bridge_settle(struct aoe_eng *e);
@@ -1076,6 +1113,7 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
 
 enum { SRV_DROP, SRV_SLOW, SRV_FAST };
 
+/* ABI-BEGIN: the target's fast path */
 struct aoe_srv_counters {
     uint64_t frames_recv;           /* every frame read from the socket */
     uint64_t batches;               /* recvmmsg calls that returned frames */
@@ -1120,6 +1158,12 @@ struct aoe_srv {
     struct mmsghdr tx_msg[SRV_BATCH];
     struct iovec tx_iov[SRV_BATCH];
 };
+
+struct aoe_srv *aoe_srv_new(int frame_max);
+void aoe_srv_free(struct aoe_srv *s);
+int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks, const uint8_t *reserved, int nreserved);
+int aoe_srv_pump(struct aoe_srv *s, int timeout_us);
+/* ABI-END */
 
 static uint8_t *srv_frame(struct aoe_srv *s, int i)
 {
@@ -1900,6 +1944,8 @@ struct ublk_queue {
     uint8_t *state;                 /* UBLK_TAG_* per tag */
 };
 
+/* ABI-BEGIN: ublk plumbing (the kernel's structs, from <linux/ublk_cmd.h>, are declared
+ * to cffi in build_ffi.py) */
 /* One request to serve, as ublk_queue_reap hands it out. */
 struct ublk_req {
     uint16_t tag;
@@ -1911,6 +1957,36 @@ struct ublk_req {
     uint64_t start_sector;
     uint64_t addr;                  /* the tag's buffer: read data goes here, write data is here */
 };
+struct ublk_ctrl;
+struct ublk_queue;
+
+/* Requests the bridge takes from the queue go to the engine under this id | op << 16 | tag. */
+#define AOE_BRIDGE_ID (1ULL << 62)
+
+int ublk_ctrl_open(struct ublk_ctrl **out);
+void ublk_ctrl_close(struct ublk_ctrl *c);
+int ublk_ctrl_ring_fd(struct ublk_ctrl *c);
+int ublk_ctrl_get_features(struct ublk_ctrl *c, uint64_t *features);
+int ublk_ctrl_add_dev(struct ublk_ctrl *c, int dev_id, unsigned nr_queues, unsigned depth,
+                      unsigned max_io_buf_bytes, uint64_t flags);
+int ublk_ctrl_set_params(struct ublk_ctrl *c, int dev_id, const struct ublk_dev_params *dp);
+int ublk_ctrl_get_dev_info(struct ublk_ctrl *c, int dev_id, struct ublksrv_ctrl_dev_info *info);
+int ublk_ctrl_submit(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0);
+int ublk_ctrl_wait(struct ublk_ctrl *c, long long timeout_us, int *result);
+int ublk_ctrl_cmd(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0);
+int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, unsigned buf_size);
+void ublk_queue_close(struct ublk_queue *q);
+int ublk_queue_ring_fd(struct ublk_queue *q);
+int ublk_queue_cdev_fd(struct ublk_queue *q);
+void *ublk_queue_bufs(struct ublk_queue *q);
+unsigned ublk_queue_buf_size(struct ublk_queue *q);
+int ublk_queue_in_kernel(struct ublk_queue *q);
+int ublk_queue_last_error(struct ublk_queue *q);
+int ublk_queue_fetch_all(struct ublk_queue *q);
+int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long long timeout_us);
+int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const int32_t *results);
+int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly);
+/* ABI-END */
 
 void ublk_queue_close(struct ublk_queue *q)
 {
@@ -2141,8 +2217,6 @@ int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const i
  * other ops, past the end, writes to a read-only device, engine full) are
  * handed to aoe.py in handed[].
  */
-
-#define AOE_BRIDGE_ID (1ULL << 62)
 
 static void bridge_release(struct aoe_eng *e)
 {

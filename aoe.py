@@ -926,6 +926,8 @@ INITIAL_RTO_US = 250000          # before any sample (the kernel starts at 250 m
 PATH_LOST_LIMIT = 4              # expiries with no answer before a path counts as silent
 PATH_RETRY_US = 2000000          # a silent path is tried again after this
 MAX_FRAMES = 1 << 15             # tag slots per engine (bits 1-15 of the tag)
+MAX_PATHS = 16                   # paths one engine uses at most
+BRIDGE_ID = 1 << 62              # ids of requests the helper's ublk bridge took from the queue
 GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
 MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
@@ -964,7 +966,8 @@ def next_gen(gen):
 
 
 class PumpPath:
-    """Per-path state shared by pump and engine (fields as in the helper's struct aoe_path)."""
+    """Per-path state shared by pump and engine: the fields of the helper's struct aoe_path
+    (helper_mismatch checks them when the helper loads)."""
 
     __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us", "reorder_us",
                  "newest_answered_us", "sent", "recv", "last_recv_us", "rtt_n", "rtt_sum_us", "rtt_max_us",
@@ -1400,18 +1403,62 @@ class HelperPump:
         self.buffers.clear()
 
 
+def helper_constants():
+    """What aoe.py and the helper must agree on: the helper's constant -> aoe.py's value."""
+    return {
+        "TAG_ENGINE": TAG_USER | TAG_ENGINE, "GEN_MAX": GEN_MAX, "SLOT_MAX": MAX_FRAMES,
+        "AOE_MAX_PATHS": MAX_PATHS, "SECTOR_SIZE": SECTOR_SIZE, "AOE_BRIDGE_ID": BRIDGE_ID,
+        "STATUS_AOE_ERR": STATUS_AOE_ERROR, "STATUS_ATA_ERR": STATUS_ATA_ERROR,
+        "OP_READ": OP_READ, "OP_WRITE": OP_WRITE, "OP_FLUSH": OP_FLUSH,
+        "AOEAFL_EXT": AOEAFL_EXT, "AOEAFL_WRITE": AOEAFL_WRITE,
+        "ATA_READ": ATA_CMD_PIO_READ, "ATA_READ_EXT": ATA_CMD_PIO_READ_EXT, "ATA_WRITE": ATA_CMD_PIO_WRITE,
+        "ATA_WRITE_EXT": ATA_CMD_PIO_WRITE_EXT, "ATA_FLUSH": ATA_CMD_FLUSH, "ATA_FLUSH_EXT": ATA_CMD_FLUSH_EXT,
+    }
+
+
+def helper_mismatch(helper):
+    """How a built helper disagrees with this aoe.py (constants, the fields both pumps
+    share, the counters read by name), as a list of words; empty when they agree."""
+    problems = ["%s is %s in the helper, %s here" % (name, getattr(helper.lib, name, None), value)
+                for name, value in helper_constants().items() if getattr(helper.lib, name, None) != value]
+    fields = lambda struct: {f for f, _ in helper.ffi.typeof(struct).fields}
+    try:
+        path_fields, counters = fields("struct aoe_path"), fields("struct aoe_counters")
+    except (helper.ffi.error, KeyError) as e:
+        return problems + [str(e)]
+    shared = set(PumpPath.__slots__) - {"index", "port", "header"}
+    problems += ["struct aoe_path lacks " + f for f in sorted(shared - path_fields)]
+    problems += ["struct aoe_path has %s, PumpPath not" % f for f in sorted(path_fields - shared - {"fd"})]
+    wanted = set(PUMP_COUNTERS) | {"drop_" + d for d in PUMP_DROPS}
+    problems += ["struct aoe_counters lacks " + f for f in sorted(wanted - counters)]
+    return problems
+
+
+_helper_cache = []
+
+
 def load_helper():
-    """The compiled helper module, or None (pure-Python path).  AOE_NO_HELPER=1 forces None."""
+    """The compiled helper module, or None (pure-Python path): AOE_NO_HELPER=1, not built,
+    or built from a _aoeio.c that disagrees with this aoe.py (said once, on stderr)."""
     if os.environ.get("AOE_NO_HELPER"):
         return None
+    if _helper_cache:
+        return _helper_cache[0]
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
     try:
-        import _aoeio
+        import _aoeio as helper
     except ImportError:
-        return None
-    return _aoeio
+        helper = None
+    problems = helper_mismatch(helper) if helper is not None else []
+    if problems:
+        sys.stderr.write("%s: the compiled helper %s does not match this aoe.py (%s): rebuild it with "
+                         "'python3 build_ffi.py'; using the pure-Python path\n"
+                         % (PROG, helper.__file__, "; ".join(problems[:3])))
+        helper = None
+    _helper_cache.append(helper)
+    return helper
 
 
 def need_helper(verb):
@@ -1565,7 +1612,7 @@ class Engine:
             else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed)
         t = clock()
         self.policy = []
-        for p in target.paths:
+        for p in target.paths[:MAX_PATHS]:
             i = self.pump.add_path(p.port, p.mac)
             self.pump.paths[i].maxout = self.window
             self.policy.append(PathPolicy(self.window, t))
@@ -1760,7 +1807,6 @@ UBLK_FEATURES = (             # what aoe.py asks ADD_DEV for where the kernel ha
 )
 QUIESCE_TIMEOUT_MS = 10000        # how long QUIESCE_DEV may wait for a tag the daemon is not using
 PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
-BRIDGE_ID = 1 << 62               # ids of requests the helper took from the queue (AOE_BRIDGE_ID)
 PROBE_INTERVAL = 1.0              # seconds between probes of a down target
 PROBE_DEADSECS = 2                # a probe fails after this long without an answer
 DETACH_DEADSECS = 5               # while detaching, give up on a silent target after this long

@@ -466,6 +466,25 @@ def pump_script(kind):
 
 
 @pytest.mark.engine
+def test_helper_and_aoe_py_share_one_definition(monkeypatch):
+    """The helper's constants, path fields and counters agree with aoe.py's, and a
+    disagreement (a helper built from another _aoeio.c) is found and the helper refused."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    assert aoe.helper_mismatch(helper) == []
+    monkeypatch.setattr(aoe, "GEN_MAX", aoe.GEN_MAX - 1)
+    monkeypatch.setattr(aoe, "PUMP_DROPS", aoe.PUMP_DROPS + ("misrouted",))
+    problems = aoe.helper_mismatch(helper)
+    assert any(p.startswith("GEN_MAX is 16383 in the helper") for p in problems), problems
+    assert "struct aoe_counters lacks drop_misrouted" in problems
+    import build_ffi
+    cdef = build_ffi.cdef_from(open(os.path.join(HERE, "_aoeio.c")).read())
+    assert "#define TAG_ENGINE ..." in cdef and "private" not in cdef and "paths[...]" in cdef
+    with pytest.raises(Exception, match="no ABI-BEGIN"):
+        build_ffi.cdef_from("int f(void);")
+
+
+@pytest.mark.engine
 def test_pumps_agree_and_take_only_true_answers():
     """PyPump and HelperPump, fed the same requests and the same hostile answers
     (corrupted, stale, duplicate, late, misdirected, short, another MAC or target),
