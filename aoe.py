@@ -16,14 +16,19 @@ The file reads top to bottom, each section using only those above it:
 
 import argparse
 import collections
+import contextlib
 import errno
 import fcntl
+import fnmatch
+import getopt
 import hashlib
+import io
 import json
 import mmap
 import os
 import queue
 import random
+import re
 import select
 import shutil
 import signal
@@ -37,6 +42,7 @@ import time
 
 __version__ = "0.1.0"
 PROG = "aoe.py"
+RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")   # attached devices' records and logs, the allow-list
 
 
 # =============================================================================
@@ -543,12 +549,31 @@ def all_interfaces():
     return [Interface(n) for n in names]
 
 
+IFLIST_FILE = os.path.join(RUN_DIR, "interfaces")   # set by aoe-interfaces, like the driver's aoe_iflist
+
+
+def saved_iflist():
+    try:
+        with open(IFLIST_FILE) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def save_iflist(names):
+    os.makedirs(RUN_DIR, exist_ok=True)
+    with open(IFLIST_FILE + ".new", "w") as f:
+        f.write(" ".join(names) + "\n")
+    os.replace(IFLIST_FILE + ".new", IFLIST_FILE)
+
+
 def iflist_from(option_values):
-    """The allow-list: --iface values if given, else $AOE_IFLIST, else None (all)."""
+    """The allow-list: --iface values if given, else $AOE_IFLIST, else the one aoe-interfaces
+    saved, else None (all)."""
     words = []
     for value in option_values or [os.environ.get("AOE_IFLIST", "")]:
         words += value.replace(",", " ").split()
-    return words or None
+    return words or saved_iflist() or None
 
 
 def select_interfaces(allow=None):
@@ -764,9 +789,11 @@ class Control:
         return tag
 
     def _answers(self, tags, deadline, want=None):
-        """Responses carrying one of `tags`; `want(frame)` rejects others' answers (counted)."""
+        """Responses carrying one of `tags` (None: any); `want(frame)` rejects others' answers
+        (counted)."""
         for port, frame in receive_until(self.ports, deadline, self.drops):
-            if frame.tag not in tags or frame.shelf == AOE_SHELF_ANY or frame.slot == AOE_SLOT_ANY:
+            if (tags is not None and frame.tag not in tags) or frame.shelf == AOE_SHELF_ANY or \
+                    frame.slot == AOE_SLOT_ANY:
                 self.drops["unsolicited"] += 1
                 continue
             if want is not None and not want(frame):
@@ -775,8 +802,10 @@ class Control:
             yield port, frame
 
     def query_config(self, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY, ccmd=AOECCMD_READ, config=b"",
-                     wait=DISCOVER_WAIT, ports=None, first_only=False):
-        """Broadcast Query Config; returns [(port, frame, ConfigInfo or None)] in arrival order."""
+                     wait=DISCOVER_WAIT, ports=None, first_only=False, announced=False):
+        """Broadcast Query Config; returns [(port, frame, ConfigInfo or None)] in arrival order.
+        announced: also the answers nobody here asked for (a target announcing itself as it
+        starts, answers to other initiators)."""
         ports = ports or self.ports
         request = ConfigInfo(ccmd=ccmd, config=config)
 
@@ -787,7 +816,7 @@ class Control:
         results = []
         want = lambda f: (f.command == AOECMD_CFG and shelf in (AOE_SHELF_ANY, f.shelf)
                           and slot in (AOE_SLOT_ANY, f.slot))
-        for port, frame in self._answers((tag,), time.monotonic() + wait, want):
+        for port, frame in self._answers(None if announced else (tag,), time.monotonic() + wait, want):
             info = None
             if not frame.is_error:
                 try:
@@ -800,10 +829,11 @@ class Control:
                 break
         return results
 
-    def discover(self, wait=DISCOVER_WAIT, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY):
-        """Targets that answer a broadcast Query Config, keyed by (shelf, slot)."""
+    def discover(self, wait=DISCOVER_WAIT, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY, announced=False):
+        """Targets that answer a broadcast Query Config (and those that announce themselves
+        meanwhile, if `announced`), in (shelf, slot) order."""
         targets = {}
-        for port, frame, info in self.query_config(shelf, slot, wait=wait):
+        for port, frame, info in self.query_config(shelf, slot, wait=wait, announced=announced):
             if info is None:
                 continue
             key = (frame.shelf, frame.slot)
@@ -1792,7 +1822,6 @@ class Engine:
 # attach --recover find it), its log RUN_DIR/eX.Y.log and the links
 # /dev/etherd/eX.Y behave the same for both.
 
-RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
 LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")   # eX.Y -> the block device, named as the kernel driver does
 MIN_REQUEST = 128                 # sectors: smallest largest-request we advertise (64 KiB)
 MAX_REQUEST = 1024                # sectors: 512 KiB, the default largest ublk buffer
@@ -3066,6 +3095,22 @@ class AttachDaemon:
 DAEMON_ANSWER_WAIT = 30          # seconds a command waits for an attach daemon's reply
 
 
+def notify_service_manager(state):
+    """Tell systemd how a Type=notify service is doing ("READY=1", "STOPPING=1"), when it
+    asked (NOTIFY_SOCKET); a no-op otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):                      # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.send(state.encode())
+    except OSError:
+        pass
+
+
 def daemon_file(device, kind):
     """RUN_DIR/eX.Y.request or .reply: how commands ask a running attach daemon."""
     return os.path.join(RUN_DIR, "%s.%s" % (device, kind))
@@ -3149,6 +3194,7 @@ def serve_device(helper, target, args, backend, ready):
         daemon.refresh_links()
         ready(daemon.attachment)
         outcome = daemon.run()
+        notify_service_manager("STOPPING=1")
         if outcome == "stop":
             daemon.detach()
         elif outcome == "gone":
@@ -3203,7 +3249,10 @@ def run_in_background(device, body):
     if said.startswith("ready "):
         print(said[len("ready "):])
         return EXIT_OK
-    os.waitpid(pid, 0)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:                     # attach --watch lets the kernel reap them
+        pass
     raise AoeError(said or "the attach daemon ended without a word; see %s" % logfile)
 
 
@@ -3847,15 +3896,19 @@ def cmd_ping(args):
     rtt = (time.monotonic() - t0) * 1000
     target = Target(frame.shelf, frame.slot, info)
     target.add_path(port, frame.src)
+    answer = pack_header(frame.dst, frame.src, frame.shelf, frame.slot, frame.command, frame.tag, frame.flags,
+                         frame.error) + bytes(frame.body)
     result = {"device": target.name, "interface": port.name, "mac": mac_str(frame.src),
               "rtt_ms": round(rtt, 3), "buffers": info.bufcnt, "fwver": "0x%04x" % info.fwver,
-              "sectors": info.scnt, "config": info.config.decode("utf-8", "replace")}
+              "sectors": info.scnt, "config": info.config.decode("utf-8", "replace"),
+              "answer": pad_frame(answer).hex()}
     if args.identify or args.identify_hex:
         remaining = max(0.1, deadline - time.monotonic())
         control.identify([target], timeout=remaining / QUERY_TRIES)
         if target.identify is None:
             raise AoeError("%s: %s" % (target.name, target.identify_error))
         result["identify"] = target.identify.as_dict()
+        result["identify"]["raw"] = struct.pack("<256H", *target.identify.words).hex()
     if args.json:
         emit_json(result)
     else:
@@ -4419,6 +4472,13 @@ def cmd_bench(args):
 
 
 def cmd_attach(args):
+    if args.watch and not args.all:
+        usage_error("--watch goes with --all")
+    if args.all:
+        return attach_all(args)
+    if len(args.device) != 1:
+        usage_error("attach takes one eX.Y, or --all [PATTERN ...]")
+    args.device = args.device[0]
     name = device_name(*parse_device(args.device))
     helper = None if args.no_helper else load_helper()
     known = Attachment.load(name)
@@ -4471,9 +4531,89 @@ def cmd_attach(args):
             return attach_summary(a) + "\n%s: ublk %s" % (a.device, ", ".join(a.features) or "without optional features")
         return attach_summary(a)
     if args.foreground:
-        return serve_device(helper, target, args, backend, lambda a: print(show(a), flush=True))
+        def ready(a):
+            print(show(a), flush=True)
+            notify_service_manager("READY=1\nSTATUS=%s" % attach_summary(a))
+        return serve_device(helper, target, args, backend, ready)
     return run_in_background(name, lambda ready: serve_device(helper, target, args, backend,
                                                               lambda a: ready(show(a))))
+
+
+WATCH_INTERVAL = 5.0             # seconds between discoveries of attach --all --watch
+WATCH_RETRY = 60                 # seconds before attach --all --watch tries a failed target again
+
+
+def attach_all(args):
+    """attach --all [PATTERN ...]: every target that answers discovery and matches a shell
+    pattern (default all), skipping attached ones.  --watch: keep going, attaching targets
+    as they appear (they announce themselves, and every --interval a discovery asks), and,
+    with --flush-down, detaching devices down that long."""
+    if args.recover or args.upgrade or args.foreground:
+        usage_error("attach --all attaches new devices only: no --recover, --upgrade or --foreground")
+    if args.watch:                                # the devices' daemons end here; nobody else waits for them
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    patterns = args.device or ["*"]
+    helper = None if args.no_helper else load_helper()
+    backend, why = choose_backend(args.backend, helper)
+    control = open_control(args)
+    stop = StopFlag() if args.watch else (lambda: False)
+    failed, down_since, status = {}, {}, EXIT_OK
+    targets = control.discover(args.wait)
+    while True:
+        wanted = [t for t in targets if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)]
+        new = [t for t in wanted if not attached_or_waiting(t.name)
+               and time.monotonic() >= failed.get(t.name, 0)]
+        control.identify(new)
+        for t in new:
+            try:
+                if t.identify is None:
+                    raise AoeError("%s: %s" % (t.name, t.identify_error))
+                attach_found(helper, control, t, args, backend)
+                failed.pop(t.name, None)
+            except AoeError as e:
+                sys.stderr.write("%s: %s\n" % (PROG, e))
+                failed[t.name] = time.monotonic() + WATCH_RETRY
+                status = EXIT_FAIL
+        if not args.watch:
+            if not wanted:
+                raise AoeError("no AoE target matched %s" % " ".join(patterns))
+            return status
+        notify_service_manager("READY=1\nSTATUS=watching for %s" % " ".join(patterns))
+        if args.flush_down is not None:
+            flush_down_devices(patterns, down_since, args.flush_down)
+        if stop():
+            return EXIT_OK
+        targets = control.discover(args.interval, announced=True)
+        if stop():
+            return EXIT_OK
+
+
+def attached_or_waiting(name):
+    """Whether eX.Y has a daemon, or a device left for attach --recover."""
+    a = Attachment.load(name)
+    return a is not None and (a.daemon_alive or a.exists)
+
+
+def attach_found(helper, control, target, args, backend):
+    """One target of attach --all, in a daemon of its own that keeps only its ports."""
+    def body(ready):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        close_ports([p for p in control.ports if all(path.port is not p for path in target.paths)])
+        return serve_device(helper, target, args, backend, lambda a: ready(attach_summary(a)))
+    return run_in_background(target.name, body)
+
+
+def flush_down_devices(patterns, down_since, after):
+    """Detach matching devices that have been down (or without a daemon) for `after` s."""
+    now = time.monotonic()
+    for a in Attachment.all():
+        if not any(fnmatch.fnmatchcase(a.device, p) for p in patterns) or a.status not in ("down", "dead"):
+            down_since.pop(a.device, None)
+            continue
+        if now - down_since.setdefault(a.device, now) >= after:
+            problem = detach_attachment(a, False)
+            print("%s: %s" % (a.device, problem or "%s removed: down for %d s" % (a.block, after)), flush=True)
+            down_since.pop(a.device, None)
 
 
 DETACH_WAIT = DETACH_DEADSECS + CONTROL_LIMIT + 30   # seconds for a daemon to finish detaching
@@ -4795,6 +4935,302 @@ def cmd_demo(args):
     return EXIT_OK
 
 # =============================================================================
+# aoetools drop-in: aoe.py run under an aoetools name
+# =============================================================================
+#
+# A link named like one of aoetools' commands (aoe-stat -> aoe.py; `aoe.py links
+# DIR` makes all nine) makes aoe.py take that tool's arguments and print what it
+# prints, with its exit codes, so scripts written for aoetools on the kernel
+# driver keep working.  The devices the tools see are the targets that answer
+# discovery and the attached devices, as the kernel driver's would be.  Each
+# tool runs aoe.py's own verb (--json where it must reshape the output).
+
+AOETOOLS = ("aoe-discover", "aoe-stat", "aoe-flush", "aoe-interfaces", "aoe-revalidate", "aoe-sancheck",
+            "aoe-version", "aoeping", "aoecfg")
+
+
+class ToolUsage(Exception):
+    """Wrong arguments for an aoetools command: its usage line, exit status 1."""
+
+
+def run_verb(argv, quiet=False):
+    """(exit status, what stdout got) of aoe.py's own verb; errors still go to stderr."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(argv)
+    text = out.getvalue()
+    if not quiet:
+        sys.stdout.write(text)
+    return status, text
+
+
+def tool_options(argv, letters, takes_value):
+    """getopt for an aoetools command: (options dict, operands); ToolUsage on a bad option."""
+    try:
+        opts, rest = getopt.getopt(argv, "".join(c + (":" if c in takes_value else "") for c in letters))
+    except getopt.GetoptError as e:
+        raise ToolUsage(str(e))
+    return dict(opts), rest
+
+
+def aoestat_size(sectors):
+    """Size as aoe-stat prints it: GB (10^9 bytes) with three decimals, truncated."""
+    millis = sectors * 512000 // 10 ** 9
+    return "%d.%03dGB" % divmod(millis, 1000)
+
+
+def tool_discover(argv):
+    """aoe-discover: ask every target to announce itself; prints nothing."""
+    return run_verb(["discover", "-w", "0.2"], quiet=True)[0]
+
+
+def tool_stat(argv):
+    """aoe-stat [REGEX]: the known devices in aoe-stat's columns, sorted, filtered like grep."""
+    status, text = run_verb(["stat", "--json", "-a"], quiet=True)
+    if status and not text:
+        return status
+    state = {"dead": "down", "unresponsive": "down"}
+    lines = sorted("%10s %15s %10s %-5s %-14s" % (
+        d["device"], aoestat_size(d["size_bytes"] // SECTOR_SIZE) if "size_bytes" in d else "(NA)",
+        ",".join(d["interfaces"]) or "(NA)", d.get("payload", "(NA)"), state.get(d["state"], d["state"]))
+        for d in json.loads(text))
+    pattern = re.compile(argv[0] if argv else ".")
+    shown = [line for line in lines if pattern.search(line)]
+    for line in shown:
+        print(line)
+    return EXIT_OK if shown else EXIT_FAIL                 # grep's status, as aoe-stat's pipeline ends
+
+
+def tool_flush(argv):
+    """aoe-flush [-a | eX.Y ...]: remove down devices, all of them, or those named."""
+    if argv[:1] == ["-a"]:
+        return run_verb(["flush", "-a"], quiet=True)[0]
+    attached = {a.device for a in Attachment.all()}
+    unknown = [d for d in argv if d not in attached]
+    for d in unknown:
+        sys.stderr.write('%s Error: "%s" is not an aoe device\n' % (PROG, d))
+    if unknown:
+        return EXIT_FAIL
+    return run_verb(["flush"] + argv, quiet=True)[0]
+
+
+def tool_interfaces(argv):
+    """aoe-interfaces [-c] [IFACE ...]: show, clear (-c) or set the interfaces AoE may use."""
+    if not argv:
+        print(" ".join(saved_iflist()))
+        return EXIT_OK
+    if argv[0] == "-c":
+        if len(argv) > 1:
+            sys.stderr.write("%s Error: -c flag takes no arguments\n" % PROG)
+            return EXIT_FAIL
+        argv = []
+    missing = [name for name in argv if not os.path.isdir(os.path.join(SYS_NET, name))]
+    for name in missing:
+        sys.stderr.write('%s Error: "%s" is not a network interface\n' % (PROG, name))
+    if missing:
+        return EXIT_FAIL
+    save_iflist(argv)
+    return EXIT_OK
+
+
+def tool_revalidate(argv):
+    """aoe-revalidate eX.Y: re-read the target's size (the attached device takes it)."""
+    if not argv:
+        raise ToolUsage("Usage: %s e{major}.{minor}" % PROG)
+    status = EXIT_OK
+    for device in argv:
+        status = run_verb(["revalidate", device], quiet=True)[0] or status
+    return status
+
+
+def tool_sancheck(argv):
+    """aoe-sancheck: the interface and device summaries, then what is wrong."""
+    status, text = run_verb(["sancheck", "--json"], quiet=True)
+    if not text:
+        return status
+    report = json.loads(text)
+    rule = "=" * 42
+    print("Probing...done.")
+    print("%s\nINTERFACE SUMMARY\n%s" % (rule, rule))
+    print("Name\tStatus\tMTU\tPCI ID")
+    for ifc in select_interfaces(iflist_from(None)):
+        print("%s\t%s\t%d\t" % (ifc.name, "UP" if ifc.up else "DOWN", ifc.mtu))
+    print("%s\nDEVICE SUMMARY\n%s" % (rule, rule))
+    print("Device\tMacs\tPayload\tLocal Interfaces")
+    for r in report:
+        print("%s\t%4d\t%d\t%s" % (r["device"], r["macs"], r["payload"], " ".join(r["interfaces"])))
+    advice = [line for r in report for line in r["advice"]]
+    if advice:
+        print("%s\nANALYSIS\n%s" % (rule, rule))
+        for line in advice:
+            print(line)
+    return EXIT_OK
+
+
+def tool_version(argv):
+    """aoe-version: the tools' and the driver's versions (aoe.py is both)."""
+    helper = "helper built" if load_helper() else "pure Python"
+    print("              aoetools:\taoe.py %s" % __version__)
+    print("  installed aoe driver:\taoe.py %s (user space, %s)" % (__version__, helper))
+    print("    running aoe driver:\taoe.py %s (user space, %s)" % (__version__, helper))
+    return EXIT_OK
+
+
+def hex_lines(data):
+    return "".join(" ".join("%02x" % b for b in data[i:i + 16]) + " \n" for i in range(0, len(data), 16))
+
+
+def tool_ping(argv):
+    """aoeping [-i] [-I] [-v] [-s SECS] [-t TAG] SHELF SLOT IFACE: silent and 0 when the
+    target answers; killed by SIGALRM, as aoeping's timer ends it, when it does not."""
+    opts, rest = tool_options(argv, "iIvhs:S:t:", "sSt")
+    if "-h" in opts or len(rest) != 3:
+        raise ToolUsage("usage: %s [-i] [-I] [-v] [-s seconds] {shelf} {slot} {netif}" % PROG)
+    if "-S" in opts:
+        sys.stderr.write("%s: SMART (-S) is not supported\n" % PROG)
+        return EXIT_FAIL
+    shelf, slot, ifname = rest
+    verb = ["ping", "--json", "-s", opts.get("-s", "5")] + (["-I"] if "-i" in opts or "-I" in opts else [])
+    with contextlib.redirect_stderr(io.StringIO()) as errors:
+        status, text = run_verb(verb + [shelf, slot, ifname], quiet=True)
+    if status:
+        said = errors.getvalue()
+        if "no answer" not in said:
+            sys.stderr.write(said)
+            return status
+        sys.stdout.flush()
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGALRM)
+        return 128 + signal.SIGALRM
+    r = json.loads(text)
+    if "-v" in opts:
+        answer = bytes.fromhex(r["answer"])
+        print("tag: %08x\neth: %s\nshelf: %s\nslot: %s" % (struct.unpack_from(">I", answer, 20)[0], ifname, shelf,
+                                                           slot))
+        print("config query response:")
+        sys.stdout.write(hex_lines(answer))
+        print("found %s with mac %s" % (r["device"], r["mac"].replace(":", "")))
+    if "-i" in opts:
+        print("device identify response:")
+        sys.stdout.write(hex_lines(bytes.fromhex(r["identify"]["raw"])))
+    elif "-I" in opts:
+        words = struct.unpack("<256H", bytes.fromhex(r["identify"]["raw"]))
+        text_of = lambda first, end: b"".join(struct.pack(">H", w) for w in words[first:end]).decode("ascii",
+                                                                                                     "replace")
+        print("device identify fields:")
+        for i in range(3):
+            print("vendor_specific_%d: 0x%x" % (i, words[7 + i]))
+        print("serial_number: %s\nfirmware_rev: %s\nmodel: %s" % (text_of(10, 20), text_of(23, 27), text_of(27, 47)))
+    return EXIT_OK
+
+
+def tool_cfg(argv):
+    """aoecfg [-c CMD] [-s STRING] [-t SECS] [SHELF SLOT] [IFACE]: aoe.py cfg takes the same."""
+    opts, rest = tool_options(argv, "c:s:t:", "cst")
+    if opts.get("-c", "read") not in CCMD_NAMES or len(rest) > 3:
+        raise ToolUsage("usage: %s [-c cmd] [-s cfgstr] [-t timeout] [shelf slot] [net]" % PROG)
+    verb = ["cfg"] + [w for k in ("-c", "-s", "-t") if k in opts for w in (k, opts[k])]
+    return run_verb(verb + rest)[0]
+
+
+TOOL_RUNNERS = {"aoe-discover": tool_discover, "aoe-stat": tool_stat, "aoe-flush": tool_flush,
+                "aoe-interfaces": tool_interfaces, "aoe-revalidate": tool_revalidate,
+                "aoe-sancheck": tool_sancheck, "aoe-version": tool_version, "aoeping": tool_ping,
+                "aoecfg": tool_cfg}
+
+
+def run_as_tool(name, argv):
+    """aoe.py invoked as aoetools' `name`."""
+    global PROG
+    PROG = name
+    try:
+        return TOOL_RUNNERS[name](argv)
+    except ToolUsage as e:
+        sys.stderr.write("%s\n" % e)
+        return EXIT_FAIL
+    except AoeError as e:
+        sys.stderr.write("%s: %s\n" % (PROG, e))
+        return e.code
+
+
+SYSTEMD_DIR = "/etc/systemd/system"
+SYSTEMD_UNITS = {
+    "aoe@.service": """[Unit]
+Description=AoE target %%i as a block device (aoe.py attach)
+Wants=network-online.target remote-fs-pre.target
+After=network-online.target
+Before=remote-fs-pre.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=%(run)s attach --foreground %%i
+TimeoutStartSec=120
+TimeoutStopSec=120
+
+[Install]
+WantedBy=multi-user.target
+""",
+    "aoe-all.service": """[Unit]
+Description=Every AoE target as a block device, also those that appear later (aoe.py attach --all --watch)
+Wants=network-online.target remote-fs-pre.target
+After=network-online.target
+Before=remote-fs-pre.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=%(run)s attach --all --watch
+TimeoutStopSec=120
+
+[Install]
+WantedBy=multi-user.target
+""",
+}
+
+
+def cmd_systemd_units(args):
+    """Print, or write (--install, --dir), the service units that attach at boot: aoe@eX.Y
+    for one device, aoe-all for every target (stopping either detaches its devices)."""
+    run = "%s %s" % (sys.executable, os.path.abspath(__file__))
+    units = {name: text % {"run": run} for name, text in SYSTEMD_UNITS.items()}
+    if not (args.install or args.dir):
+        for name, text in units.items():
+            print("# %s\n%s" % (name, text))
+        return EXIT_OK
+    where = args.dir or SYSTEMD_DIR
+    os.makedirs(where, exist_ok=True)
+    for name, text in units.items():
+        with open(os.path.join(where, name), "w") as f:
+            f.write(text)
+        print(os.path.join(where, name))
+    if args.install and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"])
+    return EXIT_OK
+
+
+def cmd_links(args):
+    """Make DIR/aoe-stat, DIR/aoeping, ... links to this aoe.py (the aoetools drop-in)."""
+    target = os.path.abspath(__file__)
+    mode = os.stat(target).st_mode
+    if mode & 0o111 != 0o111:                     # links run it through its #! line
+        os.chmod(target, mode | 0o111)
+        print("%s: made executable" % target)
+    os.makedirs(args.dir, exist_ok=True)
+    for name in AOETOOLS:
+        path = os.path.join(args.dir, name)
+        if os.path.lexists(path):
+            if os.path.islink(path) and os.path.realpath(path) == os.path.realpath(target):
+                continue
+            if not args.force:
+                raise AoeError("%s exists (aoetools installed?): --force replaces it" % path)
+            os.unlink(path)
+        os.symlink(target, path)
+        print("%s -> %s" % (path, target))
+    return EXIT_OK
+
+
+# =============================================================================
 # CLI
 # =============================================================================
 
@@ -4821,11 +5257,17 @@ EXAMPLES = {
               "aoe.py attach --backend nbd e0.1 # through the kernel's nbd driver even where ublk works\n"
               "aoe.py attach --ro e0.1\n"
               "aoe.py attach --foreground e0.1 # for systemd, or to watch it\n"
-              "aoe.py attach --recover e0.1    # serve it again after the daemon was killed",
+              "aoe.py attach --recover e0.1    # serve it again after the daemon was killed\n"
+              "aoe.py attach --upgrade e0.1    # hand it to a new daemon while in use (ublk, Linux 6.16+)\n"
+              "aoe.py attach --all 'e1.*'      # every target of shelf 1 not yet attached\n"
+              "aoe.py attach --all --watch     # and those that appear later (aoe-all.service runs this)",
     "detach": "aoe.py detach e0.1\naoe.py detach /dev/ublkb0\naoe.py detach --force e0.1   # even if mounted",
     "flush": "aoe.py flush        # remove attached devices that are down\naoe.py flush -a     # remove all",
     "revalidate": "aoe.py revalidate e0.1",
     "version": "aoe.py version",
+    "links": "aoe.py links /usr/local/sbin        # then aoe-stat, aoeping, ... run aoe.py",
+    "systemd-units": "aoe.py systemd-units                # print them\n"
+                     "sudo aoe.py systemd-units --install && sudo systemctl enable --now aoe@e0.1",
     "demo": "sudo python3 aoe.py demo",
 }
 
@@ -5007,7 +5449,15 @@ def build_parser():
 
     p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN or /dev/nbdN, linked as "
                                       "/dev/etherd/eX.Y)")
-    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("device", nargs="*", metavar="eX.Y | PATTERN",
+                   help="the device; with --all, shell patterns such as 'e1.*' (default: all)")
+    p.add_argument("--all", action="store_true", help="attach every target that answers and matches")
+    p.add_argument("--watch", action="store_true",
+                   help="with --all: keep attaching targets as they appear (for a service)")
+    p.add_argument("--interval", type=positive(float), default=WATCH_INTERVAL, metavar="SECS",
+                   help="with --watch: discover this often (default %(default)s)")
+    p.add_argument("--flush-down", type=positive(float), metavar="SECS",
+                   help="with --watch: detach devices down this long (default: keep them)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="the kernel driver to attach with (default: ublk where it works, else nbd)")
     p.add_argument("--ro", action="store_true", help="read-only block device")
@@ -5032,6 +5482,16 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="even if mounted or open")
     add_common(p, json_flag=False, iface=False)
 
+    p = command("systemd-units", cmd_systemd_units, "print or install systemd units that attach devices at "
+                                                    "boot (aoe@eX.Y.service, aoe-all.service)")
+    p.add_argument("--install", action="store_true", help="write them to %s and reload systemd" % SYSTEMD_DIR)
+    p.add_argument("--dir", help="write them here instead")
+
+    p = command("links", cmd_links, "make links named like aoetools' commands (aoe-stat, aoeping, ...) to "
+                                    "aoe.py: run under those names it behaves like them")
+    p.add_argument("dir", metavar="DIR", help="where (e.g. /usr/local/sbin)")
+    p.add_argument("--force", action="store_true", help="replace files of those names")
+
     p = command("revalidate", cmd_revalidate, "re-read a target's size; an attached device takes the new size "
                                               "(ublk with UPDATE_SIZE: Linux 6.16 or later)")
     p.add_argument("device", metavar="eX.Y")
@@ -5048,6 +5508,9 @@ def build_parser():
 
 
 def main(argv=None):
+    invoked_as = os.path.basename(sys.argv[0])
+    if argv is None and invoked_as in AOETOOLS:
+        return run_as_tool(invoked_as, sys.argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -49,13 +49,24 @@ def cdef_from(source):
     return KERNEL_CDEF + text
 
 
-def build():
-    """Compile and install the module; returns its path."""
+def make_ffi():
+    """The cffi builder of the _aoeio module, from _aoeio.c."""
     with open(os.path.join(HERE, "_aoeio.c")) as f:
         source = f.read()
     ffi = cffi.FFI()
     ffi.cdef(cdef_from(source))
     ffi.set_source("_aoeio", source, extra_compile_args=["-O2", "-Wall"])
+    return ffi
+
+
+def extension(tmpdir):
+    """The module as a setuptools Extension, its C source generated into tmpdir (setup.py)."""
+    return make_ffi().distutils_extension(tmpdir=tmpdir)
+
+
+def build():
+    """Compile and install the module next to this file; returns its path."""
+    ffi = make_ffi()
     with tempfile.TemporaryDirectory(prefix="aoeio-build-") as tmp:
         built = ffi.compile(tmpdir=tmp)
         dest = os.path.join(HERE, os.path.basename(built))

@@ -19,6 +19,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -857,6 +858,117 @@ def test_aoetools_against_serve(served):
     assert r.stdout.strip() == "*badcfg*"
 
 
+@pytest.mark.net
+def test_aoetools_drop_in_acts_like_aoetools(served, tmp_path):
+    """aoe.py run under aoetools' names (links made by `aoe.py links`): aoeping, aoecfg and
+    aoe-sancheck print what the real tools print for the same targets, with their exit codes;
+    aoe-stat, aoe-interfaces, aoe-flush, aoe-revalidate and aoe-version take their arguments
+    and answer in their format."""
+    need(all(shutil.which(t) for t in ("aoeping", "aoecfg", "aoe-sancheck")), "needs aoetools")
+    copy = tmp_path / "aoe.py"                      # links makes its target executable: a copy of ours
+    shutil.copy(AOE_PY, copy)
+    assert subprocess.run([sys.executable, str(copy), "links", str(tmp_path / "bin")]).returncode == 0
+    ifname = served.ini_if
+
+    def run(tool, *args, ours=True):
+        argv = [str(tmp_path / "bin" / tool) if ours else tool] + [a.replace("IF", ifname) for a in args]
+        return subprocess.run(served.argv(served.ini_ns, argv), capture_output=True, text=True, timeout=60,
+                              env=served.env())
+
+    def same(tool, *args, masked=lambda text: text):
+        real, ours = run(tool, *args, ours=False), run(tool, *args)
+        assert (ours.returncode, masked(ours.stdout)) == (real.returncode, masked(real.stdout)), (tool, args)
+        return ours
+    tagless = lambda text: "\n".join(line for i, line in enumerate(text.splitlines())   # the query's tag
+                                     if not line.startswith("tag:") and i != 6)
+    assert "found e1.1 with mac" in same("aoeping", "-v", "-s", "3", "1", "1", "IF", masked=tagless).stdout
+    assert "model: aoe.py export" in same("aoeping", "-I", "-s", "3", "1", "1", "IF").stdout
+    assert "device identify response:" in same("aoeping", "-i", "-s", "3", "1", "2", "IF").stdout
+    assert same("aoeping", "-s", "1", "1", "9", "IF").returncode == -signal.SIGALRM     # its timer ends it
+    assert same("aoeping", "1").returncode == 1
+    assert same("aoecfg", "-c", "fset", "-s", "drop-in", "-t", "2", "1", "1", "IF").stdout == "drop-in\n"
+    assert same("aoecfg", "-t", "2", "1", "1", "IF").stdout == "drop-in\n"
+    assert same("aoecfg", "-c", "bogus").returncode == 1
+    assert "e1.2\t   1\t" in same("aoe-sancheck").stdout
+
+    r = run("aoe-stat")
+    assert r.returncode == 0, r.stderr
+    rows, payload = r.stdout.splitlines(), aoe.frame_sectors(served.mtu) * 512
+    assert [line.split() for line in rows] == [["e1.1", "0.033GB", ifname, str(payload), "up"],
+                                               ["e1.2", "0.002GB", ifname, str(payload), "up"]], rows
+    assert rows[0] == "%10s %15s %10s %-5s %-14s" % ("e1.1", "0.033GB", ifname, payload, "up")
+    assert run("aoe-stat", "e1.2").stdout.split() == rows[1].split()
+    assert run("aoe-stat", "e7").returncode == 1
+
+    assert (run("aoe-interfaces").stdout, run("aoe-interfaces", "IF").returncode) == ("\n", 0)
+    assert run("aoe-interfaces").stdout == ifname + "\n"
+    r = run("aoe-interfaces", "nosuch0")
+    assert (r.returncode, r.stderr) == (1, 'aoe-interfaces Error: "nosuch0" is not a network interface\n')
+    assert run("aoe-interfaces", "-c", "x").returncode == 1
+    assert run("aoe-interfaces", "-c").returncode == 0 and run("aoe-interfaces").stdout == "\n"
+    r = run("aoe-flush", "e9.9")
+    assert (r.returncode, r.stderr) == (1, 'aoe-flush Error: "e9.9" is not an aoe device\n')
+    assert run("aoe-revalidate").returncode == 1
+    r = run("aoe-revalidate", "e1.1")
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    assert run("aoe-discover").returncode == 0
+    assert run("aoe-version").stdout.startswith("              aoetools:\taoe.py ")
+
+
+@pytest.mark.net
+def test_systemd_units_verify(tmp_path):
+    """The units `systemd-units` writes pass systemd-analyze verify without a warning (the
+    template as an instance), and run this aoe.py as the service manager would."""
+    need(shutil.which("systemd-analyze"), "needs systemd-analyze (apt-get install systemd)")
+    r = subprocess.run([sys.executable, AOE_PY, "systemd-units", "--dir", str(tmp_path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.copy(tmp_path / "aoe@.service", tmp_path / "aoe@e0.1.service")
+    for unit in ("aoe@e0.1.service", "aoe-all.service"):
+        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True,
+                           cwd=str(tmp_path))
+        assert (v.returncode, v.stderr.strip()) == (0, ""), (unit, v.stderr)
+        text = (tmp_path / unit).read_text()
+        assert "Type=notify" in text and "After=network-online.target" in text
+    assert "ExecStart=%s %s attach --foreground %%i" % (sys.executable, os.path.abspath(AOE_PY)) in \
+        (tmp_path / "aoe@.service").read_text()
+    assert "attach --all --watch" in (tmp_path / "aoe-all.service").read_text()
+
+
+@pytest.mark.net
+def test_pip_install_gives_the_aoe_command(tmp_path):
+    """A wheel built from the project (pip, build isolation) installs the `aoe` command into a
+    fresh venv with the helper compiled; where the C compiler fails, it installs anyway and
+    aoe runs pure Python; both discover a vblade target in the test's namespaces."""
+    bench = Bench(1500, tmp_path)
+    try:
+        bench.vblade(4, 2, make_file(tmp_path / "img", 8 << 20))
+        for kind, env in (("built", {}), ("not built", {"CC": "/bin/false"})):
+            source = tmp_path / ("src-" + kind.replace(" ", "-"))    # a build of its own each
+            source.mkdir()
+            for name in ("aoe.py", "_aoeio.c", "build_ffi.py", "setup.py", "pyproject.toml", "README.md"):
+                shutil.copy(os.path.join(HERE, name), source / name)
+            venv = tmp_path / ("venv-" + kind.replace(" ", "-"))
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            dist = tmp_path / ("dist-" + kind.replace(" ", "-"))
+            r = subprocess.run([str(venv / "bin" / "pip"), "wheel", "-q", "--no-cache-dir", "-w", str(dist),
+                                str(source)], capture_output=True, text=True, env=dict(os.environ, **env),
+                               timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+            wheel = [w for w in os.listdir(str(dist)) if w.startswith("aoe_py-")]
+            r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(dist / wheel[0])],
+                               capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+            r = subprocess.run([str(venv / "bin" / "aoe"), "version"], capture_output=True, text=True)
+            assert r.returncode == 0 and "helper %s" % kind in r.stdout, (kind, r.stdout, r.stderr)
+            r = subprocess.run(bench.argv(bench.ini_ns, [str(venv / "bin" / "aoe"), "discover", "--json"]),
+                               capture_output=True, text=True, env=bench.env(), timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert [d["device"] for d in json.loads(r.stdout)] == ["e4.2"]
+    finally:
+        bench.close()
+
+
 EXCHANGE = r"""
 import socket, sys, time
 # argv: interface; stdin: request frames in hex.  Prints one answer per request
@@ -1670,9 +1782,13 @@ def test_kernel_aoe_driver_against_serve(mtu):
 def test_lossy_link_attach_and_kernel_driver_verify(kernel):
     """netem on the target's side (loss 5%, duplicates 1%, delay 1 ms +- 1 ms, reorder 10%):
     fio 64k random writes with crc32c verify pass through aoe.py attach and through the
-    kernel's driver, in one boot against one vblade (their rates are the benchmark's)."""
+    kernel's driver, in one boot against one vblade (their rates are the benchmark's); and
+    aoe.py's drop-in aoe-stat prints for its device what aoetools' prints over the driver."""
     out = in_vm("netem-vs-kernel.sh", 9000, kernel=kernel)
     assert "NETEM OK mtu 9000" in out
+    kernel_stat = re.search(r"^aoe-stat, kernel driver: (.*)$", out, re.M).group(1)
+    assert kernel_stat.split()[:2] == ["e0.0", "0.268GB"]                 # the same line from both (cmp)
+    assert re.search(r"^aoe-stat, aoe.py: +%s$" % re.escape(kernel_stat), out, re.M), out[-2000:]
     for who in ("kernel", "aoe.py"):
         assert re.search(r"^%s: randwrite 64k qd16 [\d.]+ MB/s, verify errors 0$" % re.escape(who), out, re.M), out
 
@@ -1765,3 +1881,16 @@ def test_revalidate_resizes_and_upgrade_hands_over(kernel):
         assert "has no UPDATE_SIZE (Linux 6.16 or later)" in out
         assert "without ublk's QUIESCE (Linux 6.16 or later)" in out
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out
+
+
+@pytest.mark.vm
+def test_attach_all_watch_and_units_as_systemd_runs_them():
+    """attach --all with patterns, then the rest; --watch (NOTIFY_SOCKET) is READY once they are
+    attached, attaches a target that starts later, detaches one left down; a unit's stop
+    detaches all; attach --foreground says READY=1 only with the device there."""
+    need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    out = in_vm("watch-check.sh")
+    assert "WATCH-CHECK OK" in out, out[-3000:]
+    assert re.search(r"^e3\.1 started later: attached after \d+ s$", out, re.M)
+    assert re.search(r"^e1\.2's target stopped: detached after \d+ s$", out, re.M)
+    assert "Oops" not in out and "BUG:" not in out

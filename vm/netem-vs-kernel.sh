@@ -1,7 +1,8 @@
 #!/bin/bash
 # Inside the VM (vm/run): a lossy, jittery, reordering link (netem on the target's side) between
 # vblade and, in turn, the kernel's aoe driver and `aoe.py attach`: fio random writes verified
-# with crc32c on each, and their rates side by side (same boot, same vblade, same netem).
+# with crc32c on each, and their rates side by side (same boot, same vblade, same netem); and
+# aoetools' aoe-stat over the kernel driver beside aoe.py's drop-in aoe-stat over its own device.
 # Usage: vm/run 'vm/netem-vs-kernel.sh PYTHON MTU [SIZE] [NETEM...]'
 #   default SIZE 64M, NETEM "loss 5% duplicate 1% delay 1ms 1ms reorder 10%"
 set -euo pipefail
@@ -32,10 +33,16 @@ print("%s: randwrite 64k qd16 %.1f MB/s, verify errors %d" % (sys.argv[2], job["
 
 kernel_aoe_attach aoeini e0.0 || { echo "NETEM FAIL: the kernel driver did not find e0.0"; exit 1; }
 fio_verify /dev/etherd/e0.0 kernel
+aoe-stat > /tmp/aoe-stat.kernel || { echo "NETEM FAIL: aoe-stat over the kernel driver"; exit 1; }
 rmmod aoe
 
 DEV=$("$PY" aoe.py attach --json e0.0 | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["block_device"])')
 fio_verify "$DEV" aoe.py
+"$PY" aoe.py links /tmp/aoe-bin > /dev/null
+/tmp/aoe-bin/aoe-stat > /tmp/aoe-stat.ours || { echo "NETEM FAIL: aoe.py's aoe-stat"; exit 1; }
+echo "aoe-stat, kernel driver: $(cat /tmp/aoe-stat.kernel)"
+echo "aoe-stat, aoe.py:        $(cat /tmp/aoe-stat.ours)"
+cmp /tmp/aoe-stat.kernel /tmp/aoe-stat.ours || { echo "NETEM FAIL: the two aoe-stat lines differ"; exit 1; }
 kill -USR1 "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' $AOE_RUN_DIR/e0.0.json)"
 sleep 1
 "$PY" aoe.py detach e0.0 > /dev/null
