@@ -839,10 +839,14 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
         return;
     }
     uint32_t s = tag >> 1 & (SLOT_MAX - 1);
+    if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames) {     /* no slot of ours */
+        c->drop_stale++;
+        return;
+    }
     struct aoe_frame *f = &e->frames[s];
     /* Which transmission it answers: 0 the latest, 1 the one before, ... */
     unsigned back = (unsigned)(f->last.gen + GEN_MAX - (tag >> 16 & GEN_MAX)) % GEN_MAX;
-    if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames || back >= f->ntx) {
+    if (back >= f->ntx) {
         c->drop_stale++;
         return;
     }

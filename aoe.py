@@ -17,9 +17,11 @@ The file reads top to bottom, each section using only those above it:
 import argparse
 import collections
 import contextlib
+import ctypes
 import errno
 import fcntl
 import fnmatch
+import gc
 import getopt
 import hashlib
 import io
@@ -635,6 +637,11 @@ class DropCounters(collections.Counter):
         return ", ".join("%s %d" % (k, v) for k, v in sorted(self.items()) if v) or "none"
 
 
+SO_ATTACH_FILTER = 26             # <asm-generic/socket.h>; classic BPF, <linux/filter.h>:
+BPF_LD_H_ABS, BPF_LD_B_ABS = 0x28, 0x30    # load the half-word / byte at an offset
+BPF_JEQ_K, BPF_RET_K = 0x15, 0x06          # jump if equal to k; return k (bytes kept, 0: drop)
+
+
 class Port:
     """One interface's socket: send frames, receive frames until a deadline."""
 
@@ -658,6 +665,16 @@ class Port:
             if e.errno == errno.EMSGSIZE:
                 raise AoeError("%s: frame of %d bytes exceeds MTU %d" % (self.name, len(frame), self.ifc.mtu))
             raise AoeError("%s: send failed: %s" % (self.name, e.strerror))
+
+    def keep_only(self, shelf, slot):
+        """Have the kernel drop every frame but those of eX.Y (a socket filter), so that a
+        daemon serving one device is not woken by, nor fills its buffer with, the others'."""
+        code = [(BPF_LD_H_ABS, 0, 0, 16), (BPF_JEQ_K, 0, 3, shelf),       # shelf, at offset 16
+                (BPF_LD_B_ABS, 0, 0, 18), (BPF_JEQ_K, 0, 1, slot),        # slot, at offset 18
+                (BPF_RET_K, 0, 0, 0x40000), (BPF_RET_K, 0, 0, 0)]         # keep it all, or drop
+        program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in code))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                             struct.pack("HL", len(code), ctypes.addressof(program)))
 
     def recv(self):
         """One frame as bytes, or None when the socket is empty."""
@@ -1049,14 +1066,14 @@ class PyPump:
     _ATA_REQ = struct.Struct(">IBBBB6sxx")       # tag, then the ATA header
     _RSP = struct.Struct(">HBBHBBIBBBB6s")       # from offset 12: type .. ATA status, LBA
 
-    def __init__(self, shelf, slot, lba48, spf, gen_seed):
+    def __init__(self, shelf, slot, lba48, spf, gen_seed, frames=MAX_FRAMES):
         self.shelf, self.slot, self.lba48, self.spf = shelf, slot, lba48, spf
         self.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.paths = []
         self.drops = DropCounters()
         self.stats = collections.Counter()
-        self.free = collections.deque(range(MAX_FRAMES))
-        self.gen = [next_gen(gen_seed)] * MAX_FRAMES  # each slot's last generation
+        self.free = collections.deque(range(frames))
+        self.gen = [next_gen(gen_seed)] * frames  # each slot's last generation
         self.frames = {}                          # slot -> PumpFrame, waiting or done (until reused)
         self.inflight = {}                        # slot -> PumpFrame in flight
         self.pending = collections.deque()        # frames waiting for a window (done ones skipped)
@@ -1319,9 +1336,9 @@ class HelperPump:
     Python objects never see single frames here: requests go in whole, and
     completions, expiries and RTT samples come back as arrays per pump()."""
 
-    def __init__(self, helper, shelf, slot, lba48, spf, gen_seed):
+    def __init__(self, helper, shelf, slot, lba48, spf, gen_seed, frames=MAX_FRAMES):
         self.ffi, self.lib = helper.ffi, helper.lib
-        eng = self.lib.aoe_eng_new(shelf, slot, MAX_FRAMES, gen_seed)
+        eng = self.lib.aoe_eng_new(shelf, slot, frames, gen_seed)
         if eng == self.ffi.NULL:
             raise AoeError("out of memory for the frame engine")
         self.eng = self.ffi.gc(eng, self.lib.aoe_eng_free)
@@ -1626,7 +1643,8 @@ class Engine:
     work; after `deadsecs` without any answer every request fails with
     ETIMEDOUT.  `clock` (microseconds) is for tests."""
 
-    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None, clock=now_us):
+    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None, clock=now_us,
+                 frames=MAX_FRAMES):
         if target.identify is None:
             raise AoeError("%s: %s" % (target.name, target.identify_error or "not identified"))
         self.target = target
@@ -1638,8 +1656,8 @@ class Engine:
         self.window = max(1, min(target.info.bufcnt or 1, maxout))
         self.helper_used = helper is not None
         seed = random.getrandbits(14)
-        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed) if helper is None \
-            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed)
+        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed, frames) if helper is None \
+            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed, frames)
         t = clock()
         self.policy = []
         for p in target.paths[:MAX_PATHS]:
@@ -2124,6 +2142,13 @@ class UblkBackend:
         return [name for flag, name in UBLK_FEATURES if self.control.features & flag != flag]
 
     @staticmethod
+    def frames_needed(target):
+        """Tag slots for every tag's largest request at once, twice over (free slots rest a
+        while, so that late answers are recognised); the kernel keeps to max_sectors."""
+        request, depth = request_layout(target)
+        return min(MAX_FRAMES, 2 * depth * -(-request // target.sectors_per_frame) + 64)
+
+    @staticmethod
     def missing(helper):
         """Why ublk cannot attach here, or None.  Loads ublk_drv if it is a module."""
         if helper is None:
@@ -2519,6 +2544,12 @@ class NbdBackend:
         self.can_recover = False
 
     @staticmethod
+    def frames_needed(target):
+        """All of them: the kernel may send larger requests than asked for (max_sectors_kb is
+        only set where it can be)."""
+        return MAX_FRAMES
+
+    @staticmethod
     def missing(helper=None):
         if not nbd_module_loaded():
             return "this kernel has no nbd driver ('modprobe nbd' failed; CONFIG_BLK_DEV_NBD)"
@@ -2899,7 +2930,10 @@ class AttachDaemon:
         self.target, self.log = target, log
         self.readonly = args.ro
         self.deadsecs = args.deadsecs
-        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper)
+        for port in {p.port for p in target.paths}:
+            port.keep_only(target.shelf, target.slot)
+        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper,
+                             frames=BACKEND_CLASSES[backend].frames_needed(target))
         self.state = "up"
         self.attachment = None
         self.backend = BACKEND_CLASSES[backend](self, helper)
@@ -3212,6 +3246,7 @@ def run_in_background(device, body):
     sys.stdout.flush()
     sys.stderr.flush()
     rfd, wfd = os.pipe()
+    gc.freeze()                                   # what exists now stays shared with the daemon
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
@@ -4557,7 +4592,7 @@ def attach_all(args):
     backend, why = choose_backend(args.backend, helper)
     control = open_control(args)
     stop = StopFlag() if args.watch else (lambda: False)
-    failed, down_since, status = {}, {}, EXIT_OK
+    failed, down_since, unanswered, status = {}, {}, set(), EXIT_OK
     targets = control.discover(args.wait)
     while True:
         wanted = [t for t in targets if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)]
@@ -4565,9 +4600,14 @@ def attach_all(args):
                and time.monotonic() >= failed.get(t.name, 0)]
         control.identify(new)
         for t in new:
+            if t.identify is None:                # asked again next round
+                if t.name not in unanswered:
+                    sys.stderr.write("%s: %s: %s\n" % (PROG, t.name, t.identify_error))
+                unanswered.add(t.name)
+                status = EXIT_FAIL
+                continue
+            unanswered.discard(t.name)
             try:
-                if t.identify is None:
-                    raise AoeError("%s: %s" % (t.name, t.identify_error))
                 attach_found(helper, control, t, args, backend)
                 failed.pop(t.name, None)
             except AoeError as e:
@@ -4595,10 +4635,14 @@ def attached_or_waiting(name):
 
 
 def attach_found(helper, control, target, args, backend):
-    """One target of attach --all, in a daemon of its own that keeps only its ports."""
+    """One target of attach --all, in a daemon of its own with sockets of its own (the
+    inherited ones are shared with the watch and the other daemons)."""
     def body(ready):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        close_ports([p for p in control.ports if all(path.port is not p for path in target.paths)])
+        own = {}
+        for path in target.paths:
+            path.port = own.get(path.port.name) or own.setdefault(path.port.name, Port(path.port.ifc))
+        close_ports(control.ports)
         return serve_device(helper, target, args, backend, lambda a: ready(attach_summary(a)))
     return run_in_background(target.name, body)
 

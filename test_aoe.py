@@ -394,9 +394,9 @@ def pump_for(kind, sock, seed=7):
     if kind == "helper":
         helper = aoe.load_helper()
         need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
-        pump = aoe.HelperPump(helper, 3, 7, True, 2, seed)
+        pump = aoe.HelperPump(helper, 3, 7, True, 2, seed, frames=64)
     else:
-        pump = aoe.PyPump(3, 7, True, 2, seed)
+        pump = aoe.PyPump(3, 7, True, 2, seed, frames=64)   # small: forged tags name slots past the end
     pump.add_path(PairPort(sock, MAC_I), MAC_T)
     path = pump.paths[0]
     path.maxout, path.rto_us, path.reorder_us = 8, 60000000, 60000000   # nothing expires unless told
@@ -913,6 +913,28 @@ def test_aoetools_drop_in_acts_like_aoetools(served, tmp_path):
     assert (r.returncode, r.stdout) == (0, ""), r.stderr
     assert run("aoe-discover").returncode == 0
     assert run("aoe-version").stdout.startswith("              aoetools:\taoe.py ")
+
+
+@pytest.mark.net
+def test_socket_filter_keeps_only_one_targets_frames(served):
+    """Port.keep_only (a classic BPF socket filter): a port kept to e1.2 hears e1.2's answers
+    to a broadcast Query Config and nothing of e1.1's, where an unfiltered port hears both."""
+    script = """
+import sys, time
+sys.path.insert(0, %r)
+import aoe
+kept, plain = aoe.open_ports([sys.argv[1]]), aoe.open_ports([sys.argv[1]])
+kept[0].keep_only(1, 2)
+control = aoe.Control(plain)
+heard = {}
+for name, ports in (("plain", plain), ("kept", kept)):
+    control.ports = ports
+    heard[name] = sorted({(f.shelf, f.slot) for _, f, _ in control.query_config(wait=0.5, announced=True)})
+print(heard)
+""" % HERE
+    r = served.run(served.ini_ns, [sys.executable, "-c", script, served.ini_if])
+    assert r.returncode == 0, r.stderr
+    assert eval(r.stdout) == {"plain": [(1, 1), (1, 2)], "kept": [(1, 2)]}
 
 
 @pytest.mark.net

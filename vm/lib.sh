@@ -9,7 +9,7 @@ RUN=$AOE_RUN_DIR; LINK=$AOE_LINK_DIR/e0.0
 IMG=$WORK/e0.0.img
 DEADSECS=8
 
-step() { echo "== $*"; }
+step() { echo "== $* (at $SECONDS s)"; }
 fail() {
     echo "FAIL: $*"
     for f in "$RUN"/*.log; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; }; done

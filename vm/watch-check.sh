@@ -18,9 +18,11 @@ serve_target() {  # serve_target SHELF SLOT: vblade exports a 64 MiB image of it
     nsenter --net="/run/netns/$NS" vblade "$1" "$2" "$TGT" "$WORK/e$1.$2.img" >> "$WORK/vblade.log" 2>&1 &
     VBS+=($!); OTHER_PIDS="${VBS[*]}"
 }
-attached() { aoe stat --json -w 0.3 | "$PY" -c 'import json,sys; print(" ".join(sorted(d["device"] for d in json.load(sys.stdin) if d.get("attached") and d["state"] == "up")))'; }
+attached() { aoe stat --json -w 0.3 2> "$WORK/stat.err" | "$PY" -c 'import json,sys; print(" ".join(sorted(d["device"] for d in json.load(sys.stdin) if d.get("attached") and d["state"] == "up")))'; }
 wait_attached() {  # wait_attached "eX.Y ..." SECONDS
     for _ in $(seq $(($2 * 2))); do [ "$(attached)" = "$1" ] && return 0; sleep 0.5; done
+    [ -e "$WORK/watch.log" ] && { echo "--- attach --all --watch:"; cat "$WORK/watch.log"; }
+    echo "--- stat:"; aoe stat -w 0.3 || true; cat "$WORK/stat.err"
     fail "attached: '$(attached)', wanted '$1' within $2 s"
 }
 NOTIFY=$WORK/notify.sock
@@ -30,7 +32,7 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.bind(sys.argv[1])
 with open(sys.argv[2], "a") as log:
     while True:
         log.write(s.recv(4096).decode().replace("\n", " | ") + "\n"); log.flush()' "$NOTIFY" "$WORK/notify.log" &
-OTHER_PIDS="$OTHER_PIDS $!"
+OTHER_PIDS="${OTHER_PIDS:-} $!"
 notified() {  # notified WORD SECONDS: the service manager was told WORD (READY=1, STOPPING=1)
     for _ in $(seq $(($2 * 10))); do grep -q "$1" "$WORK/notify.log" 2>/dev/null && return 0; sleep 0.1; done
     fail "no $1 within $2 s"
@@ -53,14 +55,15 @@ wait_attached "" 10
 step "attach --all --watch, as aoe-all.service runs it"
 NOTIFY_SOCKET=$NOTIFY timeout 600 "$PY" "$AOE_PY" attach --all --watch --interval 2 --flush-down 4 --deadsecs 4 \
     > "$WORK/watch.log" 2>&1 &
-WATCH=$!; OTHER_PIDS="$OTHER_PIDS $WATCH"
+WATCH=$!; OTHER_PIDS="${OTHER_PIDS:-} $WATCH"
 notified READY=1 30
 wait_attached "e1.1 e1.2 e2.1" 10
 echo "READY=1 with $(attached) attached"
 serve_target 3 1
 t0=$SECONDS; wait_attached "e1.1 e1.2 e2.1 e3.1" 15
 echo "e3.1 started later: attached after $((SECONDS - t0)) s"
-kill "${VBS[1]}"                               # e1.2's target goes away
+kill "${VBS[1]}"                               # e1.2's target goes away; a read finds out
+dd if="$(readlink "$AOE_LINK_DIR/e1.2")" of=/dev/null bs=4k count=1 iflag=direct 2> /dev/null &
 t0=$SECONDS; wait_attached "e1.1 e2.1 e3.1" 40
 for _ in $(seq 60); do [ ! -e "$RUN/e1.2.json" ] && break; sleep 0.5; done
 [ ! -e "$RUN/e1.2.json" ] || fail "e1.2 is still attached though down"
@@ -70,13 +73,14 @@ step "stop it as systemd stops a unit: SIGTERM to every process of the service"
 pkill -TERM -f "$AOE_PY attach" || true
 for _ in $(seq 300); do ls "$RUN"/*.json > /dev/null 2>&1 || break; sleep 0.1; done
 ! ls "$RUN"/*.json 2> /dev/null || fail "records left after the stop"
+for _ in $(seq 100); do kill -0 "$WATCH" 2>/dev/null || break; sleep 0.1; done   # it ends its listening
 ! kill -0 "$WATCH" 2>/dev/null || fail "the watch did not end"
 ls /dev/ublkb* 2>/dev/null && fail "devices left after the stop"
 
 step "attach --foreground e2.1, as aoe@e2.1.service runs it"
 : > "$WORK/notify.log"
 NOTIFY_SOCKET=$NOTIFY timeout 600 "$PY" "$AOE_PY" attach --foreground e2.1 > "$WORK/fg.log" 2>&1 &
-FG=$!; OTHER_PIDS="$OTHER_PIDS $FG"
+FG=$!; OTHER_PIDS="${OTHER_PIDS:-} $FG"
 notified READY=1 30
 [ -b "$(readlink "$AOE_LINK_DIR/e2.1")" ] || fail "READY=1 before the device was there"
 grep -q "STATUS=/dev/" "$WORK/notify.log" || fail "no STATUS"
