@@ -5198,9 +5198,8 @@ def run_as_tool(name, argv):
 
 
 SYSTEMD_DIR = "/etc/systemd/system"
-SYSTEMD_UNITS = {
-    "aoe@.service": """[Unit]
-Description=AoE target %%i as a block device (aoe.py attach)
+SYSTEMD_UNIT = """[Unit]
+Description=%(what)s
 Wants=network-online.target remote-fs-pre.target
 After=network-online.target
 Before=remote-fs-pre.target
@@ -5208,28 +5207,17 @@ Before=remote-fs-pre.target
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart=%(run)s attach --foreground %%i
+ExecStart=%(run)s %(args)s
 TimeoutStartSec=120
 TimeoutStopSec=120
 
 [Install]
 WantedBy=multi-user.target
-""",
-    "aoe-all.service": """[Unit]
-Description=Every AoE target as a block device, also those that appear later (aoe.py attach --all --watch)
-Wants=network-online.target remote-fs-pre.target
-After=network-online.target
-Before=remote-fs-pre.target
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=%(run)s attach --all --watch
-TimeoutStopSec=120
-
-[Install]
-WantedBy=multi-user.target
-""",
+"""
+SYSTEMD_UNITS = {   # file -> (Description, aoe.py's arguments)
+    "aoe@.service": ("AoE target %i as a block device (aoe.py attach)", "attach --foreground %i"),
+    "aoe-all.service": ("Every AoE target as a block device, also those that appear later "
+                        "(aoe.py attach --all --watch)", "attach --all --watch"),
 }
 
 
@@ -5237,7 +5225,8 @@ def cmd_systemd_units(args):
     """Print, or write (--install, --dir), the service units that attach at boot: aoe@eX.Y
     for one device, aoe-all for every target (stopping either detaches its devices)."""
     run = "%s %s" % (sys.executable, os.path.abspath(__file__))
-    units = {name: text % {"run": run} for name, text in SYSTEMD_UNITS.items()}
+    units = {name: SYSTEMD_UNIT % {"what": what, "run": run, "args": words}
+             for name, (what, words) in SYSTEMD_UNITS.items()}
     if not (args.install or args.dir):
         for name, text in units.items():
             print("# %s\n%s" % (name, text))
