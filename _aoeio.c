@@ -115,14 +115,17 @@ enum { OP_READ, OP_WRITE, OP_FLUSH };
 
 struct aoe_counters {
     uint64_t frames_sent, frames_resent, frames_recv, bytes_data;
-    uint64_t resent_needed;         /* answers to a resend: the transmission before got none in time */
-    uint64_t resent_spurious;       /* answers to the transmission before a resend, which was spurious */
+    uint64_t resent_needed;         /* answers to a resend: the transmission before got none
+                                     * in time */
+    uint64_t resent_spurious;       /* answers to the transmission before a resend, which was
+                                     * spurious */
     uint64_t drop_short;
     uint64_t drop_not_response;
     uint64_t drop_version;
     uint64_t drop_foreign;
     uint64_t drop_bad_mac;
-    uint64_t drop_stale;            /* a tag of no transmission waiting: duplicate, another's, ... */
+    uint64_t drop_stale;            /* a tag of no transmission waiting: duplicate,
+                                     * another's, ... */
     uint64_t drop_late;             /* an earlier transmission of a frame a resend completed */
     uint64_t drop_bad_tag;          /* a tag failing its parity: corrupted */
     uint64_t drop_echo;             /* the ATA header does not echo the frame's: misdirected */
@@ -149,7 +152,8 @@ struct aoe_path {
     uint64_t rtt_sum_us;
     uint32_t spurious;
     uint32_t needed;                /* answers to resends whose earlier transmissions had none */
-    uint32_t late;                  /* ... which then came after all: those resends were not needed */
+    uint32_t late;                  /* ... which then came after all: those resends were not
+                                     * needed */
 };
 
 struct aoe_event { uint64_t req_id; int32_t status; };
@@ -167,7 +171,8 @@ struct aoe_eng {
     int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
     int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
     int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
-    int bridge_error;                       /* last failure of a ublk call inside aoe_pump, -errno */
+    int bridge_error;                       /* last failure of a ublk call inside aoe_pump,
+                                             * -errno */
     uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
 
     /* private */
@@ -185,7 +190,8 @@ struct aoe_eng {
     struct aoe_tx_batch *tx[AOE_MAX_PATHS]; /* per socket */
     struct aoe_event *done_buf;             /* aoe_pump's events */
     struct aoe_event *fail_buf;             /* aoe_fail_all's, so it never overwrites the former */
-    size_t rx_slot_size;                    /* bytes per receive slot, grows with sectors_per_frame */
+    size_t rx_slot_size;                    /* bytes per receive slot, grows with
+                                             * sectors_per_frame */
     uint8_t *rx_buf;
     struct mmsghdr rx_msg[RX_BATCH];
     struct iovec rx_iov[RX_BATCH];
@@ -637,8 +643,9 @@ int aoe_fail_all(struct aoe_eng *e, int32_t status)
 
 /* ---- sending -------------------------------------------------------------- */
 
-static void build_header(const struct aoe_eng *e, const struct aoe_path *pa, const struct aoe_frame *f,
-                         const struct aoe_request *rq, uint32_t tag, uint8_t *h)
+static void build_header(const struct aoe_eng *e, const struct aoe_path *pa,
+                         const struct aoe_frame *f, const struct aoe_request *rq,
+                         uint32_t tag, uint8_t *h)
 {
     static const uint8_t cmd28[] = { ATA_READ, ATA_WRITE };
     static const uint8_t cmd48[] = { ATA_READ_EXT, ATA_WRITE_EXT };
@@ -858,7 +865,8 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
     struct aoe_path *pa = &e->paths[p];
     if (f->state == FRAME_FREE) {
         if (f->done_back != NO_ANSWER && back > f->done_back && memcmp(h + 6, pa->dst, 6) == 0) {
-            pa->late++;                     /* a resend completed it, and this shows it need not have */
+            /* a resend completed it, and this shows it need not have */
+            pa->late++;
             c->drop_late++;
         } else {
             c->drop_stale++;
@@ -1165,7 +1173,8 @@ struct aoe_srv {
 
 struct aoe_srv *aoe_srv_new(int frame_max);
 void aoe_srv_free(struct aoe_srv *s);
-int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks, const uint8_t *reserved, int nreserved);
+int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks,
+                      const uint8_t *reserved, int nreserved);
 int aoe_srv_pump(struct aoe_srv *s, int timeout_us);
 /* ABI-END */
 
@@ -1201,7 +1210,8 @@ struct aoe_srv *aoe_srv_new(int frame_max)
     }
     s->sock_fd = s->file_fd = -1;
     s->frame_max = (size_t)frame_max;
-    s->slot_size = (SRV_ALIGN - ATA_HDR_LEN + (size_t)frame_max + SRV_ALIGN - 1) & ~(size_t)(SRV_ALIGN - 1);
+    s->slot_size = (SRV_ALIGN - ATA_HDR_LEN + (size_t)frame_max + SRV_ALIGN - 1) &
+                   ~(size_t)(SRV_ALIGN - 1);
     void *buf = NULL;
     if (posix_memalign(&buf, SRV_ALIGN, s->slot_size * SRV_BATCH) != 0) {
         aoe_srv_free(s);
@@ -1221,7 +1231,8 @@ struct aoe_srv *aoe_srv_new(int frame_max)
 
 /* Replace the mask and reservation lists (6 bytes per MAC); an empty mask
  * list admits everybody, an empty reservation list too. */
-int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks, const uint8_t *reserved, int nreserved)
+int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks,
+                      const uint8_t *reserved, int nreserved)
 {
     if (!s || nmasks < 0 || nmasks > SRV_MAX_MACS || nreserved < 0 || nreserved > SRV_MAX_MACS ||
         (nmasks && !masks) || (nreserved && !reserved))
@@ -1271,7 +1282,8 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
         return SRV_DROP;
     }
     unsigned shelf = (unsigned)h[16] << 8 | h[17], slot = h[18];
-    if ((shelf != s->shelf && shelf != AOE_SHELF_ANY) || (slot != s->slot && slot != AOE_SLOT_ANY)) {
+    if ((shelf != s->shelf && shelf != AOE_SHELF_ANY) ||
+        (slot != s->slot && slot != AOE_SLOT_ANY)) {
         c->drop_other_target++;
         return SRV_DROP;
     }
@@ -1312,7 +1324,8 @@ static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
         for (int i = 5; i >= 0; i--)
             lba = lba << 8 | h[28 + i];
     } else {
-        lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 | (uint64_t)(h[31] & 0x0F) << 24;
+        lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 |
+              (uint64_t)(h[31] & 0x0F) << 24;
         h[31] = 0xE0 | (h[31] & 0x0F);
         h[32] = h[33] = 0;
     }
@@ -1432,7 +1445,8 @@ static void srv_batch(struct aoe_srv *s, int n)
     for (int i = 0; i < n; i++) {
         struct msghdr *m = &s->rx_msg[i].msg_hdr;
         kind[i] = slow ? SRV_SLOW
-                       : (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len, (m->msg_flags & MSG_TRUNC) != 0);
+                       : (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len,
+                                               (m->msg_flags & MSG_TRUNC) != 0);
         slow |= kind[i] == SRV_SLOW;
     }
     pthread_mutex_unlock(&s->lock);
@@ -1579,8 +1593,10 @@ _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32 && sizeof(struct ublksrv_io
                sizeof(struct ublksrv_io_desc) == 24 && sizeof(struct ublksrv_ctrl_dev_info) == 64,
                "ublk uapi struct sizes");
 _Static_assert(UBLK_U_CMD_ADD_DEV == 0xc0207504u && UBLK_U_CMD_GET_FEATURES == 0x80207513u &&
-               UBLK_U_CMD_GET_DEV_INFO == 0x80207502u && UBLK_U_CMD_END_USER_RECOVERY == 0xc0207511u &&
-               UBLK_U_IO_FETCH_REQ == 0xc0107520u && UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521u &&
+               UBLK_U_CMD_GET_DEV_INFO == 0x80207502u &&
+               UBLK_U_CMD_END_USER_RECOVERY == 0xc0207511u &&
+               UBLK_U_IO_FETCH_REQ == 0xc0107520u &&
+               UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521u &&
                UBLK_U_CMD_UPDATE_SIZE == 0xc0207515u && UBLK_U_CMD_QUIESCE_DEV == 0xc0207516u,
                "ublk ioctl-encoded opcodes");
 
@@ -1616,7 +1632,8 @@ static void *ublk_ring_map(struct ublk_ring *r, size_t len, off_t what)
     return p == MAP_FAILED ? NULL : p;
 }
 
-static int ublk_ring_init(struct ublk_ring *r, unsigned entries, unsigned cq_entries, unsigned flags)
+static int ublk_ring_init(struct ublk_ring *r, unsigned entries, unsigned cq_entries,
+                          unsigned flags)
 {
     struct io_uring_params p;
     memset(r, 0, sizeof(*r));
@@ -1664,7 +1681,8 @@ fail:;
 }
 
 /* A zeroed URING_CMD SQE for fd, or NULL when the SQ is full (enter first). */
-static struct io_uring_sqe *ublk_ring_sqe(struct ublk_ring *r, int fd, unsigned cmd_op, uint64_t user_data)
+static struct io_uring_sqe *ublk_ring_sqe(struct ublk_ring *r, int fd, unsigned cmd_op,
+                                          uint64_t user_data)
 {
     unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
     if (r->tail - head >= r->sq_entries)
@@ -1787,7 +1805,8 @@ static unsigned ublk_ctrl_encode(unsigned nr)
 
 /* Prepare, and submit without waiting, control command nr (the legacy number,
  * sent ioctl-encoded) with an optional buffer. */
-static int ublk_ctrl_send(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0, void *buf, unsigned len)
+static int ublk_ctrl_send(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0,
+                          void *buf, unsigned len)
 {
     unsigned op = ublk_ctrl_encode(nr);
     if (!op)
@@ -1846,7 +1865,8 @@ int ublk_ctrl_wait(struct ublk_ctrl *c, long long timeout_us, int *result)
     }
 }
 
-static int ublk_ctrl_sync(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0, void *buf, unsigned len)
+static int ublk_ctrl_sync(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0,
+                          void *buf, unsigned len)
 {
     int ret = ublk_ctrl_send(c, nr, dev_id, data0, buf, len), result;
     if (ret < 0)
@@ -1894,7 +1914,8 @@ int ublk_ctrl_get_dev_info(struct ublk_ctrl *c, int dev_id, struct ublksrv_ctrl_
 /* The subset of struct ublk_params aoe.py sets. */
 struct ublk_dev_params {
     uint64_t dev_sectors;           /* 512-byte sectors */
-    uint32_t attrs;                 /* UBLK_ATTR_READ_ONLY 1, ROTATIONAL 2, VOLATILE_CACHE 4, FUA 8 */
+    uint32_t attrs;                 /* UBLK_ATTR_READ_ONLY 1, ROTATIONAL 2, VOLATILE_CACHE 4,
+                                     * FUA 8 */
     uint8_t logical_bs_shift, physical_bs_shift, io_min_shift, io_opt_shift;
     uint32_t max_sectors;           /* per request; at most max_io_buf_bytes / 512 */
     uint32_t max_discard_sectors;   /* 0: no DISCARD */
@@ -1953,7 +1974,8 @@ struct ublk_queue {
 /* One request to serve, as ublk_queue_reap hands it out. */
 struct ublk_req {
     uint16_t tag;
-    uint8_t op;                     /* UBLK_IO_OP_READ 0, WRITE 1, FLUSH 2, DISCARD 3, WRITE_ZEROES 5 */
+    uint8_t op;                     /* UBLK_IO_OP_READ 0, WRITE 1, FLUSH 2, DISCARD 3,
+                                     * WRITE_ZEROES 5 */
     uint8_t reserved;
     uint32_t flags;                 /* UBLK_IO_F_* (FUA 1 << 13, NOUNMAP 1 << 15, ...) */
     uint32_t nr_sectors;
@@ -2014,7 +2036,8 @@ void ublk_queue_close(struct ublk_queue *q)
 int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, unsigned buf_size)
 {
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t descs_stride = (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) & ~(page - 1);
+    size_t descs_stride = (UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc) + page - 1) &
+                          ~(page - 1);
     char path[32];
     int ret;
     if (depth <= 0 || depth > UBLK_MAX_QUEUE_DEPTH)
@@ -2048,7 +2071,8 @@ int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, un
     q->descs = descs;
     if (q->buf_size) {
         q->bufs_len = (size_t)depth * q->buf_size;
-        void *bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        void *bufs = mmap(NULL, q->bufs_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                          -1, 0);
         if (bufs == MAP_FAILED) {
             ret = -errno;
             goto fail;
@@ -2275,11 +2299,12 @@ static int bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
     }
     if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || e->bq_readonly))
         return -EOPNOTSUPP;
-    if (!r->nr_sectors || r->start_sector > e->bq_sectors || r->nr_sectors > e->bq_sectors - r->start_sector)
+    if (!r->nr_sectors || r->start_sector > e->bq_sectors ||
+        r->nr_sectors > e->bq_sectors - r->start_sector)
         return -ERANGE;
     e->bq_bytes[r->tag] = r->nr_sectors * SECTOR_SIZE;
-    return aoe_submit(e, id, r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE, r->start_sector, r->nr_sectors,
-                      q->bufs + (size_t)r->tag * q->buf_size);
+    return aoe_submit(e, id, r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE, r->start_sector,
+                      r->nr_sectors, q->bufs + (size_t)r->tag * q->buf_size);
 }
 
 /* Reap what the kernel sent: submit it, or hand it to aoe.py. */

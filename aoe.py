@@ -11,7 +11,9 @@ The file reads top to bottom, each section using only those above it:
 
     constants  -> codec -> transport -> discovery and control queries
     -> engine (windowed ATA I/O) -> block backends (ublk, nbd)
-    -> attach daemon -> target (serve) -> commands -> CLI
+    -> attach daemon -> target (serve) -> commands
+    -> lab and demo (NetLab, the demo verb) -> CLI (with the aoetools drop-in:
+       aoe.py run as aoe-stat, aoeping, ...)
 """
 
 import argparse
@@ -44,7 +46,8 @@ import time
 
 __version__ = "0.1.0"
 PROG = "aoe.py"
-RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")   # attached devices' records and logs, the allow-list
+# attached devices' records and logs, the allow-list
+RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
 
 
 # =============================================================================
@@ -231,7 +234,8 @@ def parse_mac(text):
     except ValueError:
         mac = b""
     if len(mac) != ETH_ALEN:
-        raise usage_error("%r is not a MAC address (want six hex bytes, e.g. 02:00:00:00:00:01)" % text)
+        raise usage_error("%r is not a MAC address (want six hex bytes, e.g. 02:00:00:00:00:01)"
+                          % text)
     return mac
 
 
@@ -243,7 +247,8 @@ def parse_device(text):
         raise usage_error("%r is not an AoE device name: use eSHELF.SLOT, e.g. e0.1" % text)
     shelf, slot = int(shelf_text), int(slot_text)
     if shelf > AOE_MAX_SHELF or slot > AOE_MAX_SLOT:
-        raise usage_error("%s: shelf must be 0-%d and slot 0-%d" % (text, AOE_MAX_SHELF, AOE_MAX_SLOT))
+        raise usage_error("%s: shelf must be 0-%d and slot 0-%d"
+                          % (text, AOE_MAX_SHELF, AOE_MAX_SLOT))
     return shelf, slot
 
 
@@ -340,7 +345,8 @@ class AtaFields:
 
 def pack_ata(dst, src, shelf, slot, tag, ata, flags=0, error=0):
     head = pack_header(dst, src, shelf, slot, AOECMD_ATA, tag, flags, error)
-    body = _ATA.pack(ata.aflags, ata.err_feature, ata.count, ata.cmd_status, lba_bytes(ata.lba, ata.ext))
+    body = _ATA.pack(ata.aflags, ata.err_feature, ata.count, ata.cmd_status,
+                     lba_bytes(ata.lba, ata.ext))
     return pad_frame(head + body + bytes(ata.data))
 
 
@@ -364,9 +370,11 @@ class ConfigInfo:
 
 def pack_cfg(dst, src, shelf, slot, tag, info, flags=0, error=0):
     if len(info.config) > AOE_MAX_CONFIG:
-        raise usage_error("config string is %d bytes; AoE allows at most %d" % (len(info.config), AOE_MAX_CONFIG))
+        raise usage_error("config string is %d bytes; AoE allows at most %d"
+                          % (len(info.config), AOE_MAX_CONFIG))
     head = pack_header(dst, src, shelf, slot, AOECMD_CFG, tag, flags, error)
-    body = _CFG.pack(info.bufcnt, info.fwver, info.scnt, (info.aoever << 4) | info.ccmd, len(info.config))
+    body = _CFG.pack(info.bufcnt, info.fwver, info.scnt, (info.aoever << 4) | info.ccmd,
+                     len(info.config))
     return pad_frame(head + body + info.config)
 
 
@@ -446,7 +454,8 @@ class Identify:
         self.lba28_sectors = w[60] | w[61] << 16
         self.lba48 = bool(w[83] & (1 << 10))
         self.lba48_sectors = w[100] | w[101] << 16 | w[102] << 32 | w[103] << 48
-        self.sectors = self.lba48_sectors if self.lba48 and self.lba48_sectors else self.lba28_sectors
+        self.sectors = (self.lba48_sectors if self.lba48 and self.lba48_sectors
+                        else self.lba28_sectors)
 
     def _text(self, first, end):
         """ATA strings hold two characters per word, high byte first, space padded."""
@@ -489,7 +498,8 @@ def build_identify(sectors, model, serial, firmware):
 
 
 def frame_sectors(mtu):
-    """Sectors one ATA frame carries at this MTU: the MTU holds AoE (10) + ATA (12) headers + data."""
+    """Sectors one ATA frame carries at this MTU: the MTU holds AoE (10) + ATA (12)
+    headers + data."""
     return max(0, (mtu + ETH_HLEN - ATA_HDR_LEN) // SECTOR_SIZE)
 
 
@@ -551,7 +561,8 @@ def all_interfaces():
     return [Interface(n) for n in names]
 
 
-IFLIST_FILE = os.path.join(RUN_DIR, "interfaces")   # set by aoe-interfaces, like the driver's aoe_iflist
+# set by aoe-interfaces, like the driver's aoe_iflist
+IFLIST_FILE = os.path.join(RUN_DIR, "interfaces")
 
 
 def saved_iflist():
@@ -615,13 +626,15 @@ def open_raw_socket(ifname):
     try:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_AOE))
     except PermissionError:
-        raise AoeError("raw sockets need root or CAP_NET_RAW: run as root (sudo %s ...)" % PROG, EXIT_USAGE)
+        raise AoeError("raw sockets need root or CAP_NET_RAW: run as root (sudo %s ...)" % PROG,
+                       EXIT_USAGE)
     try:
         sock.bind((ifname, ETH_P_AOE))
         try:
             sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
         except OSError:
-            pass                                 # kernels before 4.20: R flag filtering still drops them
+            # kernels before 4.20: R flag filtering still drops them
+            pass
         size_socket_buffers(sock)
     except OSError as e:
         sock.close()
@@ -663,7 +676,8 @@ class Port:
             self.sock.send(frame)
         except OSError as e:
             if e.errno == errno.EMSGSIZE:
-                raise AoeError("%s: frame of %d bytes exceeds MTU %d" % (self.name, len(frame), self.ifc.mtu))
+                raise AoeError("%s: frame of %d bytes exceeds MTU %d"
+                               % (self.name, len(frame), self.ifc.mtu))
             raise AoeError("%s: send failed: %s" % (self.name, e.strerror))
 
     def keep_only(self, shelf, slot):
@@ -833,7 +847,8 @@ class Control:
         results = []
         want = lambda f: (f.command == AOECMD_CFG and shelf in (AOE_SHELF_ANY, f.shelf)
                           and slot in (AOE_SLOT_ANY, f.slot))
-        for port, frame in self._answers(None if announced else (tag,), time.monotonic() + wait, want):
+        for port, frame in self._answers(None if announced else (tag,), time.monotonic() + wait,
+                                         want):
             info = None
             if not frame.is_error:
                 try:
@@ -983,7 +998,8 @@ LOSS_WEIGHT = 1 / 16             # how far one frame's fate moves the loss estim
 LOSS_CONGESTED = 0.25            # above this share of frames lost the window is halved
 PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
                  "resent_spurious", "send_eagain", "errors")
-PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac", "echo")
+PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac",
+              "echo")
 
 
 def status_text(status):
@@ -1016,9 +1032,9 @@ class PumpPath:
     """Per-path state shared by pump and engine: the fields of the helper's struct aoe_path
     (helper_mismatch checks them when the helper loads)."""
 
-    __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us", "reorder_us",
-                 "newest_answered_us", "sent", "recv", "last_recv_us", "rtt_n", "rtt_sum_us", "rtt_max_us",
-                 "spurious", "needed", "late", "header")
+    __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us",
+                 "reorder_us", "newest_answered_us", "sent", "recv", "last_recv_us", "rtt_n",
+                 "rtt_sum_us", "rtt_max_us", "spurious", "needed", "late", "header")
 
     def __init__(self, index, port, dst):
         self.index, self.port, self.src, self.dst = index, port, port.mac, dst
@@ -1074,7 +1090,8 @@ class PyPump:
         self.stats = collections.Counter()
         self.free = collections.deque(range(frames))
         self.gen = [next_gen(gen_seed)] * frames  # each slot's last generation
-        self.frames = {}                          # slot -> PumpFrame, waiting or done (until reused)
+        # slot -> PumpFrame, waiting or done (until reused)
+        self.frames = {}
         self.inflight = {}                        # slot -> PumpFrame in flight
         self.pending = collections.deque()        # frames waiting for a window (done ones skipped)
         self.requests = {}                        # req_id -> PumpRequest
@@ -1086,7 +1103,8 @@ class PyPump:
 
     def add_path(self, port, dst):
         path = PumpPath(len(self.paths), port, dst)
-        path.header = bytearray(pack_header(dst, port.mac, self.shelf, self.slot, AOECMD_ATA, 0) + bytes(12))
+        path.header = bytearray(pack_header(dst, port.mac, self.shelf, self.slot, AOECMD_ATA, 0)
+                                + bytes(12))
         self.paths.append(path)
         self.poller.register(port.fileno(), select.POLLIN)
         return len(self.paths) - 1
@@ -1104,12 +1122,14 @@ class PyPump:
         if count > len(self.free):
             return -errno.ENOSPC
         aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
-        req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count, aflags)
+        req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count,
+                          aflags)
         self.requests[req_id] = req
         for i in range(count):
             first = i * self.spf
             n = 0 if op == OP_FLUSH else min(self.spf, nsect - first)
-            fr = PumpFrame(self.free.popleft(), req, 0 if op == OP_FLUSH else lba + first, n, first * SECTOR_SIZE)
+            fr = PumpFrame(self.free.popleft(), req, 0 if op == OP_FLUSH else lba + first, n,
+                           first * SECTOR_SIZE)
             self.frames[fr.slot] = fr
             self.pending.append(fr)
         return 0
@@ -1134,8 +1154,9 @@ class PyPump:
             fr = self.pending[0]
             req = fr.req
             gen = next_gen(self.gen[fr.slot])
-            self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0, fr.nsect,
-                                    ata_opcode(req.op, self.lba48, self.flush_cmd), lba_bytes(fr.lba, self.lba48))
+            self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0,
+                                    fr.nsect, ata_opcode(req.op, self.lba48, self.flush_cmd),
+                                    lba_bytes(fr.lba, self.lba48))
             parts = [path.header]
             length = ATA_HDR_LEN
             if req.op == OP_WRITE:
@@ -1193,8 +1214,8 @@ class PyPump:
                 if n < ATA_HDR_LEN:
                     drops["short"] += 1
                     continue
-                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status, raw_lba = \
-                    self._RSP.unpack_from(buf, 12)
+                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status, \
+                    raw_lba = self._RSP.unpack_from(buf, 12)
                 if etype != ETH_P_AOE or verfl & 0xF0 != AOE_HVER:
                     drops["version"] += 1
                     continue
@@ -1209,17 +1230,20 @@ class PyPump:
                     continue
                 fr = self.frames.get(tag >> 1 & (MAX_FRAMES - 1)) \
                     if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
-                back = (fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx else None
+                back = ((fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx
+                        else None)
                 if back is None or back >= fr.ntx:
                     drops["stale"] += 1           # names no transmission of this frame
                     continue
                 # The transmission answered: the latest, the one before, or an older one.
                 path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
-                    (fr.before_path, fr.before_sent_us) if back == 1 else (self._path_to(buf[6:12]), None)
+                    (fr.before_path, fr.before_sent_us) if back == 1 else \
+                    (self._path_to(buf[6:12]), None)
                 if fr.state == FRAME_DONE:
                     if fr.done_back is not None and back > fr.done_back and path is not None and \
                             path.dst == buf[6:12]:
-                        path.late += 1            # a resend completed it, and this shows it need not have
+                        # a resend completed it, and this shows it need not have
+                        path.late += 1
                         drops["late"] += 1
                     else:
                         drops["stale"] += 1
@@ -1346,7 +1370,8 @@ class HelperPump:
         self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.eng.sectors_per_frame = spf
         self.paths = []
-        self.buffers = {}                         # req_id -> cdata keeping the caller's buffer pinned
+        # req_id -> cdata keeping the caller's buffer pinned
+        self.buffers = {}
 
     @property
     def flush_cmd(self):
@@ -1458,8 +1483,9 @@ def helper_constants():
         "STATUS_AOE_ERR": STATUS_AOE_ERROR, "STATUS_ATA_ERR": STATUS_ATA_ERROR,
         "OP_READ": OP_READ, "OP_WRITE": OP_WRITE, "OP_FLUSH": OP_FLUSH,
         "AOEAFL_EXT": AOEAFL_EXT, "AOEAFL_WRITE": AOEAFL_WRITE,
-        "ATA_READ": ATA_CMD_PIO_READ, "ATA_READ_EXT": ATA_CMD_PIO_READ_EXT, "ATA_WRITE": ATA_CMD_PIO_WRITE,
-        "ATA_WRITE_EXT": ATA_CMD_PIO_WRITE_EXT, "ATA_FLUSH": ATA_CMD_FLUSH, "ATA_FLUSH_EXT": ATA_CMD_FLUSH_EXT,
+        "ATA_READ": ATA_CMD_PIO_READ, "ATA_READ_EXT": ATA_CMD_PIO_READ_EXT,
+        "ATA_WRITE": ATA_CMD_PIO_WRITE, "ATA_WRITE_EXT": ATA_CMD_PIO_WRITE_EXT,
+        "ATA_FLUSH": ATA_CMD_FLUSH, "ATA_FLUSH_EXT": ATA_CMD_FLUSH_EXT,
     }
 
 
@@ -1467,7 +1493,8 @@ def helper_mismatch(helper):
     """How a built helper disagrees with this aoe.py (constants, the fields both pumps
     share, the counters read by name), as a list of words; empty when they agree."""
     problems = ["%s is %s in the helper, %s here" % (name, getattr(helper.lib, name, None), value)
-                for name, value in helper_constants().items() if getattr(helper.lib, name, None) != value]
+                for name, value in helper_constants().items()
+                if getattr(helper.lib, name, None) != value]
     fields = lambda struct: {f for f, _ in helper.ffi.typeof(struct).fields}
     try:
         path_fields, counters = fields("struct aoe_path"), fields("struct aoe_counters")
@@ -1475,7 +1502,8 @@ def helper_mismatch(helper):
         return problems + [str(e)]
     shared = set(PumpPath.__slots__) - {"index", "port", "header"}
     problems += ["struct aoe_path lacks " + f for f in sorted(shared - path_fields)]
-    problems += ["struct aoe_path has %s, PumpPath not" % f for f in sorted(path_fields - shared - {"fd"})]
+    problems += ["struct aoe_path has %s, PumpPath not" % f
+                 for f in sorted(path_fields - shared - {"fd"})]
     wanted = set(PUMP_COUNTERS) | {"drop_" + d for d in PUMP_DROPS}
     problems += ["struct aoe_counters lacks " + f for f in sorted(wanted - counters)]
     return problems
@@ -1500,8 +1528,8 @@ def load_helper():
         helper = None
     problems = helper_mismatch(helper) if helper is not None else []
     if problems:
-        sys.stderr.write("%s: the compiled helper %s does not match this aoe.py (%s): rebuild it with "
-                         "'python3 build_ffi.py'; using the pure-Python path\n"
+        sys.stderr.write("%s: the compiled helper %s does not match this aoe.py (%s): rebuild it "
+                         "with 'python3 build_ffi.py'; using the pure-Python path\n"
                          % (PROG, helper.__file__, "; ".join(problems[:3])))
         helper = None
     _helper_cache.append(helper)
@@ -1586,7 +1614,8 @@ class PathPolicy:
             self._lost(t, lost)
         elif answered:
             if self.before_cut is not None and t >= self.next_cut:
-                self.before_cut = None            # a timeout went by without sign of a delay: it stands
+                # a timeout went by without sign of a delay: it stands
+                self.before_cut = None
             self._grow(answered)
 
     def _learn_rtt(self, mean, largest):
@@ -1604,7 +1633,8 @@ class PathPolicy:
         silent = t - self.last_answer >= self.rto_us
         if (silent or self.loss > LOSS_CONGESTED) and t >= self.next_cut:
             if self.before_cut is None:
-                self.before_cut, self.needed_since_cut = (self.window, self.ssthresh, self.rto_us), 0
+                self.before_cut, self.needed_since_cut = \
+                    (self.window, self.ssthresh, self.rto_us), 0
             self.ssthresh = max(1, self.window // 2)
             self.window = self.ssthresh
             self.rto_us = min(MAX_RTO_US, self.rto_us * 2)
@@ -1643,8 +1673,8 @@ class Engine:
     work; after `deadsecs` without any answer every request fails with
     ETIMEDOUT.  `clock` (microseconds) is for tests."""
 
-    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None, clock=now_us,
-                 frames=MAX_FRAMES):
+    def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None,
+                 clock=now_us, frames=MAX_FRAMES):
         if target.identify is None:
             raise AoeError("%s: %s" % (target.name, target.identify_error or "not identified"))
         self.target = target
@@ -1656,7 +1686,8 @@ class Engine:
         self.window = max(1, min(target.info.bufcnt or 1, maxout))
         self.helper_used = helper is not None
         seed = random.getrandbits(14)
-        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed, frames) if helper is None \
+        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed, frames) \
+            if helper is None \
             else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed, frames)
         t = clock()
         self.policy = []
@@ -1679,7 +1710,8 @@ class Engine:
             raise AoeError("%s: sectors %d-%d are outside the device (%d sectors)"
                            % (self.target.name, lba, lba + nsect - 1, self.sectors))
         if not self.lba48 and op != OP_FLUSH and lba + nsect > LBA28_MAX:
-            raise AoeError("%s: sector %d needs LBA48, which the target lacks" % (self.target.name, lba + nsect))
+            raise AoeError("%s: sector %d needs LBA48, which the target lacks"
+                           % (self.target.name, lba + nsect))
         if req_id is None:
             req_id = self.next_id = self.next_id + 1
         if not self.pump.busy:
@@ -1694,7 +1726,8 @@ class Engine:
         Waits at most timeout_us, less once extra_fd (e.g. a ublk queue) is readable."""
         idle, started = not self.pump.busy, self.clock()
         done, expired = self.pump.pump(0 if self.backlog else timeout_us, extra_fd)
-        if idle:                                  # requests the pump took itself (ublk) start the clock now
+        # requests the pump took itself (ublk) start the clock now
+        if idle:
             self.last_progress = started
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
@@ -1705,8 +1738,8 @@ class Engine:
         lost = collections.Counter(self.pump.expired_path(slot) for slot in expired)
         for i, (pol, path) in enumerate(zip(self.policy, self.pump.paths)):
             answers, self.path_recv[i] = path.recv - self.path_recv[i], path.recv
-            pol.round(t, answers, path.rtt_n, path.rtt_sum_us, path.rtt_max_us, lost[i], path.spurious,
-                      path.needed, path.late)
+            pol.round(t, answers, path.rtt_n, path.rtt_sum_us, path.rtt_max_us, lost[i],
+                      path.spurious, path.needed, path.late)
             self._apply(pol, path)
         self._set_aside_silent(t, lost)
         for slot in reversed(expired):            # each goes to the head: keep them in order
@@ -1791,8 +1824,8 @@ class Engine:
         if self.dead:
             return self.dead
         if op == OP_WRITE and status == -(STATUS_ATA_ERROR | ATA_ABORTED):
-            return ("%s refused the write at sector %d (ATA command aborted): the target is probably"
-                    " exported read-only" % (name, lba))
+            return ("%s refused the write at sector %d (ATA command aborted): the target is "
+                    "probably exported read-only" % (name, lba))
         return "%s: %s %d sectors at %d failed: %s" % (name, ("read", "write", "flush")[op], n, lba,
                                                        status_text(status))
 
@@ -1800,18 +1833,21 @@ class Engine:
         """Per-path and engine counters, for -v: every resend explained, every drop counted."""
         lines = []
         for path, p, pol in zip(self.target.paths, self.pump.paths, self.policy):
-            lines.append("path %s: sent %d, answered %d, window %d of %d, rto %.1f ms, srtt %.2f ms; "
-                         "window cut %d times (%d undone)%s%s\n"
-                         % (path, p.sent, p.recv, p.maxout, pol.limit, p.rto_us / 1000.0, pol.srtt / 1000.0,
-                            pol.cuts, pol.undone, "" if p.enabled else ", set aside now",
-                            ", set aside %d times" % pol.times_set_aside if pol.times_set_aside else ""))
+            lines.append("path %s: sent %d, answered %d, window %d of %d, rto %.1f ms, "
+                         "srtt %.2f ms; window cut %d times (%d undone)%s%s\n"
+                         % (path, p.sent, p.recv, p.maxout, pol.limit, p.rto_us / 1000.0,
+                            pol.srtt / 1000.0, pol.cuts, pol.undone,
+                            "" if p.enabled else ", set aside now",
+                            ", set aside %d times" % pol.times_set_aside if pol.times_set_aside
+                            else ""))
         s = self.pump.stats
         late = self.pump.drops["late"]
-        lines.append("frames: sent %d, answered %d, resent %d: %d lost (the resend was answered, the earlier "
-                     "transmission never), %d late (the resend was answered first, the earlier one after), %d "
-                     "spurious (the earlier one was answered first), the rest unanswered\n"
-                     % (s["frames_sent"], s["frames_recv"], s["frames_resent"], s["resent_needed"] - late, late,
-                        s["resent_spurious"]))
+        lines.append("frames: sent %d, answered %d, resent %d: %d lost (the resend was answered, "
+                     "the earlier transmission never), %d late (the resend was answered first, the "
+                     "earlier one after), %d spurious (the earlier one was answered first), "
+                     "the rest unanswered\n"
+                     % (s["frames_sent"], s["frames_recv"], s["frames_resent"],
+                        s["resent_needed"] - late, late, s["resent_spurious"]))
         lines.append("dropped: %s\n" % self.pump.drops.describe())
         return "".join(lines)
 
@@ -1840,17 +1876,20 @@ class Engine:
 # attach --recover find it), its log RUN_DIR/eX.Y.log and the links
 # /dev/etherd/eX.Y behave the same for both.
 
-LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")   # eX.Y -> the block device, named as the kernel driver does
+# eX.Y -> the block device, named as the kernel driver does
+LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")
 MIN_REQUEST = 128                 # sectors: smallest largest-request we advertise (64 KiB)
 MAX_REQUEST = 1024                # sectors: 512 KiB, the default largest ublk buffer
 UBLK_MIN_DEPTH = 32               # tags: enough for random I/O at queue depth 32
 UBLK_MAX_DEPTH = 128
 UBLK_NEEDED = UBLK_F_CMD_IOCTL_ENCODE
 UBLK_RECOVERY = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE
-UBLK_FEATURES = (             # what aoe.py asks ADD_DEV for where the kernel has it, as stat --json names it
+# what aoe.py asks ADD_DEV for where the kernel has it, as stat --json names it
+UBLK_FEATURES = (
     (UBLK_RECOVERY, "user-recovery"),         # attach --recover after the daemon died (6.1)
     (UBLK_F_UPDATE_SIZE, "update-size"),      # revalidate resizes the live device (6.16)
-    (UBLK_F_QUIESCE, "quiesce"),              # attach --upgrade hands the device to a new daemon (6.16)
+    # attach --upgrade hands the device to a new daemon (6.16)
+    (UBLK_F_QUIESCE, "quiesce"),
 )
 QUIESCE_TIMEOUT_MS = 10000        # how long QUIESCE_DEV may wait for a tag the daemon is not using
 PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
@@ -1875,8 +1914,8 @@ def request_layout(target):
 class Attachment:
     """What RUN_DIR/eX.Y.json records about an attached device."""
 
-    FIELDS = ("device", "backend", "dev", "dev_id", "pid", "state", "sectors", "readonly", "recoverable", "log",
-              "features")
+    FIELDS = ("device", "backend", "dev", "dev_id", "pid", "state", "sectors", "readonly",
+              "recoverable", "log", "features")
 
     def __init__(self, **fields):
         for k in self.FIELDS:
@@ -2001,7 +2040,8 @@ def refresh_links(device, dev):
         except FileNotFoundError:
             pass
         except OSError:                           # not a link: the kernel driver's own node
-            problem = "%s exists and is not aoe.py's link (kernel aoe driver loaded?); use %s" % (link, dest)
+            problem = ("%s exists and is not aoe.py's link (kernel aoe driver loaded?); use %s"
+                       % (link, dest))
             continue
         tmp = link + ".aoe-new"
         if os.path.lexists(tmp):
@@ -2061,7 +2101,8 @@ class UblkControl:
         out = self.ffi.new("struct ublk_ctrl **")
         ret = self.lib.ublk_ctrl_open(out)
         if ret in (-errno.EACCES, -errno.EPERM):
-            raise AoeError("/dev/ublk-control: %s; attaching needs root" % os.strerror(-ret), EXIT_USAGE)
+            raise AoeError("/dev/ublk-control: %s; attaching needs root" % os.strerror(-ret),
+                           EXIT_USAGE)
         ublk_check(ret, "/dev/ublk-control")
         self.ctrl = out[0]
         features = self.ffi.new("uint64_t *")
@@ -2073,7 +2114,8 @@ class UblkControl:
         self.features = features[0]
         if self.features & UBLK_NEEDED != UBLK_NEEDED:
             self.close()
-            raise AoeError("this kernel's ublk lacks ioctl-encoded commands (features %#x)" % self.features)
+            raise AoeError("this kernel's ublk lacks ioctl-encoded commands (features %#x)"
+                           % self.features)
 
     @property
     def can_recover(self):
@@ -2167,15 +2209,18 @@ class UblkBackend:
         """ADD_DEV, SET_PARAMS, open and fetch the queue, START_DEV; returns the disk's name."""
         flags = self.flags = self.control.device_flags()
         self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth,
-                                                            self.max_sectors * SECTOR_SIZE, flags), "ublk ADD_DEV")
+                                                            self.max_sectors * SECTOR_SIZE, flags),
+                                 "ublk ADD_DEV")
         target = self.daemon.target
         try:
             attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.daemon.readonly else 0)
             params = self.ffi.new("struct ublk_dev_params *", dict(
-                dev_sectors=self.engine.sectors, attrs=attrs, logical_bs_shift=9, physical_bs_shift=9,
-                io_min_shift=9, io_opt_shift=max(9, (target.sectors_per_frame * SECTOR_SIZE).bit_length() - 1),
+                dev_sectors=self.engine.sectors, attrs=attrs, logical_bs_shift=9,
+                physical_bs_shift=9, io_min_shift=9,
+                io_opt_shift=max(9, (target.sectors_per_frame * SECTOR_SIZE).bit_length() - 1),
                 max_sectors=self.max_sectors))
-            ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params), "ublk SET_PARAMS")
+            ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params),
+                       "ublk SET_PARAMS")
             self._open_queue()
             self.daemon.record(self, "up", flags & UBLK_RECOVERY != 0)
             self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
@@ -2183,8 +2228,10 @@ class UblkBackend:
             self._close_queue()
             self.control.remove(self.dev_id)
             raise
-        self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d KiB, queue depth %d; %s"
-                 % (target.name, "/dev/" + self.dev, self.engine.sectors, " read-only" if self.daemon.readonly
+        self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d "
+                 "KiB, queue depth %d; %s"
+                 % (target.name, "/dev/" + self.dev, self.engine.sectors,
+                    " read-only" if self.daemon.readonly
                     else "", self.max_sectors // 2, self.depth, ublk_features_text(self)))
 
     @property
@@ -2203,13 +2250,15 @@ class UblkBackend:
             if info.state == UBLK_S_DEV_QUIESCED:
                 break
             if info.state == UBLK_S_DEV_LIVE and attachment.daemon_alive:
-                raise AoeError("%s is served by pid %d: nothing to recover" % (attachment.device, attachment.pid))
+                raise AoeError("%s is served by pid %d: nothing to recover"
+                               % (attachment.device, attachment.pid))
             if time.monotonic() > deadline:
                 raise AoeError("%s: %s did not become ready for recovery (state %d) within %d s"
                                % (attachment.device, attachment.block, info.state, QUIESCE_WAIT))
             time.sleep(0.2)
         self.flags = info.flags & sum(flag for flag, _ in UBLK_FEATURES)
-        ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id), "ublk START_USER_RECOVERY")
+        ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id),
+                   "ublk START_USER_RECOVERY")
         self._open_queue()
         self.daemon.record(self, "recovering", True)
         self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
@@ -2219,12 +2268,14 @@ class UblkBackend:
         engine's bounds first when it shrinks, last when it grows."""
         if not self.flags & UBLK_F_UPDATE_SIZE:
             raise AoeError("%s cannot change size while attached: %s; detach and attach again"
-                           % ("/dev/" + self.dev, "this kernel's ublk has no UPDATE_SIZE (Linux 6.16 or later)"
+                           % ("/dev/" + self.dev,
+                              "this kernel's ublk has no UPDATE_SIZE (Linux 6.16 or later)"
                               if self.control.features & UBLK_F_UPDATE_SIZE != UBLK_F_UPDATE_SIZE
                               else "it was attached without UPDATE_SIZE"))
         if sectors < self.engine.sectors:
             self._set_bounds(sectors)
-        ublk_check(self.control.command(UBLK_CMD_UPDATE_SIZE, self.dev_id, sectors), "ublk UPDATE_SIZE")
+        ublk_check(self.control.command(UBLK_CMD_UPDATE_SIZE, self.dev_id, sectors),
+                   "ublk UPDATE_SIZE")
         self._set_bounds(sectors)
 
     def _set_bounds(self, sectors):
@@ -2235,11 +2286,14 @@ class UblkBackend:
         """Pause the device for a new daemon (QUIESCE_DEV: the kernel stops handing out
         requests and ends the queue; those this daemon still holds go to the next one)."""
         if not self.flags & UBLK_F_QUIESCE:
-            raise AoeError("%s cannot be handed over: %s" % ("/dev/" + self.dev, "this kernel's ublk has no QUIESCE "
-                           "(Linux 6.16 or later)" if not self.control.device_flags() & UBLK_F_QUIESCE
-                           else "it was attached without QUIESCE"))
-        self.daemon.serve_while(lambda: ublk_check(self.control.command(UBLK_CMD_QUIESCE_DEV, self.dev_id,
-                                                                        QUIESCE_TIMEOUT_MS), "ublk QUIESCE_DEV"))
+            raise AoeError("%s cannot be handed over: %s"
+                           % ("/dev/" + self.dev,
+                              "this kernel's ublk has no QUIESCE (Linux 6.16 or later)"
+                              if not self.control.device_flags() & UBLK_F_QUIESCE
+                              else "it was attached without QUIESCE"))
+        self.daemon.serve_while(lambda: ublk_check(
+            self.control.command(UBLK_CMD_QUIESCE_DEV, self.dev_id, QUIESCE_TIMEOUT_MS),
+            "ublk QUIESCE_DEV"))
 
     @staticmethod
     def remove_orphan(attachment):
@@ -2268,7 +2322,8 @@ class UblkBackend:
         self.commit_tags = self.ffi.new("uint16_t[]", self.depth)
         self.commit_results = self.ffi.new("int32_t[]", self.depth)
         ublk_check(self.lib.ublk_queue_fetch_all(self.queue), "ublk FETCH_REQ")
-        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.daemon.readonly), "bridge")
+        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.daemon.readonly),
+                   "bridge")
 
     def _control_served(self, nr, data0, what):
         """Run a control command that needs the queue served meanwhile (START_DEV reads
@@ -2284,7 +2339,8 @@ class UblkBackend:
             if ret < 0 and ret != -errno.EINTR:
                 ublk_check(ret, what)
             if time.monotonic() > limit:
-                raise AoeError("%s did not finish in %d s" % (what, self.engine.deadsecs + CONTROL_LIMIT))
+                raise AoeError("%s did not finish in %d s"
+                               % (what, self.engine.deadsecs + CONTROL_LIMIT))
             if queue_open:                        # STOP_DEV ends the queue before it returns
                 queue_open = self.daemon.serve(10000)
 
@@ -2349,8 +2405,8 @@ class UblkBackend:
             return
         nbytes = r.nr_sectors * SECTOR_SIZE
         try:
-            self.engine.submit(OP_READ if op == UBLK_IO_OP_READ else OP_WRITE, r.start_sector, r.nr_sectors,
-                               self.ffi.buffer(self.tag_buf[tag], nbytes), req_id=tag)
+            self.engine.submit(OP_READ if op == UBLK_IO_OP_READ else OP_WRITE, r.start_sector,
+                               r.nr_sectors, self.ffi.buffer(self.tag_buf[tag], nbytes), req_id=tag)
         except AoeError as e:
             self.log(str(e))
             self.results.append((tag, -errno.EIO))
@@ -2358,7 +2414,8 @@ class UblkBackend:
         self.inflight[tag] = (op, nbytes)
 
     def report(self):
-        return "%d tags with the kernel" % (self.lib.ublk_queue_in_kernel(self.queue) if self.queue else 0)
+        return ("%d tags with the kernel"
+                % (self.lib.ublk_queue_in_kernel(self.queue) if self.queue else 0))
 
     def stop(self):
         """STOP_DEV while still serving (the kernel writes back and flushes through the
@@ -2411,7 +2468,8 @@ NETLINK_GENERIC = 16             # <linux/netlink.h>; the socket module lacks th
 NLM_F_REQUEST, NLM_F_ACK = 0x01, 0x04
 NLMSG_ERROR = 2
 GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
-NBD_REQUEST = struct.Struct(">II8sQI")   # magic, type (flags << 16 | command), handle, offset, length
+# magic, type (flags << 16 | command), handle, offset, length
+NBD_REQUEST = struct.Struct(">II8sQI")
 NBD_REPLY = struct.Struct(">II8s")       # magic, error, handle
 NBD_TIMEOUT_MARGIN = 30           # seconds the kernel's per-request timeout exceeds deadsecs
 NBD_MAX_READ = 64                 # requests read from the kernel and not yet answered
@@ -2434,7 +2492,8 @@ class Genetlink:
         self.sock.bind((0, 0))
         self.seq = random.getrandbits(24)
         self.family = GENL_ID_CTRL
-        answers = self.request(CTRL_CMD_GETFAMILY, [(CTRL_ATTR_FAMILY_NAME, name + b"\0")], version=1)
+        answers = self.request(CTRL_CMD_GETFAMILY, [(CTRL_ATTR_FAMILY_NAME, name + b"\0")],
+                               version=1)
         found = [a[CTRL_ATTR_FAMILY_ID] for _, a in answers if CTRL_ATTR_FAMILY_ID in a]
         if not found:
             raise NetlinkError(errno.ENOENT, "no generic netlink family %s" % name.decode())
@@ -2464,8 +2523,8 @@ class Genetlink:
         self.seq += 1
         body = self._GENL.pack(cmd, self.version if version is None else version, 0)
         body += b"".join(self.attr(k, v) for k, v in attributes)
-        self.sock.send(self._HDR.pack(self._HDR.size + len(body), self.family, NLM_F_REQUEST | NLM_F_ACK,
-                                      self.seq, 0) + body)
+        self.sock.send(self._HDR.pack(self._HDR.size + len(body), self.family,
+                                      NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + body)
         answers = []
         while True:
             data = self.sock.recv(65536)
@@ -2500,7 +2559,8 @@ def nbd_netlink():
 
 def nbd_socket_attr(sock):
     """NBD_ATTR_SOCKETS holding one socket."""
-    return Genetlink.attr(NBD_SOCK_ITEM, Genetlink.attr(NBD_SOCK_FD, struct.pack("=I", sock.fileno())))
+    return Genetlink.attr(NBD_SOCK_ITEM,
+                          Genetlink.attr(NBD_SOCK_FD, struct.pack("=I", sock.fileno())))
 
 
 def nbd_module_loaded():
@@ -2515,7 +2575,8 @@ class NbdRequest:
     __slots__ = ("handle", "command", "flags", "offset", "length", "buf", "got", "fua_pending")
 
     def __init__(self, handle, command, flags, offset, length):
-        self.handle, self.command, self.flags, self.offset, self.length = handle, command, flags, offset, length
+        self.handle, self.command, self.flags, self.offset, self.length = \
+            handle, command, flags, offset, length
         self.buf, self.got, self.fua_pending = None, 0, False
 
 
@@ -2533,7 +2594,8 @@ class NbdBackend:
         self.dev_id = None
         self.sock = None
         self.netlink = None
-        self.dev_fd = None                        # the ioctl interface's /dev/nbdN, held while it serves
+        # the ioctl interface's /dev/nbdN, held while it serves
+        self.dev_fd = None
         self.do_it = None
         self.header = bytearray(NBD_REQUEST.size)
         self.header_got = 0
@@ -2564,12 +2626,12 @@ class NbdBackend:
         return []
 
     def resize(self, sectors):
-        raise AoeError("%s cannot change size while attached (nbd sets the size only when it connects): "
-                       "detach and attach again" % ("/dev/" + self.dev))
+        raise AoeError("%s cannot change size while attached (nbd sets the size only when it "
+                       "connects): detach and attach again" % ("/dev/" + self.dev))
 
     def hand_over(self):
-        raise AoeError("%s cannot be handed over (nbd cannot pause a device): detach and attach again, "
-                       "or attach through ublk (Linux 6.16 or later)" % ("/dev/" + self.dev))
+        raise AoeError("%s cannot be handed over (nbd cannot pause a device): detach and attach "
+                       "again, or attach through ublk (Linux 6.16 or later)" % ("/dev/" + self.dev))
 
     @property
     def dev(self):
@@ -2592,7 +2654,8 @@ class NbdBackend:
 
     def create(self):
         if not nbd_module_loaded():
-            raise AoeError("this kernel has no nbd driver: 'modprobe nbd' failed (CONFIG_BLK_DEV_NBD)")
+            raise AoeError("this kernel has no nbd driver: 'modprobe nbd' failed "
+                           "(CONFIG_BLK_DEV_NBD)")
         kernel_end = self._new_socket()
         timeout, dead_conn = self._timeouts()
         try:
@@ -2635,14 +2698,16 @@ class NbdBackend:
         """The older interface: take a free /dev/nbdN, configure it, and let a thread sit in
         NBD_DO_IT for as long as it serves."""
         for name in sorted(os.listdir("/sys/block"), key=lambda n: (len(n), n)):
-            if not (name.startswith("nbd") and name[3:].isdigit()) or os.path.exists("/sys/block/%s/pid" % name):
+            if not (name.startswith("nbd") and name[3:].isdigit()) or \
+                    os.path.exists("/sys/block/%s/pid" % name):
                 continue
             try:
                 fd = os.open("/dev/" + name, os.O_RDWR)
             except OSError:
                 continue
             try:
-                fcntl.ioctl(fd, NBD_SET_SOCK, kernel_end.fileno())   # fails if another program sets it up
+                # fails if another program sets it up
+                fcntl.ioctl(fd, NBD_SET_SOCK, kernel_end.fileno())
             except OSError:
                 os.close(fd)
                 continue
@@ -2659,11 +2724,14 @@ class NbdBackend:
             self.do_it = threading.Thread(target=self._do_it, name="nbd-do-it", daemon=True)
             self.do_it.start()
             return
-        raise AoeError("no free /dev/nbdN (every one is in use): 'modprobe nbd nbds_max=N' for more")
+        raise AoeError("no free /dev/nbdN (every one is in use): 'modprobe nbd "
+                       "nbds_max=N' for more")
 
     def _do_it(self):
-        """NBD_DO_IT returns only when the device is disconnected; signals stay with the main thread."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
+        """NBD_DO_IT returns only when the device is disconnected; signals stay with the
+        main thread."""
+        signal.pthread_sigmask(signal.SIG_BLOCK,
+                               [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP])
         try:
             fcntl.ioctl(self.dev_fd, NBD_DO_IT)
         except OSError:
@@ -2683,15 +2751,18 @@ class NbdBackend:
         requests the kernel kept waiting go out again on it."""
         if not attachment.recoverable:
             raise AoeError("%s was attached through nbd's ioctl interface, which cannot recover: "
-                           "'aoe.py detach %s', then attach it again" % (attachment.device, attachment.device))
+                           "'aoe.py detach %s', then attach it again"
+                           % (attachment.device, attachment.device))
         self.dev_id = attachment.dev_id
         timeout, dead_conn = self._timeouts()
         self.netlink = nbd_netlink()
         if self.netlink is None:
-            raise AoeError("%s: this kernel's nbd has no netlink interface now: detach and attach again"
+            raise AoeError("%s: this kernel's nbd has no netlink interface now: "
+                           "detach and attach again"
                            % attachment.device)
         deadline = time.monotonic() + QUIESCE_WAIT
-        while True:                               # the kernel takes it once it saw the old socket close
+        # the kernel takes it once it saw the old socket close
+        while True:
             kernel_end = self._new_socket()
             try:
                 self.netlink.request(NBD_GENL_RECONFIGURE, [
@@ -2701,7 +2772,8 @@ class NbdBackend:
                     (NBD_ATTR_SOCKETS, nbd_socket_attr(kernel_end))])
             except NetlinkError as e:
                 kernel_end.close()
-                raise AoeError("%s: /dev/%s cannot be given a new socket (%s); detach it and attach again"
+                raise AoeError("%s: /dev/%s cannot be given a new socket (%s); "
+                               "detach it and attach again"
                                % (attachment.device, self.dev, e.strerror))
             kernel_end.close()
             ready, _, _ = select.select([self.sock], [], [], 0.2)
@@ -2709,7 +2781,8 @@ class NbdBackend:
                 break
             self.sock.close()
             if time.monotonic() > deadline:
-                raise AoeError("%s: /dev/%s still has a live socket after %d s: is another daemon serving it?"
+                raise AoeError("%s: /dev/%s still has a live socket after %d s: is "
+                               "another daemon serving it?"
                                % (attachment.device, self.dev, QUIESCE_WAIT))
             time.sleep(0.2)
         self.can_recover = True
@@ -2725,7 +2798,8 @@ class NbdBackend:
         if nl is None:
             return "disconnecting %s: the kernel's nbd netlink interface is gone" % attachment.block
         try:
-            nl.request(NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", attachment.dev_id))])
+            nl.request(NBD_GENL_DISCONNECT,
+                       [(NBD_ATTR_INDEX, struct.pack("=I", attachment.dev_id))])
         except NetlinkError as e:
             return "disconnecting %s: %s" % (attachment.block, e.strerror)
         finally:
@@ -2797,8 +2871,8 @@ class NbdBackend:
             return self._reply(r, errno.EIO)
         if r.command == NBD_CMD_FLUSH:
             return self._engine(r, OP_FLUSH, 0, 0, None)
-        if r.command not in (NBD_CMD_READ, NBD_CMD_WRITE) or r.offset % SECTOR_SIZE or r.length % SECTOR_SIZE \
-                or not r.length:
+        if r.command not in (NBD_CMD_READ, NBD_CMD_WRITE) or r.offset % SECTOR_SIZE \
+                or r.length % SECTOR_SIZE or not r.length:
             return self._reply(r, errno.EINVAL)
         if r.command == NBD_CMD_WRITE and self.daemon.readonly:
             return self._reply(r, errno.EPERM)
@@ -2854,8 +2928,8 @@ class NbdBackend:
         except OSError as e:                      # a target that is down cannot take it
             self.log("writing back /dev/%s before disconnecting: %s" % (self.dev, e.strerror))
         if self.netlink is not None:
-            self.daemon.serve_while(lambda: self.netlink.request(NBD_GENL_DISCONNECT,
-                                                                 [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
+            self.daemon.serve_while(lambda: self.netlink.request(
+                NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
         else:
             fcntl.ioctl(self.dev_fd, NBD_DISCONNECT)
             limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
@@ -2961,7 +3035,8 @@ class AttachDaemon:
     def recover(self, attachment):
         if attachment.sectors != self.engine.sectors:
             raise AoeError("%s now has %d sectors, %s has %d: detach and attach again"
-                           % (attachment.device, self.engine.sectors, attachment.block, attachment.sectors))
+                           % (attachment.device, self.engine.sectors, attachment.block,
+                              attachment.sectors))
         self.readonly = attachment.readonly
         self.backend.recover(attachment)
         self._set_state("up")
@@ -3004,7 +3079,8 @@ class AttachDaemon:
             pass
         worker.join(max(0.0, limit - time.monotonic()))
         if not outcome:
-            raise AoeError("a control command did not finish in %d s" % (self.engine.deadsecs + CONTROL_LIMIT))
+            raise AoeError("a control command did not finish in %d s"
+                           % (self.engine.deadsecs + CONTROL_LIMIT))
         ok, value = outcome[0]
         if not ok:
             raise value
@@ -3088,7 +3164,8 @@ class AttachDaemon:
             if self.state == "handing-over":
                 self._set_state("up")
         self.log(message)
-        write_json(daemon_file(self.target.name, "reply"), {"token": token, "ok": ok, "message": message})
+        write_json(daemon_file(self.target.name, "reply"),
+                   {"token": token, "ok": ok, "message": message})
         return verb
 
     def resize(self, sectors):
@@ -3099,7 +3176,8 @@ class AttachDaemon:
             self.backend.resize(sectors)
             self.attachment.sectors = sectors
             self.attachment.save()
-        return "%s: %s resized from %d to %d sectors" % (self.target.name, self.attachment.block, before, sectors)
+        return ("%s: %s resized from %d to %d sectors"
+                % (self.target.name, self.attachment.block, before, sectors))
 
     def detach(self):
         """Stop the device cleanly (the kernel writes back and flushes through it first).
@@ -3175,9 +3253,11 @@ def ask_daemon(a, verb, wait=DAEMON_ANSWER_WAIT, **fields):
                 raise AoeError(reply.get("message", "the daemon refused"))
             return reply.get("message", "")
         if not a.daemon_alive:
-            raise AoeError("%s: its daemon (pid %d) ended without answering; see %s" % (a.device, a.pid, a.log))
+            raise AoeError("%s: its daemon (pid %d) ended without answering; see %s"
+                           % (a.device, a.pid, a.log))
         time.sleep(0.05)
-    raise AoeError("%s: its daemon (pid %d) did not answer within %d s; see %s" % (a.device, a.pid, wait, a.log))
+    raise AoeError("%s: its daemon (pid %d) did not answer within %d s; see %s"
+                   % (a.device, a.pid, wait, a.log))
 
 
 def take_over(a, log):
@@ -3188,14 +3268,15 @@ def take_over(a, log):
     while a.daemon_alive and time.monotonic() < deadline:
         time.sleep(0.05)
     if a.daemon_alive:
-        raise AoeError("%s: pid %d handed the device over but did not end within %d s" % (a.device, a.pid,
-                                                                                          QUIESCE_WAIT))
+        raise AoeError("%s: pid %d handed the device over but did not end within %d s"
+                       % (a.device, a.pid, QUIESCE_WAIT))
 
 
 def daemon_logger(device):
     def log(message):
-        sys.stderr.write("%s %s[%d] %s: %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(),
-                                                  device, message))
+        sys.stderr.write("%s %s[%d] %s: %s\n"
+                         % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(), device,
+                            message))
         sys.stderr.flush()
     return log
 
@@ -3295,7 +3376,8 @@ def run_in_background(device, body):
 # Target: serve a file or block device as eX.Y (what vblade does)
 # =============================================================================
 
-SERVE_BUFCNT = 64                # requests we queue: the sockets hold 64 jumbo frames with room to spare
+# requests we queue: the sockets hold 64 jumbo frames with room to spare
+SERVE_BUFCNT = 64
 SERVE_FIRMWARE = 0x4019          # reported firmware version
 SERVE_MASK_MAX = 255             # mask list entries the target keeps
 SERVE_RESERVE_MAX = 255
@@ -3318,12 +3400,14 @@ class Export:
         if offset < 0 or offset >= size:
             raise usage_error("%s: offset %d is past its end (%d sectors)" % (path, offset, size))
         if length is not None and (length < 1 or offset + length > size):
-            raise usage_error("%s: offset %d + length %d exceeds its %d sectors" % (path, offset, length, size))
+            raise usage_error("%s: offset %d + length %d exceeds its %d sectors"
+                              % (path, offset, length, size))
         self.path, self.readonly, self.sync = path, readonly, sync
         self.base = offset * SECTOR_SIZE
         self.sectors = (size - offset) if length is None else length
         self.bounce = None
-        if direct:                                # O_DIRECT wants aligned buffers: one page-aligned mapping
+        # O_DIRECT wants aligned buffers: one page-aligned mapping
+        if direct:
             self.bounce = memoryview(mmap.mmap(-1, 256 * SECTOR_SIZE))
 
     def read(self, lba, count):
@@ -3363,17 +3447,20 @@ class FaultPlan:
 
     @property
     def active(self):
-        return bool(self.drop or self.duplicate or self.delay or self.jitter or self.reorder or self.forge)
+        return bool(self.drop or self.duplicate or self.delay or self.jitter or self.reorder
+                    or self.forge)
 
     def outgoing(self, reply, request=b"", export=None):
-        """Frames to send now for one response (none, one, two, or forgeries first); the rest are held."""
+        """Frames to send now for one response (none, one, two, or forgeries first); the rest
+        are held."""
         r = self.rng.random
         out = self.forgeries(request, reply, export) if self.forge and r() < self.forge else []
         if r() < self.drop:
             return out
         mine = [reply, reply] if r() < self.duplicate else [reply]
         if self.delay or self.jitter or r() < self.reorder:
-            due = time.monotonic() + max(0.0, (self.delay or 0.002) + self.rng.uniform(-self.jitter, self.jitter))
+            due = (time.monotonic()
+                   + max(0.0, (self.delay or 0.002) + self.rng.uniform(-self.jitter, self.jitter)))
             self.held.extend((due, f) for f in mine)
             return out
         return out + mine
@@ -3385,18 +3472,21 @@ class FaultPlan:
             a = parse_ata(f)
         except FrameError:
             return []
-        if f.command != AOECMD_ATA or a.cmd_status not in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT) or \
+        if f.command != AOECMD_ATA or \
+                a.cmd_status not in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT) or \
                 len(reply) < ATA_HDR_LEN + a.count * SECTOR_SIZE:
             return []
         rng, data = self.rng, reply[ATA_HDR_LEN:ATA_HDR_LEN + a.count * SECTOR_SIZE]
         limit = (export.sectors if export else 0) - a.count
 
-        def answer(tag=f.tag, aflags=a.aflags, count=0, lba=a.lba, payload=data, src=None, shelf=None,
-                   flags=AOEFL_RSP):
+        def answer(tag=f.tag, aflags=a.aflags, count=0, lba=a.lba, payload=data, src=None,
+                   shelf=None, flags=AOEFL_RSP):
             body = AtaFields(aflags, 0, count, ATA_DRDY, lba, payload)
-            return pack_ata(f.src, src or reply[6:12], f.shelf if shelf is None else shelf, f.slot, tag, body, flags)
+            return pack_ata(f.src, src or reply[6:12], f.shelf if shelf is None else shelf, f.slot,
+                            tag, body, flags)
 
-        other = max(0, min(limit, a.lba + rng.choice((-1, 1)) * max(1, a.count))) if limit > 0 else a.lba
+        other = (max(0, min(limit, a.lba + rng.choice((-1, 1)) * max(1, a.count))) if limit > 0
+                 else a.lba)
         kinds = [
             lambda: answer(tag=f.tag ^ 1 << rng.randrange(30)),
             lambda: answer(lba=other, payload=export.read(other, a.count) if export else data),
@@ -3406,7 +3496,8 @@ class FaultPlan:
             lambda: answer(src=bytes([2]) + rng.getrandbits(40).to_bytes(5, "big")),
             lambda: answer(shelf=(f.shelf + 1) % AOE_SHELF_ANY),
             lambda: answer(flags=0),
-            lambda: answer(tag=rng.getrandbits(32), payload=rng.getrandbits(8 * len(data)).to_bytes(len(data), "big")),
+            lambda: answer(tag=rng.getrandbits(32),
+                           payload=rng.getrandbits(8 * len(data)).to_bytes(len(data), "big")),
         ]
         out = [rng.choice(kinds)() for _ in range(3)]
         if self.history:
@@ -3424,8 +3515,8 @@ class FaultPlan:
 class AoeTarget:
     """The protocol side of a target: one request frame in, one response (or none) out."""
 
-    def __init__(self, shelf, slot, export, mac, mtu, bufcnt=SERVE_BUFCNT, masks=(), model="aoe.py export",
-                 serial=None):
+    def __init__(self, shelf, slot, export, mac, mtu, bufcnt=SERVE_BUFCNT, masks=(),
+                 model="aoe.py export", serial=None):
         self.shelf, self.slot, self.export, self.mac = shelf, slot, export, mac
         self.bufcnt = bufcnt
         self.scnt = min(255, frame_sectors(mtu))
@@ -3442,7 +3533,8 @@ class AoeTarget:
 
     def announce(self):
         """The unsolicited Query Config answer a target broadcasts when it starts."""
-        return pack_cfg(BROADCAST_MAC, self.mac, self.shelf, self.slot, 0, self.config_info(), AOEFL_RSP)
+        return pack_cfg(BROADCAST_MAC, self.mac, self.shelf, self.slot, 0, self.config_info(),
+                        AOEFL_RSP)
 
     def handle(self, data):
         """Request bytes -> response bytes, or None to stay silent (counted)."""
@@ -3476,7 +3568,8 @@ class AoeTarget:
             return None
 
     def _reply_header(self, f, command, flags=0, error=0):
-        return pack_header(f.src, self.mac, self.shelf, self.slot, command, f.tag, AOEFL_RSP | flags, error)
+        return pack_header(f.src, self.mac, self.shelf, self.slot, command, f.tag,
+                           AOEFL_RSP | flags, error)
 
     def _error(self, f, code, data):
         return pad_frame(self._reply_header(f, f.command, AOEFL_ERR, code) + bytes(f.body))
@@ -3494,7 +3587,8 @@ class AoeTarget:
             if a.count != 1:
                 return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
             data = self.ident
-        elif cmd in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT):
+        elif cmd in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE,
+                     ATA_CMD_PIO_WRITE_EXT):
             write = cmd in (ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT)
             if a.count > self.scnt or (write and len(a.data) < a.count * SECTOR_SIZE):
                 return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
@@ -3507,7 +3601,8 @@ class AoeTarget:
             else:
                 try:
                     if write:
-                        if self.export.write(lba, a.data[:a.count * SECTOR_SIZE]) != a.count * SECTOR_SIZE:
+                        if self.export.write(lba, a.data[:a.count * SECTOR_SIZE]) != \
+                                a.count * SECTOR_SIZE:
                             status, err = ATA_DRDY | ATA_ERR, ATA_UNC
                         else:
                             self.stats["sectors_written"] += a.count
@@ -3533,7 +3628,8 @@ class AoeTarget:
 
     def _ata_reply(self, f, a, flags, error):
         reply = AtaFields(a.aflags, a.err_feature, a.count, a.cmd_status, a.lba)
-        return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags, error)
+        return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags,
+                        error)
 
     def _cfg(self, f):
         q = parse_cfg(f)
@@ -3570,8 +3666,8 @@ class AoeTarget:
                     merror = MERROR_BADDIR
                     break
         elif m.mcmd != MCMD_READ:
-            return pack_mask(f.src, self.mac, self.shelf, self.slot, f.tag, m, AOEFL_RSP | AOEFL_ERR,
-                             AOEERR_BADARG)
+            return pack_mask(f.src, self.mac, self.shelf, self.slot, f.tag, m,
+                             AOEFL_RSP | AOEFL_ERR, AOEERR_BADARG)
         reply = MaskInfo(m.mcmd, merror, [(DCMD_NONE, mac) for mac in self.masks])
         return pack_mask(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP)
 
@@ -3588,7 +3684,8 @@ class AoeTarget:
         elif r.rcmd != RCMD_READ:
             flags, error = AOEFL_ERR, AOEERR_BADARG
         reply = ReserveInfo(r.rcmd, self.reserved)
-        return pack_reserve(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags, error)
+        return pack_reserve(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP | flags,
+                            error)
 
 
 def serve_loop(target, port, faults=None, stop=lambda: False):
@@ -3629,9 +3726,10 @@ SERVE_SLICE_US = 100000          # a pump returns at least this often, so stop i
 
 
 def serve_threads():
-    """Fast-path threads: one per CPU we may run on but one, at most 4 (AOE_SERVE_THREADS overrides).
-    The spare CPU is for the kernel's receive work (and, on a 2-CPU machine, an initiator there):
-    on 2 CPUs with the initiator alongside, a second thread measured slower, not faster."""
+    """Fast-path threads: one per CPU we may run on but one, at most 4 (AOE_SERVE_THREADS
+    overrides).  The spare CPU is for the kernel's receive work (and, on a 2-CPU machine, an
+    initiator there): on 2 CPUs with the initiator alongside, a second thread measured slower,
+    not faster."""
     text = os.environ.get("AOE_SERVE_THREADS", "")
     if text.isdigit() and int(text) > 0:
         return int(text)
@@ -3683,7 +3781,8 @@ class FastServe:
             srv = self.ffi.gc(srv, self.lib.aoe_srv_free)
             srv.sock_fd, srv.file_fd = port.fileno(), export.fd
             self.ffi.memmove(srv.mac, target.mac, ETH_ALEN)
-            srv.shelf, srv.slot, srv.readonly = target.shelf, target.slot, 1 if export.readonly else 0
+            srv.shelf, srv.slot, srv.readonly = (target.shelf, target.slot,
+                                                 1 if export.readonly else 0)
             srv.base, srv.sectors, srv.scnt = export.base, export.sectors, target.scnt
             self.srvs.append(srv)
         self.mirror()
@@ -3726,7 +3825,8 @@ class FastServe:
     def run(self, stop):
         """Answer requests until stop() is true (or a thread fails: raised here)."""
         self.ports[0].send(self.target.announce())
-        threads = [threading.Thread(target=self._work, args=(srv, port), name="serve-%d" % i, daemon=True)
+        threads = [threading.Thread(target=self._work, args=(srv, port), name="serve-%d" % i,
+                                    daemon=True)
                    for i, (srv, port) in enumerate(zip(self.srvs, self.ports))]
         for t in threads:
             t.start()
@@ -3773,7 +3873,8 @@ def human_size(nbytes):
 def parse_size(text):
     """'4096', '4k', '1M', '2G' (powers of 1024) -> bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("ib").rstrip("b") if text[-2:].lower() in ("ib", "kb", "mb", "gb") else text.strip().lower()
+    t = (text.strip().lower().rstrip("ib").rstrip("b")
+         if text[-2:].lower() in ("ib", "kb", "mb", "gb") else text.strip().lower())
     mult = units.get(t[-1:], 1)
     digits = t[:-1] if t[-1:] in units else t
     if not digits.isdigit():
@@ -3829,7 +3930,8 @@ def listing_status(args, control, found):
     """End of a listing command: dropped frames with -v; exit 1 when nothing answered."""
     report_drops(args, control)
     if not found:
-        sys.stderr.write("%s: no AoE target answered on %s\n" % (PROG, ", ".join(p.name for p in control.ports)))
+        sys.stderr.write("%s: no AoE target answered on %s\n"
+                         % (PROG, ", ".join(p.name for p in control.ports)))
         return EXIT_FAIL
     return EXIT_OK
 
@@ -3846,9 +3948,9 @@ def cmd_interfaces(args):
         return EXIT_OK
     print("%-16s %-17s %6s %-5s %-8s %s" % ("interface", "mac", "mtu", "state", "payload", "aoe"))
     for d in rows:
-        print("%-16s %-17s %6d %-5s %-8s %s" % (d["name"], d["mac"], d["mtu"], "up" if d["up"] else "down",
-                                               d["payload"] if d["ethernet"] else "-",
-                                               "yes" if d["aoe"] else "no"))
+        print("%-16s %-17s %6d %-5s %-8s %s"
+              % (d["name"], d["mac"], d["mtu"], "up" if d["up"] else "down",
+                 d["payload"] if d["ethernet"] else "-", "yes" if d["aoe"] else "no"))
     if allow:
         print("allow-list: %s" % " ".join(allow))
     return EXIT_OK
@@ -3876,7 +3978,8 @@ def stat_row(d):
     """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state; then, for an
     attached device, its block device and daemon."""
     size = "%.3fGB" % (d["size_bytes"] / 1e9) if "size_bytes" in d else "(NA)"
-    row = "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]) or "-", d["payload"], d["state"])
+    row = ("%10s %15s %10s %-5s %-14s"
+           % (d["device"], size, ",".join(d["interfaces"]) or "-", d["payload"], d["state"]))
     a = d.get("attached")
     if a:
         row += " %s (%s) pid %d" % (a["block_device"], a["backend"], a["pid"])
@@ -3892,7 +3995,8 @@ def with_attachments(rows, devices):
             continue
         row = by_name.get(a.device)
         if row is None:
-            row = {"device": a.device, "size_bytes": a.sectors * SECTOR_SIZE, "interfaces": [], "payload": "-"}
+            row = {"device": a.device, "size_bytes": a.sectors * SECTOR_SIZE, "interfaces": [],
+                   "payload": "-"}
             rows.append(row)
         row["attached"] = a.as_dict()
         row["state"] = a.status
@@ -3913,7 +4017,8 @@ def cmd_stat(args):
             print(stat_row(d))
         hidden = len(rows) - len(shown)
         if hidden:
-            sys.stderr.write("%d more device(s) answered discovery but not IDENTIFY; -a shows them\n" % hidden)
+            sys.stderr.write("%d more device(s) answered discovery but not "
+                             "IDENTIFY; -a shows them\n" % hidden)
     return listing_status(args, control, rows)
 
 
@@ -3926,13 +4031,14 @@ def cmd_ping(args):
     answers = [a for a in answers if a[2] is not None]
     if not answers:
         report_drops(args, control)
-        raise AoeError("e%d.%d: no answer on %s within %g s" % (shelf, slot, args.interface, args.timeout))
+        raise AoeError("e%d.%d: no answer on %s within %g s"
+                       % (shelf, slot, args.interface, args.timeout))
     port, frame, info = answers[0]
     rtt = (time.monotonic() - t0) * 1000
     target = Target(frame.shelf, frame.slot, info)
     target.add_path(port, frame.src)
-    answer = pack_header(frame.dst, frame.src, frame.shelf, frame.slot, frame.command, frame.tag, frame.flags,
-                         frame.error) + bytes(frame.body)
+    answer = pack_header(frame.dst, frame.src, frame.shelf, frame.slot, frame.command, frame.tag,
+                         frame.flags, frame.error) + bytes(frame.body)
     result = {"device": target.name, "interface": port.name, "mac": mac_str(frame.src),
               "rtt_ms": round(rtt, 3), "buffers": info.bufcnt, "fwver": "0x%04x" % info.fwver,
               "sectors": info.scnt, "config": info.config.decode("utf-8", "replace"),
@@ -3947,7 +4053,8 @@ def cmd_ping(args):
     if args.json:
         emit_json(result)
     else:
-        print("%s answered on %s from %s in %.3f ms" % (target.name, port.name, mac_str(frame.src), rtt))
+        print("%s answered on %s from %s in %.3f ms"
+              % (target.name, port.name, mac_str(frame.src), rtt))
         if args.verbose:
             print("buffers %d, firmware 0x%04x, sectors %d, config %r"
                   % (info.bufcnt, info.fwver, info.scnt, result["config"]))
@@ -3971,7 +4078,8 @@ def _target_args(words):
     """cfg's positional words: [eX.Y | SHELF SLOT] [IFACE ...] -> (shelf, slot, ifaces)."""
     words = list(words)
     shelf, slot = AOE_SHELF_ANY, AOE_SLOT_ANY
-    if words and (words[0][:1] in "eE" and "." in words[0] or "." in words[0] and words[0][0].isdigit()):
+    if words and (words[0][:1] in "eE" and "." in words[0]
+                  or "." in words[0] and words[0][0].isdigit()):
         shelf, slot = parse_device(words.pop(0))
     elif len(words) >= 2 and words[0].isdigit() and words[1].isdigit():
         shelf, slot = parse_device("%s.%s" % (words[0], words[1]))
@@ -3988,12 +4096,14 @@ def cmd_cfg(args):
     control = Control(open_ports(ifaces or iflist_from(args.iface)), args.verbose)
     one = shelf != AOE_SHELF_ANY and slot != AOE_SLOT_ANY
     if args.mac:
-        answers = _cfg_unicast(control, parse_mac(args.mac), shelf, slot, ccmd, config, args.timeout)
+        answers = _cfg_unicast(control, parse_mac(args.mac), shelf, slot, ccmd, config,
+                               args.timeout)
     else:
         answers = control.query_config(shelf, slot, ccmd, config, wait=args.timeout, first_only=one)
     results, failed = [], False
     for port, frame, info in sorted(answers, key=lambda a: (a[1].shelf, a[1].slot)):
-        r = {"device": device_name(frame.shelf, frame.slot), "interface": port.name, "mac": mac_str(frame.src)}
+        r = {"device": device_name(frame.shelf, frame.slot), "interface": port.name,
+             "mac": mac_str(frame.src)}
         if frame.is_error:
             r["error"] = frame.error_text()
             failed = True
@@ -4057,22 +4167,27 @@ def _control_exchange(control, target, command, build):
 
 def cmd_mask(args):
     control, target = _one_target(args)
-    directives = [(DCMD_ADD, parse_mac(m)) for m in args.add] + [(DCMD_DELETE, parse_mac(m)) for m in args.delete]
+    directives = ([(DCMD_ADD, parse_mac(m)) for m in args.add]
+                  + [(DCMD_DELETE, parse_mac(m)) for m in args.delete])
     request = MaskInfo(MCMD_EDIT if directives else MCMD_READ, 0, directives)
     frame = _control_exchange(control, target, AOECMD_MASK,
-                              lambda src, dst, tag: pack_mask(dst, src, target.shelf, target.slot, tag, request))
+                              lambda src, dst, tag: pack_mask(dst, src, target.shelf, target.slot,
+                                                              tag, request))
     info = parse_mask(frame)
     macs = [mac_str(m) for _, m in info.directives]
     if args.json:
         emit_json({"device": target.name, "masks": macs, "error": MERROR_NAMES.get(info.merror)})
     else:
-        print("%s mask list: %s" % (target.name, " ".join(macs) if macs else "(empty: every initiator allowed)"))
+        print("%s mask list: %s"
+              % (target.name, " ".join(macs) if macs else "(empty: every initiator allowed)"))
     ours = {p.port.mac for p in target.paths}
     if info.directives and not ours & {m for _, m in info.directives}:
-        sys.stderr.write("%s: warning: this host (%s) is not on the list, so %s will no longer answer it\n"
+        sys.stderr.write("%s: warning: this host (%s) is not on the list, so %s will "
+                         "no longer answer it\n"
                          % (PROG, " ".join(sorted(mac_str(m) for m in ours)), target.name))
     if info.merror:
-        raise AoeError("%s: mask edit failed: %s" % (target.name, MERROR_NAMES.get(info.merror, info.merror)))
+        raise AoeError("%s: mask edit failed: %s"
+                       % (target.name, MERROR_NAMES.get(info.merror, info.merror)))
     return EXIT_OK
 
 
@@ -4087,25 +4202,29 @@ def cmd_reserve(args):
     else:
         request = ReserveInfo(RCMD_READ)
     frame = control.unicast(target.paths[0], target.shelf, target.slot,
-                            lambda src, dst, tag: pack_reserve(dst, src, target.shelf, target.slot, tag, request),
+                            lambda src, dst, tag: pack_reserve(dst, src, target.shelf, target.slot,
+                                                               tag, request),
                             AOECMD_RESERVE)
     if frame is None:
         raise AoeError("%s: no answer from %s" % (target.name, target.paths[0]))
     if frame.is_error:
-        hint = " (another initiator holds it; --force takes it over)" if frame.error == AOEERR_RESERVED else ""
+        hint = (" (another initiator holds it; --force takes it over)"
+                if frame.error == AOEERR_RESERVED else "")
         raise AoeError("%s: %s%s" % (target.name, frame.error_text(), hint))
     macs = [mac_str(m) for m in parse_reserve(frame).macs]
     if args.json:
         emit_json({"device": target.name, "reserved_for": macs})
     else:
-        print("%s reserved for: %s" % (target.name, " ".join(macs) if macs else "(nobody: released)"))
+        print("%s reserved for: %s"
+              % (target.name, " ".join(macs) if macs else "(nobody: released)"))
     return EXIT_OK
 
 
 def probe_path(control, target, path, sectors):
     """Does a read of `sectors` sectors come back whole over this path?"""
     req = AtaFields(AOEAFL_EXT if target.identify and target.identify.lba48 else 0, 0, sectors,
-                    ATA_CMD_PIO_READ_EXT if target.identify and target.identify.lba48 else ATA_CMD_PIO_READ, 0)
+                    ATA_CMD_PIO_READ_EXT if target.identify and target.identify.lba48
+                    else ATA_CMD_PIO_READ, 0)
     frame = control.ata(target, req, path, tries=2, timeout=0.5)
     if frame is None or frame.is_error:
         return False
@@ -4136,12 +4255,15 @@ def cmd_sancheck(args):
                            "mtu_sectors": fits, "path_sectors": works})
             if fits < want:
                 need = want * SECTOR_SIZE + ATA_HDR_LEN - ETH_HLEN
-                advice.append("%s: MTU %d but %s needs %d for %d-sector frames (ip link set %s mtu %d)"
-                              % (p.port.name, p.port.ifc.mtu, t.name, need, want, p.port.name, need))
+                advice.append("%s: MTU %d but %s needs %d for %d-sector frames "
+                              "(ip link set %s mtu %d)"
+                              % (p.port.name, p.port.ifc.mtu, t.name, need, want, p.port.name,
+                                 need))
             if works is not None and works < min(fits, want):
-                advice.append("%s -> %s: only %d-sector frames get through (MTU %d says %d): check the switch"
-                              " and the target's MTU" % (p.port.name, mac_str(p.mac), works, p.port.ifc.mtu,
-                                                         min(fits, want)))
+                advice.append("%s -> %s: only %d-sector frames get through (MTU %d says "
+                              "%d): check the switch and the target's MTU"
+                              % (p.port.name, mac_str(p.mac), works, p.port.ifc.mtu,
+                                 min(fits, want)))
         if len(mtus) > 1:
             advice.append("%s: paths have different MTUs %s; every path runs at the smallest"
                           % (t.name, "/".join(map(str, mtus))))
@@ -4150,13 +4272,15 @@ def cmd_sancheck(args):
         problems += len(advice)
         report.append({"device": t.name, "macs": len({p.mac for p in t.paths}),
                        "payload": t.sectors_per_frame * SECTOR_SIZE,
-                       "interfaces": sorted({p.port.name for p in t.paths}), "paths": checks, "advice": advice})
+                       "interfaces": sorted({p.port.name for p in t.paths}), "paths": checks,
+                       "advice": advice})
     if args.json:
         emit_json(report)
     else:
         print("%-10s %-5s %-8s %s" % ("device", "macs", "payload", "local interfaces"))
         for r in report:
-            print("%-10s %-5d %-8d %s" % (r["device"], r["macs"], r["payload"], " ".join(r["interfaces"])))
+            print("%-10s %-5d %-8d %s"
+                  % (r["device"], r["macs"], r["payload"], " ".join(r["interfaces"])))
             for line in r["advice"]:
                 print("    " + line)
     return listing_status(args, control, targets) or (EXIT_FAIL if problems else EXIT_OK)
@@ -4169,7 +4293,8 @@ def cmd_version(args):
     if args.json:
         emit_json(info)
     else:
-        print("%s %s (python %s, helper %s)" % (PROG, info["version"], info["python"], info["helper"]))
+        print("%s %s (python %s, helper %s)"
+              % (PROG, info["version"], info["python"], info["helper"]))
     return EXIT_OK
 
 
@@ -4298,7 +4423,8 @@ def io_range(args, target):
     offset = parse_size(args.offset) if args.offset else 0
     sector_aligned(offset, "--offset")
     if offset >= size:
-        raise usage_error("--offset %d is past the end of %s (%d bytes)" % (offset, target.name, size))
+        raise usage_error("--offset %d is past the end of %s (%d bytes)"
+                          % (offset, target.name, size))
     length = parse_size(args.length) if args.length else size - offset
     sector_aligned(length, "--length")
     if offset + length > size:
@@ -4310,7 +4436,8 @@ def io_range(args, target):
 def summary(target, engine, verb, nbytes, seconds):
     rate = nbytes / max(seconds, 1e-9) / 1e6
     path = "helper" if engine.helper_used else "pure Python"
-    return "%s %s %s in %.2f s (%.1f MB/s, %s)" % (verb, human_size(nbytes), target.name, seconds, rate, path)
+    return ("%s %s %s in %.2f s (%.1f MB/s, %s)"
+            % (verb, human_size(nbytes), target.name, seconds, rate, path))
 
 
 def cmd_read(args):
@@ -4379,7 +4506,8 @@ def cmd_write(args):
         raise usage_error("%s: cannot open: %s" % (args.input, e.strerror))
     size = os.fstat(src.fileno()).st_size
     if not os.path.isfile(args.input) or size == 0:
-        raise usage_error("%s: write needs a non-empty regular file (its size is checked first)" % args.input)
+        raise usage_error("%s: write needs a non-empty regular file (its size is checked first)"
+                          % args.input)
     control = open_control(args)
     target = find_target(control, args.device, args.wait)
     devsize = target.sectors * SECTOR_SIZE
@@ -4402,7 +4530,8 @@ def cmd_write(args):
                 break
             got += more
         if len(view) - got >= SECTOR_SIZE:
-            raise AoeError("%s changed size while being written; %s holds a partial copy" % (args.input, target.name))
+            raise AoeError("%s changed size while being written; %s holds a partial copy"
+                           % (args.input, target.name))
         return got
 
     def keep_tail(view, lba, got):
@@ -4466,9 +4595,10 @@ def bench_one(engine, op, pattern, block, depth, seconds, span, rng):
     elapsed = time.monotonic() - t0
     latencies.sort()
     n = len(latencies)
-    return {"test": "%s-%s" % (pattern, ("read", "write")[op]), "block": block * SECTOR_SIZE, "depth": depth,
-            "requests": n, "seconds": round(elapsed, 3),
-            "mb_per_s": round(n * block * SECTOR_SIZE / elapsed / 1e6, 2), "iops": round(n / elapsed, 1),
+    return {"test": "%s-%s" % (pattern, ("read", "write")[op]), "block": block * SECTOR_SIZE,
+            "depth": depth, "requests": n, "seconds": round(elapsed, 3),
+            "mb_per_s": round(n * block * SECTOR_SIZE / elapsed / 1e6, 2),
+            "iops": round(n / elapsed, 1),
             "lat_p50_ms": round(percentile(latencies, 0.5) * 1000, 3),
             "lat_p99_ms": round(percentile(latencies, 0.99) * 1000, 3)}
 
@@ -4479,7 +4609,8 @@ def cmd_bench(args):
     block = sector_aligned(parse_size(args.bs), "--bs")
     if block <= 0:
         raise usage_error("--bs must be at least %d bytes" % SECTOR_SIZE)
-    span = min(target.sectors, sector_aligned(parse_size(args.span), "--span") if args.span else target.sectors)
+    span = min(target.sectors,
+               sector_aligned(parse_size(args.span), "--span") if args.span else target.sectors)
     if span < block:
         raise usage_error("%s is smaller than one block of %s" % (target.name, args.bs))
     engine = make_engine(args, target)
@@ -4491,18 +4622,21 @@ def cmd_bench(args):
             if pattern not in ("seq", "rand"):
                 raise usage_error("--pattern takes seq, rand or seq,rand; not %r" % pattern)
             for op in ops:
-                results.append(bench_one(engine, op, pattern, block, args.qd, args.seconds, span, rng))
+                results.append(bench_one(engine, op, pattern, block, args.qd, args.seconds,
+                                         span, rng))
     finally:
         engine.close()
     if args.json:
         emit_json({"device": target.name, "helper": engine.helper_used, "results": results})
     else:
-        print("%-11s %8s %5s %10s %10s %10s %10s" % ("test", "block", "depth", "MB/s", "IOPS", "p50 ms", "p99 ms"))
+        print("%-11s %8s %5s %10s %10s %10s %10s"
+              % ("test", "block", "depth", "MB/s", "IOPS", "p50 ms", "p99 ms"))
         for r in results:
-            print("%-11s %8s %5d %10.1f %10.0f %10.3f %10.3f" % (r["test"], human_size(r["block"]), r["depth"],
-                                                                 r["mb_per_s"], r["iops"], r["lat_p50_ms"],
-                                                                 r["lat_p99_ms"]))
-        print("(%s, %s data path)" % (target.name, "helper" if engine.helper_used else "pure-Python"))
+            print("%-11s %8s %5d %10.1f %10.0f %10.3f %10.3f"
+                  % (r["test"], human_size(r["block"]), r["depth"], r["mb_per_s"], r["iops"],
+                     r["lat_p50_ms"], r["lat_p99_ms"]))
+        print("(%s, %s data path)"
+              % (target.name, "helper" if engine.helper_used else "pure-Python"))
     return EXIT_OK
 
 
@@ -4522,23 +4656,28 @@ def cmd_attach(args):
             usage_error("--upgrade and --recover exclude each other")
         if known is None or not known.daemon_alive:
             raise AoeError("%s: no running attach daemon to hand over from (%s)" % (
-                name, "none recorded in %s" % RUN_DIR if known is None else "pid %d is gone: use --recover"
-                % known.pid))
+                name, "none recorded in %s" % RUN_DIR if known is None
+                else "pid %d is gone: use --recover" % known.pid))
         if "quiesce" not in (known.features or []):
-            raise AoeError("%s (%s) cannot be handed to a new daemon: %s; 'aoe.py detach %s' and attach it again"
-                           % (name, known.block, "nbd cannot pause a device" if known.backend == "nbd" else
+            raise AoeError("%s (%s) cannot be handed to a new daemon: %s; 'aoe.py detach %s' "
+                           "and attach it again"
+                           % (name, known.block,
+                              "nbd cannot pause a device" if known.backend == "nbd" else
                               "it was attached without ublk's QUIESCE (Linux 6.16 or later)", name))
         backend, why = known.backend, "as attached"
         helper = need_helper("attach --upgrade")
     elif args.recover:
         if known is None:
-            raise AoeError("%s: no attached device recorded in %s: nothing to recover" % (name, RUN_DIR))
+            raise AoeError("%s: no attached device recorded in %s: nothing to recover"
+                           % (name, RUN_DIR))
         if known.daemon_alive:
             raise AoeError("%s is served by pid %d: nothing to recover" % (name, known.pid))
         if not known.recoverable:
-            raise AoeError("%s was attached without a way to recover (%s): 'aoe.py detach %s', then attach it "
-                           "again" % (name, "this kernel's ublk lacks user recovery" if known.backend == "ublk"
-                                      else "nbd's ioctl interface", name))
+            raise AoeError("%s was attached without a way to recover (%s): "
+                           "'aoe.py detach %s', then attach it again"
+                           % (name,
+                              "this kernel's ublk lacks user recovery" if known.backend == "ublk"
+                              else "nbd's ioctl interface", name))
         backend, why = known.backend, "as attached"
         if backend == "ublk":
             helper = need_helper("attach --recover of a ublk device")
@@ -4548,8 +4687,8 @@ def cmd_attach(args):
                 raise AoeError("%s is already attached as %s (pid %d); 'aoe.py detach %s' first"
                                % (name, known.block, known.pid, name))
             if known.exists:
-                raise AoeError("%s's daemon died and %s waits for it: 'aoe.py attach --recover %s' or "
-                               "'aoe.py detach %s'" % (name, known.block, name, name))
+                raise AoeError("%s's daemon died and %s waits for it: 'aoe.py attach --recover %s' "
+                               "or 'aoe.py detach %s'" % (name, known.block, name, name))
             known.remove()
         backend, why = choose_backend(args.backend, helper)
     control = open_control(args)
@@ -4563,7 +4702,8 @@ def cmd_attach(args):
         if args.json:
             return json.dumps(a.as_dict())
         if args.verbose and a.backend == "ublk":
-            return attach_summary(a) + "\n%s: ublk %s" % (a.device, ", ".join(a.features) or "without optional features")
+            return attach_summary(a) + "\n%s: ublk %s" % (
+                a.device, ", ".join(a.features) or "without optional features")
         return attach_summary(a)
     if args.foreground:
         def ready(a):
@@ -4584,8 +4724,10 @@ def attach_all(args):
     as they appear (they announce themselves, and every --interval a discovery asks), and,
     with --flush-down, detaching devices down that long."""
     if args.recover or args.upgrade or args.foreground:
-        usage_error("attach --all attaches new devices only: no --recover, --upgrade or --foreground")
-    if args.watch:                                # the devices' daemons end here; nobody else waits for them
+        usage_error("attach --all attaches new devices only: no --recover, "
+                    "--upgrade or --foreground")
+    # the devices' daemons end here; nobody else waits for them
+    if args.watch:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     patterns = args.device or ["*"]
     helper = None if args.no_helper else load_helper()
@@ -4641,7 +4783,8 @@ def attach_found(helper, control, target, args, backend):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         own = {}
         for path in target.paths:
-            path.port = own.get(path.port.name) or own.setdefault(path.port.name, Port(path.port.ifc))
+            path.port = (own.get(path.port.name)
+                         or own.setdefault(path.port.name, Port(path.port.ifc)))
         close_ports(control.ports)
         return serve_device(helper, target, args, backend, lambda a: ready(attach_summary(a)))
     return run_in_background(target.name, body)
@@ -4651,12 +4794,14 @@ def flush_down_devices(patterns, down_since, after):
     """Detach matching devices that have been down (or without a daemon) for `after` s."""
     now = time.monotonic()
     for a in Attachment.all():
-        if not any(fnmatch.fnmatchcase(a.device, p) for p in patterns) or a.status not in ("down", "dead"):
+        if not any(fnmatch.fnmatchcase(a.device, p) for p in patterns) or \
+                a.status not in ("down", "dead"):
             down_since.pop(a.device, None)
             continue
         if now - down_since.setdefault(a.device, now) >= after:
             problem = detach_attachment(a, False)
-            print("%s: %s" % (a.device, problem or "%s removed: down for %d s" % (a.block, after)), flush=True)
+            print("%s: %s" % (a.device, problem or "%s removed: down for %d s" % (a.block, after)),
+                  flush=True)
             down_since.pop(a.device, None)
 
 
@@ -4664,7 +4809,8 @@ DETACH_WAIT = DETACH_DEADSECS + CONTROL_LIMIT + 30   # seconds for a daemon to f
 
 
 def detach_attachment(a, force):
-    """Stop and delete an attached device, through its daemon if it lives.  Returns an error text or None."""
+    """Stop and delete an attached device, through its daemon if it lives.  Returns an error
+    text or None."""
     busy = None if force else device_in_use(a.block, a.pid)
     if busy:
         return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.block, busy)
@@ -4674,9 +4820,11 @@ def detach_attachment(a, force):
         while a.daemon_alive and time.monotonic() < deadline:
             time.sleep(0.05)
         if a.daemon_alive:
-            return "%s: daemon pid %d did not finish detaching in %d s; see %s" % (a.device, a.pid, DETACH_WAIT, a.log)
+            return ("%s: daemon pid %d did not finish detaching in %d s; see %s"
+                    % (a.device, a.pid, DETACH_WAIT, a.log))
         if os.path.exists(Attachment.file(a.device)):
-            return "%s: daemon pid %d ended without detaching %s; see %s" % (a.device, a.pid, a.block, a.log)
+            return ("%s: daemon pid %d ended without detaching %s; see %s"
+                    % (a.device, a.pid, a.block, a.log))
         return None
     problem = BACKEND_CLASSES[a.backend].remove_orphan(a)
     if problem:
@@ -4718,19 +4866,21 @@ def cmd_revalidate(args):
     target = find_target(control, args.device, args.wait)
     a = Attachment.load(target.name)
     if a is None or not a.exists:
-        print("%s: %d sectors (%.3fGB); not attached" % (target.name, target.sectors, target.sectors * SECTOR_SIZE / 1e9))
+        print("%s: %d sectors (%.3fGB); not attached"
+              % (target.name, target.sectors, target.sectors * SECTOR_SIZE / 1e9))
         return EXIT_OK
     if target.sectors == a.sectors:
         print("%s: %d sectors, as %s has" % (target.name, target.sectors, a.block))
         return EXIT_OK
     if not a.daemon_alive:
-        raise AoeError("%s: %s's daemon is gone: 'aoe.py attach --recover %s' first" % (target.name, a.block,
-                                                                                     target.name))
+        raise AoeError("%s: %s's daemon is gone: 'aoe.py attach --recover %s' first"
+                       % (target.name, a.block, target.name))
     if target.sectors < a.sectors and not args.force:
         busy = device_in_use(a.block, a.pid)
         if busy:
-            raise AoeError("%s shrank from %d to %d sectors but %s is %s: refusing to cut what it holds "
-                           "(--force to shrink anyway)" % (target.name, a.sectors, target.sectors, a.block, busy))
+            raise AoeError("%s shrank from %d to %d sectors but %s is %s: refusing to cut what it "
+                           "holds (--force to shrink anyway)"
+                           % (target.name, a.sectors, target.sectors, a.block, busy))
     print(ask_daemon(a, "resize", sectors=target.sectors))
     return EXIT_OK
 
@@ -4757,8 +4907,8 @@ def warn_if_buffers_overflow(ports, ifc, bufcnt):
     per_frame = 2 * frame + 512                  # the kernel's size for a queued frame, roughly
     room = sum(p.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for p in ports) // per_frame
     if room < bufcnt:
-        sys.stderr.write("serve: %s: the receive buffer holds about %d frames of %d bytes, fewer than the %d "
-                         "buffers advertised: use -b %d, or raise net.core.rmem_max\n"
+        sys.stderr.write("serve: %s: the receive buffer holds about %d frames of %d bytes, fewer "
+                         "than the %d buffers advertised: use -b %d, or raise net.core.rmem_max\n"
                          % (ifc.name, room, frame, bufcnt, room))
 
 
@@ -4784,10 +4934,11 @@ def cmd_serve(args):
             fast = FastServe(helper, target, ports, max(ETH_ZLEN, ifc.mtu + ETH_HLEN))
         path = ("helper, %d thread%s" % (len(ports), "" if len(ports) == 1 else "s") if fast
                 else "pure-Python: %s" % why_python)
-        print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per frame, %s data path%s"
-              % (os.getpid(), device_name(shelf, slot), export.sectors, "O_RDONLY" if args.readonly else "O_RDWR",
-                 ifc.name, mac_str(ifc.mac), args.bufcnt, target.scnt, path,
-                 ", FAULT INJECTION ON" if faults.active else ""), flush=True)
+        print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per "
+              "frame, %s data path%s"
+              % (os.getpid(), device_name(shelf, slot), export.sectors,
+                 "O_RDONLY" if args.readonly else "O_RDWR", ifc.name, mac_str(ifc.mac), args.bufcnt,
+                 target.scnt, path, ", FAULT INJECTION ON" if faults.active else ""), flush=True)
         if why_fewer:
             sys.stderr.write("serve: one thread only: %s\n" % why_fewer)
         warn_if_buffers_overflow(ports, ifc, args.bufcnt)
@@ -4800,9 +4951,64 @@ def cmd_serve(args):
         close_ports(ports)
         export.close()
         if args.verbose:
-            sys.stderr.write("served %s; dropped: %s\n" % (dict(target.stats), target.drops.describe()))
+            sys.stderr.write("served %s; dropped: %s\n"
+                             % (dict(target.stats), target.drops.describe()))
     return EXIT_OK
 
+
+SYSTEMD_DIR = "/etc/systemd/system"
+SYSTEMD_UNIT = """[Unit]
+Description=%(what)s
+Wants=network-online.target remote-fs-pre.target
+After=network-online.target
+Before=remote-fs-pre.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=%(run)s %(args)s
+TimeoutStartSec=120
+TimeoutStopSec=120
+
+[Install]
+WantedBy=multi-user.target
+"""
+SYSTEMD_UNITS = {   # file -> (Description, aoe.py's arguments)
+    "aoe@.service": ("AoE target %i as a block device (aoe.py attach)", "attach --foreground %i"),
+    "aoe-all.service": ("Every AoE target as a block device, also those that appear later "
+                        "(aoe.py attach --all --watch)", "attach --all --watch"),
+}
+
+
+def cmd_systemd_units(args):
+    """Print, or write (--install, --dir), the service units that attach at boot: aoe@eX.Y
+    for one device, aoe-all for every target (stopping either detaches its devices)."""
+    run = "%s %s" % (sys.executable, os.path.abspath(__file__))
+    units = {name: SYSTEMD_UNIT % {"what": what, "run": run, "args": words}
+             for name, (what, words) in SYSTEMD_UNITS.items()}
+    if not (args.install or args.dir):
+        for name, text in units.items():
+            print("# %s\n%s" % (name, text))
+        return EXIT_OK
+    where = args.dir or SYSTEMD_DIR
+    os.makedirs(where, exist_ok=True)
+    for name, text in units.items():
+        with open(os.path.join(where, name), "w") as f:
+            f.write(text)
+        print(os.path.join(where, name))
+    if args.install and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"])
+    return EXIT_OK
+
+
+# =============================================================================
+# Lab and demo: private namespaces with a built-in target (NetLab), and the demo verb
+# =============================================================================
+#
+# NetLab makes two private network namespaces joined by veth pairs and runs
+# processes in them; the demo verb serves a sparse image from one and runs
+# aoe.py's verbs against it from the other.  The tests and the benchmarks
+# (test_aoe.py, bench/run.py) use NetLab too.
 
 class NetLab:
     """Two private network namespaces, 'ini' (initiator) and 'tgt' (target), joined
@@ -4811,10 +5017,12 @@ class NetLab:
 
     def __init__(self, mtu=9000, prefix="aoelab"):
         if os.geteuid() != 0:
-            raise AoeError("creating network namespaces needs root (sudo python3 %s ...)" % PROG, EXIT_USAGE)
+            raise AoeError("creating network namespaces needs root (sudo python3 %s ...)" % PROG,
+                           EXIT_USAGE)
         if not shutil.which("ip"):
             raise AoeError("the 'ip' command is missing: install iproute2", EXIT_USAGE)
-        self.tag = tag = "%s%07x" % (prefix[:6], random.SystemRandom().getrandbits(28))   # names stay <= 15 chars
+        # names stay <= 15 chars
+        self.tag = tag = "%s%07x" % (prefix[:6], random.SystemRandom().getrandbits(28))
         self.ini_ns, self.tgt_ns = tag + "i", tag + "t"
         self.ini_if, self.tgt_if = tag + "i", tag + "t"
         self.mtu = mtu
@@ -4870,7 +5078,8 @@ class NetLab:
     def start(self, ns, args, ready=None, log=None, wait=15.0):
         """A long-running process in a namespace; waits for `ready` in its output if given."""
         out = log or tempfile.TemporaryFile("w+")
-        p = subprocess.Popen(self.argv(ns, args), stdout=out, stderr=subprocess.STDOUT, env=self.env())
+        p = subprocess.Popen(self.argv(ns, args), stdout=out, stderr=subprocess.STDOUT,
+                             env=self.env())
         self.procs.append(p)
         if ready:
             deadline = time.monotonic() + wait
@@ -4940,16 +5149,19 @@ def cmd_demo(args):
         r = subprocess.run(lab.aoe_argv(lab.ini_ns, words), env=lab.env())
         print(flush=True)
         if r.returncode:
-            raise AoeError("demo step 'aoe.py %s' failed (exit %d)" % (" ".join(words), r.returncode))
+            raise AoeError("demo step 'aoe.py %s' failed (exit %d)"
+                           % (" ".join(words), r.returncode))
 
     try:
         image = os.path.join(tmp, "disk.img")
         with open(image, "wb") as f:
             f.truncate(size)
-        print("demo: namespaces %s and %s joined by veth (MTU %d); serving a sparse %s image as e0.1"
+        print("demo: namespaces %s and %s joined by veth (MTU %d); serving a "
+              "sparse %s image as e0.1"
               % (lab.ini_ns, lab.tgt_ns, args.mtu, human_size(size)))
         log = tempfile.TemporaryFile("w+", dir=tmp)
-        lab.start(lab.tgt_ns, [sys.executable, os.path.abspath(__file__), "serve", "0", "1", lab.tgt_if, image],
+        lab.start(lab.tgt_ns,
+                  [sys.executable, os.path.abspath(__file__), "serve", "0", "1", lab.tgt_if, image],
                   ready="pid ", log=log)
         log.seek(0)
         print("demo: target " + log.readline().strip() + "\n", flush=True)
@@ -4978,9 +5190,317 @@ def cmd_demo(args):
         shutil.rmtree(tmp, ignore_errors=True)
     return EXIT_OK
 
+
 # =============================================================================
-# aoetools drop-in: aoe.py run under an aoetools name
+# CLI
 # =============================================================================
+
+EXAMPLES = {
+    "interfaces": "aoe.py interfaces            # which interfaces AoE may use\n"
+                  "AOE_IFLIST='eth1 eth2' aoe.py interfaces",
+    "discover": "aoe.py discover\naoe.py discover --iface eth1 --json",
+    "stat": "aoe.py stat\naoe.py stat e0.1 --json\naoe.py stat -a",
+    "ping": "aoe.py ping 0 1 eth1\naoe.py ping -I -s 3 0 1 eth1",
+    "cfg": "aoe.py cfg                           # read every target's config string\n"
+           "aoe.py cfg e3.7                      # read one\n"
+           "aoe.py cfg -c fset -s 'rack 4' 3 7 eth1\n"
+           "aoe.py cfg -c set -s host-a e3.7     # only if still empty\n"
+           "aoe.py cfg -c test -s host-a         # which targets have exactly this string",
+    "mask": "aoe.py mask e0.1\naoe.py mask e0.1 --add 02:00:00:00:00:01 --delete 02:00:00:00:00:02",
+    "reserve": "aoe.py reserve e0.1\naoe.py reserve e0.1 --set\n"
+               "aoe.py reserve e0.1 --release --force",
+    "sancheck": "aoe.py sancheck\naoe.py sancheck --json",
+    "read": "aoe.py read e0.1 disk.img\naoe.py read e0.1 - --offset 1M --length 4k | xxd\n"
+            "aoe.py read e0.1 disk.img --resume --checksum sha256",
+    "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
+    "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\n"
+             "aoe.py bench e0.1 --write --json",
+    "serve": "aoe.py serve 0 1 eth1 disk.img\naoe.py serve -r -b 32 0 2 eth1 /dev/sdb",
+    "attach": "aoe.py attach e0.1              # prints /dev/ublkbN or /dev/nbdN; "
+              "/dev/etherd/e0.1 links to it\n"
+              "aoe.py attach --backend nbd e0.1 # through the kernel's nbd driver "
+              "even where ublk works\n"
+              "aoe.py attach --ro e0.1\n"
+              "aoe.py attach --foreground e0.1 # for systemd, or to watch it\n"
+              "aoe.py attach --recover e0.1    # serve it again after the daemon was killed\n"
+              "aoe.py attach --upgrade e0.1    # hand it to a new daemon while in use "
+              "(ublk, Linux 6.16+)\n"
+              "aoe.py attach --all 'e1.*'      # every target of shelf 1 not yet attached\n"
+              "aoe.py attach --all --watch     # and those that appear later "
+              "(aoe-all.service runs this)",
+    "detach": "aoe.py detach e0.1\naoe.py detach /dev/ublkb0\n"
+              "aoe.py detach --force e0.1   # even if mounted",
+    "flush": "aoe.py flush        # remove attached devices that are down\n"
+             "aoe.py flush -a     # remove all",
+    "revalidate": "aoe.py revalidate e0.1",
+    "version": "aoe.py version",
+    "links": "aoe.py links /usr/local/sbin        # then aoe-stat, aoeping, ... run aoe.py",
+    "systemd-units": "aoe.py systemd-units                # print them\n"
+                     "sudo aoe.py systemd-units --install && sudo systemctl enable --now aoe@e0.1",
+    "demo": "sudo python3 aoe.py demo",
+}
+
+
+def add_common(p, json_flag=True, iface=True):
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="more detail, including dropped frames")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    if iface:
+        p.add_argument("--iface", "-i", action="append", metavar="IFACE",
+                       help="use only these interfaces (repeat or comma-separate; default "
+                            "$AOE_IFLIST, else every up Ethernet interface)")
+
+
+def add_wait(p):
+    p.add_argument("-w", "--wait", type=float, default=DISCOVER_WAIT, metavar="SECS",
+                   help="how long to gather discovery answers (default %(default)s)")
+
+
+def add_engine(p):
+    p.add_argument("--deadsecs", type=positive(float), default=DEFAULT_DEADSECS, metavar="SECS",
+                   help="fail I/O after the target is silent this long (default %(default)s)")
+    p.add_argument("--maxout", type=positive(int), default=DEFAULT_MAXOUT, metavar="N",
+                   help="cap on frames in flight per path (default %(default)s; the target's "
+                        "buffer count also caps it)")
+    p.add_argument("--no-helper", action="store_true", help="use the pure-Python data path")
+
+
+def positive(kind, zero_too=False):
+    def check(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if value < 0 or value == 0 and not zero_too:
+            raise argparse.ArgumentTypeError("must be %s 0"
+                                             % ("at least" if zero_too else "greater than"))
+        return value
+    return check
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit status 2."""
+
+    def error(self, message):
+        raise usage_error("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+
+
+def build_parser():
+    parser = Parser(prog=PROG, description="User-space ATA over Ethernet initiator and target.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Run '%s COMMAND --help' for a command's options and examples." % PROG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="examples:\n"
+                                  + "\n".join("  " + l for l in EXAMPLES[name].splitlines()),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("interfaces", cmd_interfaces, "list network interfaces and which ones AoE uses")
+    add_common(p)
+
+    p = command("discover", cmd_discover, "find AoE targets (broadcast Query Config)")
+    add_common(p)
+    add_wait(p)
+
+    p = command("stat", cmd_stat, "show AoE devices: size, interfaces, payload, state")
+    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these devices")
+    p.add_argument("-a", "--all", action="store_true",
+                   help="also devices that do not answer IDENTIFY")
+    add_common(p)
+    add_wait(p)
+
+    p = command("ping", cmd_ping, "check that one target answers (like aoeping)")
+    p.add_argument("shelf", type=int)
+    p.add_argument("slot", type=int)
+    p.add_argument("interface")
+    p.add_argument("-I", dest="identify", action="store_true", help="print IDENTIFY fields")
+    p.add_argument("-i", dest="identify_hex", action="store_true", help="dump IDENTIFY data as hex")
+    p.add_argument("-s", dest="timeout", type=positive(float), default=5.0, metavar="SECS",
+                   help="give up after this long (default %(default)s)")
+    add_common(p, iface=False)
+
+    p = command("cfg", cmd_cfg, "read, test or set config strings (like aoecfg)")
+    p.add_argument("target", nargs="*", metavar="[eX.Y | SHELF SLOT] [IFACE]")
+    p.add_argument("-c", dest="command", choices=sorted(CCMD_NAMES), default="read",
+                   help="read (default), test (exact match), prefix, set (only if "
+                        "empty), fset (force)")
+    p.add_argument("-s", dest="string", metavar="STRING", help="the config string")
+    p.add_argument("-t", dest="timeout", type=positive(float), default=DISCOVER_WAIT,
+                   metavar="SECS", help="how long to wait for answers (default %(default)s)")
+    p.add_argument("--mac", help="send to this target MAC instead of broadcasting")
+    add_common(p)
+
+    p = command("mask", cmd_mask, "read or edit a target's MAC mask list")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--add", action="append", default=[], metavar="MAC")
+    p.add_argument("--delete", action="append", default=[], metavar="MAC")
+    add_common(p)
+    add_wait(p)
+
+    p = command("reserve", cmd_reserve, "read, set or release a target's reservation")
+    p.add_argument("device", metavar="eX.Y")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--set", nargs="*", metavar="MAC", help="reserve for these MACs (default: ours)")
+    g.add_argument("--release", action="store_true", help="release the reservation")
+    p.add_argument("--force", action="store_true", help="override another initiator's reservation")
+    add_common(p)
+    add_wait(p)
+
+    p = command("sancheck", cmd_sancheck, "check that MTUs and paths carry each target's frames")
+    p.add_argument("devices", nargs="*", metavar="eX.Y")
+    add_common(p)
+    add_wait(p)
+
+    p = command("read", cmd_read, "copy a device (or part) to a file or standard output")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("output", metavar="FILE|-")
+    p.add_argument("--offset", help="start here (bytes; k/M/G suffixes)")
+    p.add_argument("--length", help="this many bytes (default: to the end)")
+    p.add_argument("--resume", action="store_true", help="continue a partial image")
+    p.add_argument("--checksum", choices=["md5", "sha1", "sha256", "sha512"],
+                   help="print a checksum of the data")
+    add_common(p, json_flag=False)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("write", cmd_write, "copy a file onto a device, then flush the target's cache")
+    p.add_argument("input", metavar="FILE")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--offset", help="write starting here (bytes; k/M/G suffixes)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    add_common(p, json_flag=False)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("bench", cmd_bench, "measure throughput, IOPS and latency")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--bs", default="1M", help="block size (default %(default)s)")
+    p.add_argument("--qd", type=positive(int), default=16,
+                   help="requests in flight (default %(default)s)")
+    p.add_argument("--pattern", default="seq,rand",
+                   help="seq, rand or seq,rand (default %(default)s)")
+    p.add_argument("--seconds", type=positive(float), default=3.0,
+                   help="per test (default %(default)s)")
+    p.add_argument("--span", help="confine to the first SIZE bytes")
+    p.add_argument("--write", action="store_true",
+                   help="also run write tests (destroys data on the target)")
+    add_common(p)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("serve", cmd_serve, "export a file or block device as an AoE target (like vblade)")
+    p.add_argument("shelf")
+    p.add_argument("slot")
+    p.add_argument("interface")
+    p.add_argument("file")
+    p.add_argument("-b", dest="bufcnt", type=positive(int), default=SERVE_BUFCNT,
+                   help="buffer count to advertise (default %(default)s; vblade's is 16)")
+    p.add_argument("-d", dest="direct", action="store_true", help="O_DIRECT")
+    p.add_argument("-s", dest="sync", action="store_true",
+                   help="O_SYNC: acknowledge writes once durable")
+    p.add_argument("-r", dest="readonly", action="store_true", help="read-only")
+    p.add_argument("-m", dest="mask", metavar="MAC[,MAC...]", help="answer only these initiators")
+    p.add_argument("-o", dest="offset", help="start of the export in the file (bytes)")
+    p.add_argument("-l", dest="length", help="length of the export (bytes)")
+    t = p.add_argument_group("testing aids (fault injection; never for production)")
+    t.add_argument("--fault-drop", type=fraction, default=0.0, metavar="P",
+                   help="drop this fraction of responses")
+    t.add_argument("--fault-duplicate", type=fraction, default=0.0, metavar="P",
+                   help="send some responses twice")
+    t.add_argument("--fault-delay", type=positive(float, zero_too=True), default=0.0, metavar="MS",
+                   help="delay every response")
+    t.add_argument("--fault-jitter", type=positive(float, zero_too=True), default=0.0, metavar="MS",
+                   help="vary the delay by up to this much either way (reorders responses)")
+    t.add_argument("--fault-reorder", type=fraction, default=0.0, metavar="P",
+                   help="hold back some responses")
+    t.add_argument("--fault-forge", type=fraction, default=0.0, metavar="P",
+                   help="send forged answers before the true one to this fraction of "
+                        "READs (a hostile target)")
+    t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN or /dev/nbdN, linked "
+                                      "as /dev/etherd/eX.Y)")
+    p.add_argument("device", nargs="*", metavar="eX.Y | PATTERN",
+                   help="the device; with --all, shell patterns such as 'e1.*' (default: all)")
+    p.add_argument("--all", action="store_true",
+                   help="attach every target that answers and matches")
+    p.add_argument("--watch", action="store_true",
+                   help="with --all: keep attaching targets as they appear (for a service)")
+    p.add_argument("--interval", type=positive(float), default=WATCH_INTERVAL, metavar="SECS",
+                   help="with --watch: discover this often (default %(default)s)")
+    p.add_argument("--flush-down", type=positive(float), metavar="SECS",
+                   help="with --watch: detach devices down this long (default: keep them)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="the kernel driver to attach with (default: ublk where it works, else nbd)")
+    p.add_argument("--ro", action="store_true", help="read-only block device")
+    p.add_argument("--foreground", action="store_true",
+                   help="serve in this process; logs to standard error")
+    p.add_argument("--recover", action="store_true",
+                   help="serve an attached device again after its daemon died")
+    p.add_argument("--upgrade", action="store_true",
+                   help="take an attached device over from its running daemon, I/O paused "
+                        "meanwhile (ublk with QUIESCE: Linux 6.16 or later)")
+    add_common(p)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("detach", cmd_detach,
+                "remove an attached device (flushes first; works if the target is gone)")
+    p.add_argument("device", metavar="eX.Y|/dev/ublkbN|/dev/nbdN")
+    p.add_argument("--force", action="store_true", help="even if mounted or open")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("flush", cmd_flush, "remove attached devices that are down (like aoe-flush)")
+    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these (down or not)")
+    p.add_argument("-a", "--all", action="store_true", help="all attached devices")
+    p.add_argument("--force", action="store_true", help="even if mounted or open")
+    add_common(p, json_flag=False, iface=False)
+
+    p = command("systemd-units", cmd_systemd_units, "print or install systemd units that attach "
+                                                    "devices at boot (aoe@eX.Y.service, "
+                                                    "aoe-all.service)")
+    p.add_argument("--install", action="store_true",
+                   help="write them to %s and reload systemd" % SYSTEMD_DIR)
+    p.add_argument("--dir", help="write them here instead")
+
+    p = command("links", cmd_links, "make links named like aoetools' commands (aoe-stat, aoeping, "
+                                    "...) to aoe.py: run under those names it behaves like them")
+    p.add_argument("dir", metavar="DIR", help="where (e.g. /usr/local/sbin)")
+    p.add_argument("--force", action="store_true", help="replace files of those names")
+
+    p = command("revalidate", cmd_revalidate, "re-read a target's size; an attached device takes "
+                                              "the new size (ublk with "
+                                              "UPDATE_SIZE: Linux 6.16 or later)")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("--force", action="store_true",
+                   help="shrink the device even while it is mounted or open")
+    add_common(p, json_flag=False)
+    add_wait(p)
+
+    p = command("demo", cmd_demo,
+                "try everything on a private pair of namespaces with a built-in target")
+    p.add_argument("--mtu", type=int, default=9000,
+                   help="MTU of the demo's veth pair (default %(default)s)")
+
+    p = command("version", cmd_version, "print versions")
+    add_common(p, iface=False)
+    return parser
+
+
+# --- aoetools drop-in --------------------------------------------------------
 #
 # A link named like one of aoetools' commands (aoe-stat -> aoe.py; `aoe.py links
 # DIR` makes all nine) makes aoe.py take that tool's arguments and print what it
@@ -4989,8 +5509,8 @@ def cmd_demo(args):
 # discovery and the attached devices, as the kernel driver's would be.  Each
 # tool runs aoe.py's own verb (--json where it must reshape the output).
 
-AOETOOLS = ("aoe-discover", "aoe-stat", "aoe-flush", "aoe-interfaces", "aoe-revalidate", "aoe-sancheck",
-            "aoe-version", "aoeping", "aoecfg")
+AOETOOLS = ("aoe-discover", "aoe-stat", "aoe-flush", "aoe-interfaces", "aoe-revalidate",
+            "aoe-sancheck", "aoe-version", "aoeping", "aoecfg")
 
 
 class ToolUsage(Exception):
@@ -5011,7 +5531,8 @@ def run_verb(argv, quiet=False):
 def tool_options(argv, letters, takes_value):
     """getopt for an aoetools command: (options dict, operands); ToolUsage on a bad option."""
     try:
-        opts, rest = getopt.getopt(argv, "".join(c + (":" if c in takes_value else "") for c in letters))
+        opts, rest = getopt.getopt(argv,
+                                   "".join(c + (":" if c in takes_value else "") for c in letters))
     except getopt.GetoptError as e:
         raise ToolUsage(str(e))
     return dict(opts), rest
@@ -5036,13 +5557,15 @@ def tool_stat(argv):
     state = {"dead": "down", "unresponsive": "down"}
     lines = sorted("%10s %15s %10s %-5s %-14s" % (
         d["device"], aoestat_size(d["size_bytes"] // SECTOR_SIZE) if "size_bytes" in d else "(NA)",
-        ",".join(d["interfaces"]) or "(NA)", d.get("payload", "(NA)"), state.get(d["state"], d["state"]))
+        ",".join(d["interfaces"]) or "(NA)", d.get("payload", "(NA)"),
+        state.get(d["state"], d["state"]))
         for d in json.loads(text))
     pattern = re.compile(argv[0] if argv else ".")
     shown = [line for line in lines if pattern.search(line)]
     for line in shown:
         print(line)
-    return EXIT_OK if shown else EXIT_FAIL                 # grep's status, as aoe-stat's pipeline ends
+    # grep's status, as aoe-stat's pipeline ends
+    return EXIT_OK if shown else EXIT_FAIL
 
 
 def tool_flush(argv):
@@ -5121,7 +5644,8 @@ def tool_version(argv):
 
 
 def hex_lines(data):
-    return "".join(" ".join("%02x" % b for b in data[i:i + 16]) + " \n" for i in range(0, len(data), 16))
+    return "".join(" ".join("%02x" % b for b in data[i:i + 16]) + " \n"
+                   for i in range(0, len(data), 16))
 
 
 def tool_ping(argv):
@@ -5134,7 +5658,8 @@ def tool_ping(argv):
         sys.stderr.write("%s: SMART (-S) is not supported\n" % PROG)
         return EXIT_FAIL
     shelf, slot, ifname = rest
-    verb = ["ping", "--json", "-s", opts.get("-s", "5")] + (["-I"] if "-i" in opts or "-I" in opts else [])
+    verb = (["ping", "--json", "-s", opts.get("-s", "5")]
+            + (["-I"] if "-i" in opts or "-I" in opts else []))
     with contextlib.redirect_stderr(io.StringIO()) as errors:
         status, text = run_verb(verb + [shelf, slot, ifname], quiet=True)
     if status:
@@ -5149,8 +5674,8 @@ def tool_ping(argv):
     r = json.loads(text)
     if "-v" in opts:
         answer = bytes.fromhex(r["answer"])
-        print("tag: %08x\neth: %s\nshelf: %s\nslot: %s" % (struct.unpack_from(">I", answer, 20)[0], ifname, shelf,
-                                                           slot))
+        print("tag: %08x\neth: %s\nshelf: %s\nslot: %s"
+              % (struct.unpack_from(">I", answer, 20)[0], ifname, shelf, slot))
         print("config query response:")
         sys.stdout.write(hex_lines(answer))
         print("found %s with mac %s" % (r["device"], r["mac"].replace(":", "")))
@@ -5159,12 +5684,13 @@ def tool_ping(argv):
         sys.stdout.write(hex_lines(bytes.fromhex(r["identify"]["raw"])))
     elif "-I" in opts:
         words = struct.unpack("<256H", bytes.fromhex(r["identify"]["raw"]))
-        text_of = lambda first, end: b"".join(struct.pack(">H", w) for w in words[first:end]).decode("ascii",
-                                                                                                     "replace")
+        text_of = lambda first, end: b"".join(struct.pack(">H", w)
+                                              for w in words[first:end]).decode("ascii", "replace")
         print("device identify fields:")
         for i in range(3):
             print("vendor_specific_%d: 0x%x" % (i, words[7 + i]))
-        print("serial_number: %s\nfirmware_rev: %s\nmodel: %s" % (text_of(10, 20), text_of(23, 27), text_of(27, 47)))
+        print("serial_number: %s\nfirmware_rev: %s\nmodel: %s"
+              % (text_of(10, 20), text_of(23, 27), text_of(27, 47)))
     return EXIT_OK
 
 
@@ -5197,51 +5723,6 @@ def run_as_tool(name, argv):
         return e.code
 
 
-SYSTEMD_DIR = "/etc/systemd/system"
-SYSTEMD_UNIT = """[Unit]
-Description=%(what)s
-Wants=network-online.target remote-fs-pre.target
-After=network-online.target
-Before=remote-fs-pre.target
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=%(run)s %(args)s
-TimeoutStartSec=120
-TimeoutStopSec=120
-
-[Install]
-WantedBy=multi-user.target
-"""
-SYSTEMD_UNITS = {   # file -> (Description, aoe.py's arguments)
-    "aoe@.service": ("AoE target %i as a block device (aoe.py attach)", "attach --foreground %i"),
-    "aoe-all.service": ("Every AoE target as a block device, also those that appear later "
-                        "(aoe.py attach --all --watch)", "attach --all --watch"),
-}
-
-
-def cmd_systemd_units(args):
-    """Print, or write (--install, --dir), the service units that attach at boot: aoe@eX.Y
-    for one device, aoe-all for every target (stopping either detaches its devices)."""
-    run = "%s %s" % (sys.executable, os.path.abspath(__file__))
-    units = {name: SYSTEMD_UNIT % {"what": what, "run": run, "args": words}
-             for name, (what, words) in SYSTEMD_UNITS.items()}
-    if not (args.install or args.dir):
-        for name, text in units.items():
-            print("# %s\n%s" % (name, text))
-        return EXIT_OK
-    where = args.dir or SYSTEMD_DIR
-    os.makedirs(where, exist_ok=True)
-    for name, text in units.items():
-        with open(os.path.join(where, name), "w") as f:
-            f.write(text)
-        print(os.path.join(where, name))
-    if args.install and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "daemon-reload"])
-    return EXIT_OK
-
-
 def cmd_links(args):
     """Make DIR/aoe-stat, DIR/aoeping, ... links to this aoe.py (the aoetools drop-in)."""
     target = os.path.abspath(__file__)
@@ -5261,283 +5742,6 @@ def cmd_links(args):
         os.symlink(target, path)
         print("%s -> %s" % (path, target))
     return EXIT_OK
-
-
-# =============================================================================
-# CLI
-# =============================================================================
-
-EXAMPLES = {
-    "interfaces": "aoe.py interfaces            # which interfaces AoE may use\n"
-                  "AOE_IFLIST='eth1 eth2' aoe.py interfaces",
-    "discover": "aoe.py discover\naoe.py discover --iface eth1 --json",
-    "stat": "aoe.py stat\naoe.py stat e0.1 --json\naoe.py stat -a",
-    "ping": "aoe.py ping 0 1 eth1\naoe.py ping -I -s 3 0 1 eth1",
-    "cfg": "aoe.py cfg                           # read every target's config string\n"
-           "aoe.py cfg e3.7                      # read one\n"
-           "aoe.py cfg -c fset -s 'rack 4' 3 7 eth1\n"
-           "aoe.py cfg -c set -s host-a e3.7     # only if still empty\n"
-           "aoe.py cfg -c test -s host-a         # which targets have exactly this string",
-    "mask": "aoe.py mask e0.1\naoe.py mask e0.1 --add 02:00:00:00:00:01 --delete 02:00:00:00:00:02",
-    "reserve": "aoe.py reserve e0.1\naoe.py reserve e0.1 --set\naoe.py reserve e0.1 --release --force",
-    "sancheck": "aoe.py sancheck\naoe.py sancheck --json",
-    "read": "aoe.py read e0.1 disk.img\naoe.py read e0.1 - --offset 1M --length 4k | xxd\n"
-            "aoe.py read e0.1 disk.img --resume --checksum sha256",
-    "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
-    "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\naoe.py bench e0.1 --write --json",
-    "serve": "aoe.py serve 0 1 eth1 disk.img\naoe.py serve -r -b 32 0 2 eth1 /dev/sdb",
-    "attach": "aoe.py attach e0.1              # prints /dev/ublkbN or /dev/nbdN; /dev/etherd/e0.1 links to it\n"
-              "aoe.py attach --backend nbd e0.1 # through the kernel's nbd driver even where ublk works\n"
-              "aoe.py attach --ro e0.1\n"
-              "aoe.py attach --foreground e0.1 # for systemd, or to watch it\n"
-              "aoe.py attach --recover e0.1    # serve it again after the daemon was killed\n"
-              "aoe.py attach --upgrade e0.1    # hand it to a new daemon while in use (ublk, Linux 6.16+)\n"
-              "aoe.py attach --all 'e1.*'      # every target of shelf 1 not yet attached\n"
-              "aoe.py attach --all --watch     # and those that appear later (aoe-all.service runs this)",
-    "detach": "aoe.py detach e0.1\naoe.py detach /dev/ublkb0\naoe.py detach --force e0.1   # even if mounted",
-    "flush": "aoe.py flush        # remove attached devices that are down\naoe.py flush -a     # remove all",
-    "revalidate": "aoe.py revalidate e0.1",
-    "version": "aoe.py version",
-    "links": "aoe.py links /usr/local/sbin        # then aoe-stat, aoeping, ... run aoe.py",
-    "systemd-units": "aoe.py systemd-units                # print them\n"
-                     "sudo aoe.py systemd-units --install && sudo systemctl enable --now aoe@e0.1",
-    "demo": "sudo python3 aoe.py demo",
-}
-
-
-def add_common(p, json_flag=True, iface=True):
-    p.add_argument("-v", "--verbose", action="store_true", help="more detail, including dropped frames")
-    if json_flag:
-        p.add_argument("--json", action="store_true", help="machine-readable output")
-    if iface:
-        p.add_argument("--iface", "-i", action="append", metavar="IFACE",
-                       help="use only these interfaces (repeat or comma-separate; default $AOE_IFLIST, else "
-                            "every up Ethernet interface)")
-
-
-def add_wait(p):
-    p.add_argument("-w", "--wait", type=float, default=DISCOVER_WAIT, metavar="SECS",
-                   help="how long to gather discovery answers (default %(default)s)")
-
-
-def add_engine(p):
-    p.add_argument("--deadsecs", type=positive(float), default=DEFAULT_DEADSECS, metavar="SECS",
-                   help="fail I/O after the target is silent this long (default %(default)s)")
-    p.add_argument("--maxout", type=positive(int), default=DEFAULT_MAXOUT, metavar="N",
-                   help="cap on frames in flight per path (default %(default)s; the target's buffer count "
-                        "also caps it)")
-    p.add_argument("--no-helper", action="store_true", help="use the pure-Python data path")
-
-
-def positive(kind, zero_too=False):
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a number" % text)
-        if value < 0 or value == 0 and not zero_too:
-            raise argparse.ArgumentTypeError("must be %s 0" % ("at least" if zero_too else "greater than"))
-        return value
-    return check
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError("must be between 0 and 1")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line and exit status 2."""
-
-    def error(self, message):
-        raise usage_error("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
-
-
-def build_parser():
-    parser = Parser(prog=PROG, description="User-space ATA over Ethernet initiator and target.",
-                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                    epilog="Run '%s COMMAND --help' for a command's options and examples." % PROG)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    def command(name, func, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog="examples:\n" + "\n".join("  " + l for l in EXAMPLES[name].splitlines()),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("interfaces", cmd_interfaces, "list network interfaces and which ones AoE uses")
-    add_common(p)
-
-    p = command("discover", cmd_discover, "find AoE targets (broadcast Query Config)")
-    add_common(p)
-    add_wait(p)
-
-    p = command("stat", cmd_stat, "show AoE devices: size, interfaces, payload, state")
-    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these devices")
-    p.add_argument("-a", "--all", action="store_true", help="also devices that do not answer IDENTIFY")
-    add_common(p)
-    add_wait(p)
-
-    p = command("ping", cmd_ping, "check that one target answers (like aoeping)")
-    p.add_argument("shelf", type=int)
-    p.add_argument("slot", type=int)
-    p.add_argument("interface")
-    p.add_argument("-I", dest="identify", action="store_true", help="print IDENTIFY fields")
-    p.add_argument("-i", dest="identify_hex", action="store_true", help="dump IDENTIFY data as hex")
-    p.add_argument("-s", dest="timeout", type=positive(float), default=5.0, metavar="SECS",
-                   help="give up after this long (default %(default)s)")
-    add_common(p, iface=False)
-
-    p = command("cfg", cmd_cfg, "read, test or set config strings (like aoecfg)")
-    p.add_argument("target", nargs="*", metavar="[eX.Y | SHELF SLOT] [IFACE]")
-    p.add_argument("-c", dest="command", choices=sorted(CCMD_NAMES), default="read",
-                   help="read (default), test (exact match), prefix, set (only if empty), fset (force)")
-    p.add_argument("-s", dest="string", metavar="STRING", help="the config string")
-    p.add_argument("-t", dest="timeout", type=positive(float), default=DISCOVER_WAIT, metavar="SECS",
-                   help="how long to wait for answers (default %(default)s)")
-    p.add_argument("--mac", help="send to this target MAC instead of broadcasting")
-    add_common(p)
-
-    p = command("mask", cmd_mask, "read or edit a target's MAC mask list")
-    p.add_argument("device", metavar="eX.Y")
-    p.add_argument("--add", action="append", default=[], metavar="MAC")
-    p.add_argument("--delete", action="append", default=[], metavar="MAC")
-    add_common(p)
-    add_wait(p)
-
-    p = command("reserve", cmd_reserve, "read, set or release a target's reservation")
-    p.add_argument("device", metavar="eX.Y")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--set", nargs="*", metavar="MAC", help="reserve for these MACs (default: ours)")
-    g.add_argument("--release", action="store_true", help="release the reservation")
-    p.add_argument("--force", action="store_true", help="override another initiator's reservation")
-    add_common(p)
-    add_wait(p)
-
-    p = command("sancheck", cmd_sancheck, "check that MTUs and paths carry each target's frames")
-    p.add_argument("devices", nargs="*", metavar="eX.Y")
-    add_common(p)
-    add_wait(p)
-
-    p = command("read", cmd_read, "copy a device (or part) to a file or standard output")
-    p.add_argument("device", metavar="eX.Y")
-    p.add_argument("output", metavar="FILE|-")
-    p.add_argument("--offset", help="start here (bytes; k/M/G suffixes)")
-    p.add_argument("--length", help="this many bytes (default: to the end)")
-    p.add_argument("--resume", action="store_true", help="continue a partial image")
-    p.add_argument("--checksum", choices=["md5", "sha1", "sha256", "sha512"], help="print a checksum of the data")
-    add_common(p, json_flag=False)
-    add_wait(p)
-    add_engine(p)
-
-    p = command("write", cmd_write, "copy a file onto a device, then flush the target's cache")
-    p.add_argument("input", metavar="FILE")
-    p.add_argument("device", metavar="eX.Y")
-    p.add_argument("--offset", help="write starting here (bytes; k/M/G suffixes)")
-    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    add_common(p, json_flag=False)
-    add_wait(p)
-    add_engine(p)
-
-    p = command("bench", cmd_bench, "measure throughput, IOPS and latency")
-    p.add_argument("device", metavar="eX.Y")
-    p.add_argument("--bs", default="1M", help="block size (default %(default)s)")
-    p.add_argument("--qd", type=positive(int), default=16, help="requests in flight (default %(default)s)")
-    p.add_argument("--pattern", default="seq,rand", help="seq, rand or seq,rand (default %(default)s)")
-    p.add_argument("--seconds", type=positive(float), default=3.0, help="per test (default %(default)s)")
-    p.add_argument("--span", help="confine to the first SIZE bytes")
-    p.add_argument("--write", action="store_true", help="also run write tests (destroys data on the target)")
-    add_common(p)
-    add_wait(p)
-    add_engine(p)
-
-    p = command("serve", cmd_serve, "export a file or block device as an AoE target (like vblade)")
-    p.add_argument("shelf")
-    p.add_argument("slot")
-    p.add_argument("interface")
-    p.add_argument("file")
-    p.add_argument("-b", dest="bufcnt", type=positive(int), default=SERVE_BUFCNT,
-                   help="buffer count to advertise (default %(default)s; vblade's is 16)")
-    p.add_argument("-d", dest="direct", action="store_true", help="O_DIRECT")
-    p.add_argument("-s", dest="sync", action="store_true", help="O_SYNC: acknowledge writes once durable")
-    p.add_argument("-r", dest="readonly", action="store_true", help="read-only")
-    p.add_argument("-m", dest="mask", metavar="MAC[,MAC...]", help="answer only these initiators")
-    p.add_argument("-o", dest="offset", help="start of the export in the file (bytes)")
-    p.add_argument("-l", dest="length", help="length of the export (bytes)")
-    t = p.add_argument_group("testing aids (fault injection; never for production)")
-    t.add_argument("--fault-drop", type=fraction, default=0.0, metavar="P", help="drop this fraction of responses")
-    t.add_argument("--fault-duplicate", type=fraction, default=0.0, metavar="P", help="send some responses twice")
-    t.add_argument("--fault-delay", type=positive(float, zero_too=True), default=0.0, metavar="MS",
-                   help="delay every response")
-    t.add_argument("--fault-jitter", type=positive(float, zero_too=True), default=0.0, metavar="MS",
-                   help="vary the delay by up to this much either way (reorders responses)")
-    t.add_argument("--fault-reorder", type=fraction, default=0.0, metavar="P", help="hold back some responses")
-    t.add_argument("--fault-forge", type=fraction, default=0.0, metavar="P",
-                   help="send forged answers before the true one to this fraction of READs (a hostile target)")
-    t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
-    add_common(p, json_flag=False, iface=False)
-
-    p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN or /dev/nbdN, linked as "
-                                      "/dev/etherd/eX.Y)")
-    p.add_argument("device", nargs="*", metavar="eX.Y | PATTERN",
-                   help="the device; with --all, shell patterns such as 'e1.*' (default: all)")
-    p.add_argument("--all", action="store_true", help="attach every target that answers and matches")
-    p.add_argument("--watch", action="store_true",
-                   help="with --all: keep attaching targets as they appear (for a service)")
-    p.add_argument("--interval", type=positive(float), default=WATCH_INTERVAL, metavar="SECS",
-                   help="with --watch: discover this often (default %(default)s)")
-    p.add_argument("--flush-down", type=positive(float), metavar="SECS",
-                   help="with --watch: detach devices down this long (default: keep them)")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help="the kernel driver to attach with (default: ublk where it works, else nbd)")
-    p.add_argument("--ro", action="store_true", help="read-only block device")
-    p.add_argument("--foreground", action="store_true", help="serve in this process; logs to standard error")
-    p.add_argument("--recover", action="store_true",
-                   help="serve an attached device again after its daemon died")
-    p.add_argument("--upgrade", action="store_true",
-                   help="take an attached device over from its running daemon, I/O paused meanwhile (ublk with "
-                        "QUIESCE: Linux 6.16 or later)")
-    add_common(p)
-    add_wait(p)
-    add_engine(p)
-
-    p = command("detach", cmd_detach, "remove an attached device (flushes first; works if the target is gone)")
-    p.add_argument("device", metavar="eX.Y|/dev/ublkbN|/dev/nbdN")
-    p.add_argument("--force", action="store_true", help="even if mounted or open")
-    add_common(p, json_flag=False, iface=False)
-
-    p = command("flush", cmd_flush, "remove attached devices that are down (like aoe-flush)")
-    p.add_argument("devices", nargs="*", metavar="eX.Y", help="only these (down or not)")
-    p.add_argument("-a", "--all", action="store_true", help="all attached devices")
-    p.add_argument("--force", action="store_true", help="even if mounted or open")
-    add_common(p, json_flag=False, iface=False)
-
-    p = command("systemd-units", cmd_systemd_units, "print or install systemd units that attach devices at "
-                                                    "boot (aoe@eX.Y.service, aoe-all.service)")
-    p.add_argument("--install", action="store_true", help="write them to %s and reload systemd" % SYSTEMD_DIR)
-    p.add_argument("--dir", help="write them here instead")
-
-    p = command("links", cmd_links, "make links named like aoetools' commands (aoe-stat, aoeping, ...) to "
-                                    "aoe.py: run under those names it behaves like them")
-    p.add_argument("dir", metavar="DIR", help="where (e.g. /usr/local/sbin)")
-    p.add_argument("--force", action="store_true", help="replace files of those names")
-
-    p = command("revalidate", cmd_revalidate, "re-read a target's size; an attached device takes the new size "
-                                              "(ublk with UPDATE_SIZE: Linux 6.16 or later)")
-    p.add_argument("device", metavar="eX.Y")
-    p.add_argument("--force", action="store_true", help="shrink the device even while it is mounted or open")
-    add_common(p, json_flag=False)
-    add_wait(p)
-
-    p = command("demo", cmd_demo, "try everything on a private pair of namespaces with a built-in target")
-    p.add_argument("--mtu", type=int, default=9000, help="MTU of the demo's veth pair (default %(default)s)")
-
-    p = command("version", cmd_version, "print versions")
-    add_common(p, iface=False)
-    return parser
 
 
 def main(argv=None):

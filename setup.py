@@ -18,13 +18,16 @@ class OptionalHelper(build_ext):
         try:
             super().run()
         except Exception as e:               # no compiler, no headers: the pure-Python path
-            self.warn("aoe.py's compiled helper was not built (%s); aoe.py uses its pure-Python path" % e)
+            self.warn("aoe.py's compiled helper was not built (%s); "
+                      "aoe.py uses its pure-Python path" % e)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as e:
-            self.warn("aoe.py's compiled helper was not built (%s); aoe.py uses its pure-Python path" % e)
+            self.warn("aoe.py's compiled helper was not built (%s); "
+                      "aoe.py uses its pure-Python path" % e)
 
 
-setup(ext_modules=[build_ffi.extension(os.path.join("build", "cffi"))], cmdclass={"build_ext": OptionalHelper})
+setup(ext_modules=[build_ffi.extension(os.path.join("build", "cffi"))],
+      cmdclass={"build_ext": OptionalHelper})

@@ -71,7 +71,8 @@ def test_query_config_request_bytes():
 @pytest.mark.codec
 def test_query_config_response_parse_ignores_padding():
     body = b"\x00\x10" + b"\x40\x19" + b"\x11" + b"\x10" + b"\x00\x05" + b"hello"
-    raw = spec_header(MAC_I, MAC_T, 0x18, 0, 3, 7, 1, 0x80000002) + body  # 37 bytes, unpadded like vblade
+    # 37 bytes, unpadded like vblade
+    raw = spec_header(MAC_I, MAC_T, 0x18, 0, 3, 7, 1, 0x80000002) + body
     f = aoe.parse_frame(raw)
     assert (f.shelf, f.slot, f.command, f.tag, f.src) == (3, 7, 1, 0x80000002, MAC_T)
     assert f.is_response and not f.is_error
@@ -131,8 +132,10 @@ def test_malformed_frames_are_rejected_by_reason(raw, reason):
 @pytest.mark.codec
 def test_truncated_bodies_are_rejected():
     head = spec_header(MAC_I, MAC_T, 0x18, 0, 0, 1, 1, 1)
-    for parse, body in ((aoe.parse_cfg, b"\x00" * 7), (aoe.parse_cfg, b"\x00" * 6 + b"\x00\x09" + b"x"),
-                        (aoe.parse_ata, b"\x00" * 11), (aoe.parse_mask, b"\x00\x00\x00\x02" + bytes(8)),
+    for parse, body in ((aoe.parse_cfg, b"\x00" * 7),
+                        (aoe.parse_cfg, b"\x00" * 6 + b"\x00\x09" + b"x"),
+                        (aoe.parse_ata, b"\x00" * 11),
+                        (aoe.parse_mask, b"\x00\x00\x00\x02" + bytes(8)),
                         (aoe.parse_reserve, b"\x00\x01" + bytes(5))):
         with pytest.raises(aoe.FrameError):
             parse(aoe.parse_frame(head + body))
@@ -181,7 +184,8 @@ def test_build_identify_is_parsed_back():
 
 
 @pytest.mark.codec
-@pytest.mark.parametrize("text, expect", [("e0.1", (0, 1)), ("3.7", (3, 7)), ("E65534.254", (65534, 254))])
+@pytest.mark.parametrize("text, expect",
+                         [("e0.1", (0, 1)), ("3.7", (3, 7)), ("E65534.254", (65534, 254))])
 def test_device_names(text, expect):
     assert aoe.parse_device(text) == expect
 
@@ -216,7 +220,8 @@ def test_status_text_names_errors():
 MS = 1000                                            # microseconds
 
 
-def policy_rounds(pol, t, rounds, step=100, answered=0, lost=0, spurious=0, needed=0, late=0, rtt=100):
+def policy_rounds(pol, t, rounds, step=100, answered=0, lost=0, spurious=0, needed=0, late=0,
+                  rtt=100):
     """Feed `rounds` identical pump rounds `step` us apart; returns the time after them."""
     for _ in range(rounds):
         t += step
@@ -244,7 +249,8 @@ def test_policy_silence_halves_once_per_timeout_and_backs_off():
     t += rto + 1                                      # nothing answered for a whole timeout
     t = policy_rounds(pol, t, 1, lost=16)
     assert (pol.window, pol.ssthresh, pol.rto_us, pol.cuts) == (8, 8, 2 * rto, 1)
-    t = policy_rounds(pol, t, 5, step=10, lost=1)     # more losses in the same episode: no more cuts
+    # more losses in the same episode: no more cuts
+    t = policy_rounds(pol, t, 5, step=10, lost=1)
     assert (pol.window, pol.cuts) == (8, 1)
     t = policy_rounds(pol, t + pol.rto_us, 1, lost=1)   # the next episode, still silent
     assert (pol.window, pol.rto_us, pol.cuts) == (4, 4 * rto, 2)
@@ -287,7 +293,8 @@ def test_policy_grows_back_by_slow_start_then_one_per_window():
     pol = aoe.PathPolicy(32, 0)
     t = policy_rounds(pol, 0, 10, answered=32)
     t = policy_rounds(pol, t + pol.rto_us + 1, 1, lost=32)
-    t = policy_rounds(pol, t + pol.rto_us + 1, 1, lost=16)    # silent for two episodes: 32 -> 16 -> 8
+    # silent for two episodes: 32 -> 16 -> 8
+    t = policy_rounds(pol, t + pol.rto_us + 1, 1, lost=16)
     assert (pol.window, pol.ssthresh) == (8, 8)
     pol.ssthresh = 16                                         # as if cut once from 32
     t = policy_rounds(pol, t, 1, answered=5)
@@ -337,7 +344,8 @@ def test_engine_fails_after_deadsecs_of_silence_not_before():
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with ours, theirs:
         now = [0]
-        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T]), deadsecs=5, clock=lambda: now[0])
+        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T]), deadsecs=5,
+                            clock=lambda: now[0])
         rid = engine.submit(aoe.OP_READ, 0, 1, bytearray(512))
         for second in range(5):
             now[0] = second * 1000000 + 999999
@@ -369,13 +377,14 @@ class ScriptedTarget:
                 return frames
 
     @staticmethod
-    def answer(request, data=None, tag=None, src=MAC_T, shelf=3, flags=aoe.AOEFL_RSP, lba=None, count=0,
-               aflags=None, status=aoe.ATA_DRDY, err=0):
+    def answer(request, data=None, tag=None, src=MAC_T, shelf=3, flags=aoe.AOEFL_RSP, lba=None,
+               count=0, aflags=None, status=aoe.ATA_DRDY, err=0):
         """The answer to `request`, right unless told otherwise."""
         f = aoe.parse_frame(request)
         a = aoe.parse_ata(f)
         if data is None:
-            data = b"" if a.aflags & aoe.AOEAFL_WRITE or not a.count else sector_data(a.lba, a.count)
+            data = (b"" if a.aflags & aoe.AOEAFL_WRITE or not a.count
+                    else sector_data(a.lba, a.count))
         reply = aoe.AtaFields(a.aflags if aflags is None else aflags, err, count, status,
                               a.lba if lba is None else lba, data)
         return aoe.pack_ata(f.src, src, shelf, 7, f.tag if tag is None else tag, reply, flags)
@@ -396,15 +405,18 @@ def pump_for(kind, sock, seed=7):
         need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
         pump = aoe.HelperPump(helper, 3, 7, True, 2, seed, frames=64)
     else:
-        pump = aoe.PyPump(3, 7, True, 2, seed, frames=64)   # small: forged tags name slots past the end
+        # small: forged tags name slots past the end
+        pump = aoe.PyPump(3, 7, True, 2, seed, frames=64)
     pump.add_path(PairPort(sock, MAC_I), MAC_T)
     path = pump.paths[0]
-    path.maxout, path.rto_us, path.reorder_us = 8, 60000000, 60000000   # nothing expires unless told
+    # nothing expires unless told
+    path.maxout, path.rto_us, path.reorder_us = 8, 60000000, 60000000
     return pump
 
 
 def pump_script(kind):
-    """Requests and hostile answers, the same for either pump; returns what the pump made of them."""
+    """Requests and hostile answers, the same for either pump; returns what the pump made of
+    them."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with ours, theirs:
         pump, target = pump_for(kind, ours), ScriptedTarget(theirs)
@@ -427,43 +439,60 @@ def pump_script(kind):
         pump.submit(4, aoe.OP_FLUSH, 0, 0, None)              # one, once the window has room
         rounds()
         reqs = target.requests()
+        # the window
         assert [(a.lba, a.count) for a in (aoe.parse_ata(aoe.parse_frame(r)) for r in reqs)] == \
-            [(100, 2), (102, 2), (104, 2), (106, 2), (200, 2), (202, 2), (300, 2), (302, 2)]   # the window
+            [(100, 2), (102, 2), (104, 2), (106, 2), (200, 2), (202, 2), (300, 2), (302, 2)]
         tag = [aoe.parse_frame(r).tag for r in reqs]
         rounds([
-            target.answer(reqs[0], tag=tag[0] ^ 1 << 17),                  # one tag bit flipped: bad_tag
-            target.answer(reqs[0], tag=retag(tag[0] + (1 << 16))),         # the next generation: stale
-            target.answer(reqs[0], src=MAC_I),                             # another MAC: bad_mac
-            target.answer(reqs[0], data=sector_data(100, 1)),              # too little data: short
-            target.answer(reqs[1], tag=tag[0]),                            # frame 1's answer, 0's tag: echo
-            target.answer(reqs[0], lba=102),                               # the wrong LBA echoed: echo
-            target.answer(reqs[0], count=3),                               # more sectors than asked: echo
-            target.answer(reqs[0], aflags=aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE),   # a write's echo: echo
-            target.answer(reqs[0], shelf=4),                               # another target: foreign
-            target.answer(reqs[0], flags=0),                               # not an answer: not_response
-            target.answer(reqs[0], data=b"\xee" * 1024, tag=retag(0xC0000000 | 12345 << 1)),  # stale
+            # one tag bit flipped: bad_tag
+            target.answer(reqs[0], tag=tag[0] ^ 1 << 17),
+            # the next generation: stale
+            target.answer(reqs[0], tag=retag(tag[0] + (1 << 16))),
+            # another MAC: bad_mac
+            target.answer(reqs[0], src=MAC_I),
+            # too little data: short
+            target.answer(reqs[0], data=sector_data(100, 1)),
+            # frame 1's answer, 0's tag: echo
+            target.answer(reqs[1], tag=tag[0]),
+            # the wrong LBA echoed: echo
+            target.answer(reqs[0], lba=102),
+            # more sectors than asked: echo
+            target.answer(reqs[0], count=3),
+            # a write's echo: echo
+            target.answer(reqs[0], aflags=aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE),
+            # another target: foreign
+            target.answer(reqs[0], shelf=4),
+            # not an answer: not_response
+            target.answer(reqs[0], flags=0),
+            # stale
+            target.answer(reqs[0], data=b"\xee" * 1024, tag=retag(0xC0000000 | 12345 << 1)),
         ] + [target.answer(reqs[i]) for i in (0, 1, 2, 3, 4, 6)]         # 5 and 7 stay unanswered
           + [target.answer(reqs[0])])                                      # a duplicate: stale
         marks = [sorted(done), len(expired)]
         flush = target.requests()
-        assert [aoe.parse_ata(aoe.parse_frame(r)).cmd_status for r in flush] == [aoe.ATA_CMD_FLUSH_EXT]
+        assert [aoe.parse_ata(aoe.parse_frame(r)).cmd_status for r in flush] == \
+            [aoe.ATA_CMD_FLUSH_EXT]
         pump.paths[0].rto_us = 0                              # 5, 7 and the flush expire ...
         rounds()
-        for slot in reversed(expired):                        # ... and are resent, in order, as Engine does
+        # ... and are resent, in order, as Engine does
+        for slot in reversed(expired):
             pump.resend(slot)
         pump.paths[0].rto_us = 60000000
         marks += [len(expired)]
         rounds()
         again = target.requests()
         assert [aoe.parse_ata(aoe.parse_frame(r)).lba for r in again] == [202, 302, 0]
-        rounds([target.answer(reqs[5]),                      # the first transmission answers: spurious
+        # the first transmission answers: spurious
+        rounds([target.answer(reqs[5]),
                 target.answer(again[1]),                     # the resend answers: needed
                 target.answer(again[0]),                     # the resend of the spurious one: stale
                 target.answer(again[2], status=aoe.ATA_DRDY | aoe.ATA_ERR, err=aoe.ATA_ABORTED)])
         marks += [sorted(done)]
-        rounds([target.answer(reqs[7])])                      # the one a resend completed, late: late
+        # the one a resend completed, late: late
+        rounds([target.answer(reqs[7])])
         nonzero = lambda counts: {k: v for k, v in counts.items() if v and k != "send_eagain"}
-        return marks, nonzero(pump.drops), nonzero(pump.stats), bytes(bufs[1]), bytes(bufs[2]), pump.busy
+        return (marks, nonzero(pump.drops), nonzero(pump.stats), bytes(bufs[1]), bytes(bufs[2]),
+                pump.busy)
 
 
 @pytest.mark.engine
@@ -496,10 +525,11 @@ def test_pumps_agree_and_take_only_true_answers():
     flush_failed = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
     assert marks == [[(1, 0)], 0, 3, [(1, 0), (2, 0), (3, 0), (4, flush_failed)]]
     assert buf1 == sector_data(100, 8) and buf2 == sector_data(200, 4)
-    assert drops == {"bad_tag": 1, "stale": 4, "late": 1, "bad_mac": 1, "short": 1, "echo": 4, "foreign": 1,
-                     "not_response": 1}
-    assert counters == {"frames_sent": 12, "frames_resent": 3, "frames_recv": 9, "bytes_data": 8 * 1024,
-                        "resent_needed": 2, "resent_spurious": 1, "errors": 1}
+    assert drops == {"bad_tag": 1, "stale": 4, "late": 1, "bad_mac": 1, "short": 1, "echo": 4,
+                     "foreign": 1, "not_response": 1}
+    assert counters == {"frames_sent": 12, "frames_resent": 3, "frames_recv": 9,
+                        "bytes_data": 8 * 1024, "resent_needed": 2, "resent_spurious": 1,
+                        "errors": 1}
     assert not busy
 
 # -----------------------------------------------------------------------------
@@ -523,21 +553,24 @@ class Bench(aoe.NetLab):
 
     def vblade(self, shelf, slot, path, *opts):
         need(shutil.which("vblade"), "needs vblade (apt-get install vblade)")
-        return self.start(self.tgt_ns, ["vblade"] + list(opts) + [str(shelf), str(slot), self.tgt_if, path],
+        return self.start(self.tgt_ns,
+                          ["vblade"] + list(opts) + [str(shelf), str(slot), self.tgt_if, path],
                           ready="pid ")
 
     def run(self, ns, argv, timeout=120):
         return subprocess.run(self.argv(ns, argv), capture_output=True, text=True, timeout=timeout)
 
     def mac(self, side):
-        return super().mac(*((self.ini_ns, self.ini_if) if side == "ini" else (self.tgt_ns, self.tgt_if)))
+        return super().mac(*((self.ini_ns, self.ini_if) if side == "ini"
+                             else (self.tgt_ns, self.tgt_if)))
 
     def aoe(self, *args, timeout=300, env=None, binary=False):
         """aoe.py in the initiator namespace, limited to the test's interfaces."""
         full_env = self.env()
         full_env.update(env or {})
-        return subprocess.run(self.aoe_argv(self.ini_ns, args), capture_output=True, timeout=timeout,
-                              env=full_env, **({} if binary else {"errors": "replace"}))
+        return subprocess.run(self.aoe_argv(self.ini_ns, args), capture_output=True,
+                              timeout=timeout, env=full_env,
+                              **({} if binary else {"errors": "replace"}))
 
     def aoe_json(self, *args):
         r = self.aoe(*args, "--json")
@@ -562,7 +595,8 @@ def make_file(path, size, random_bytes=0):
     return str(path)
 
 
-CONFIG_37 = "rack 4, host-a: config string for e3.7"   # >= 28 bytes so vblade's answer is not a runt
+# >= 28 bytes so vblade's answer is not a runt
+CONFIG_37 = "rack 4, host-a: config string for e3.7"
 
 
 @pytest.fixture(scope="module", params=[1500, 9000], ids=["mtu1500", "mtu9000"])
@@ -625,10 +659,13 @@ def test_cfg_round_trip_and_aoecfg_agrees(vblades):
     assert vblades.aoe("cfg", "-c", "fset", "-s", ours, "e3.7").returncode == 0
     r = vblades.aoe("cfg", "e3.7")
     assert r.returncode == 0 and r.stdout.strip() == ours
-    theirs = vblades.run(vblades.ini_ns, ["aoecfg", "-t", "2", "3", "7", vblades.ini_if], timeout=10)
+    theirs = vblades.run(vblades.ini_ns, ["aoecfg", "-t", "2", "3", "7", vblades.ini_if],
+                         timeout=10)
     assert theirs.stdout.strip() == ours
     other = "set by aoecfg, read back by aoe.py ok"
-    vblades.run(vblades.ini_ns, ["aoecfg", "-c", "fset", "-s", other, "-t", "2", "3", "7", vblades.ini_if], timeout=10)
+    vblades.run(vblades.ini_ns,
+                ["aoecfg", "-c", "fset", "-s", other, "-t", "2", "3", "7", vblades.ini_if],
+                timeout=10)
     r = vblades.aoe("cfg", "e3.7")
     assert r.stdout.strip() == other
     # set only when empty: refused by name, exit 1
@@ -636,7 +673,8 @@ def test_cfg_round_trip_and_aoecfg_agrees(vblades):
     assert r.returncode == 1 and "config string present" in r.stderr
     assert vblades.aoe("cfg", "-c", "test", "-s", other, "e3.7").returncode == 0
     assert vblades.aoe("cfg", "-c", "test", "-s", "no such", "e3.7").returncode == 1
-    assert vblades.aoe("cfg", "-c", "prefix", "-s", "set by aoecfg").stdout.strip() == "e3.7\t" + other
+    assert vblades.aoe("cfg", "-c", "prefix", "-s", "set by aoecfg").stdout.strip() == \
+        "e3.7\t" + other
     mac = vblades.mac("tgt")
     r = vblades.aoe("cfg", "--mac", mac, "-c", "fset", "-s", CONFIG_37, "e3.7")
     assert r.returncode == 0 and r.stdout.strip() == CONFIG_37
@@ -673,8 +711,8 @@ def test_read_write_round_trip_and_read_only(vblades, data_path):
         f.seek(1 << 20)
         assert f.read(len(data)) == data
         assert f.read(512 - len(data) % 512) == after[:512 - len(data) % 512]
-    r = vblades.aoe("read", "e0.1", "-", "--offset", "1M", "--length", str(len(data) // 512 * 512), binary=True,
-                    env=data_path)
+    r = vblades.aoe("read", "e0.1", "-", "--offset", "1M", "--length", str(len(data) // 512 * 512),
+                    binary=True, env=data_path)
     assert r.returncode == 0 and r.stdout == data[:len(data) // 512 * 512]
     r = vblades.aoe("write", "--yes", src, "e0.2", env=data_path)
     assert r.returncode == 1 and "read-only" in r.stderr
@@ -771,7 +809,8 @@ def test_bad_input_gives_one_line_and_exit_code(vblades):
         r = vblades.aoe(*args)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert r.stderr.count("\n") == 1 and text in r.stderr, (args, r.stderr)
-    r = vblades.run(vblades.ini_ns, ["ip", "link", "add", "down0", "type", "veth", "peer", "name", "down1"])
+    r = vblades.run(vblades.ini_ns,
+                    ["ip", "link", "add", "down0", "type", "veth", "peer", "name", "down1"])
     assert r.returncode == 0, r.stderr
     r = vblades.aoe("discover", "--iface", "down0")
     assert r.returncode == 2 and "down0 is down" in r.stderr and r.stderr.count("\n") == 1
@@ -783,7 +822,8 @@ def test_without_privilege_says_so(vblades):
     r = vblades.run(vblades.ini_ns, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                      "--inh-caps=-all", sys.executable, AOE_PY, "discover",
                                      "--iface", vblades.ini_if])
-    assert r.returncode == 2 and "need root or CAP_NET_RAW" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "need root or CAP_NET_RAW" in r.stderr and \
+        r.stderr.count("\n") == 1
 
 
 # -----------------------------------------------------------------------------
@@ -800,8 +840,9 @@ def served(request, tmp_path_factory):
                        "e1.2": make_file(tmp / "s12", 4 << 20, 4 << 20)}
         bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "1", "1", bench.tgt_if,
                                    bench.files["e1.1"]], ready="pid ")
-        bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "-r", "-o", "1M", "-l", "2M", "1", "2",
-                                   bench.tgt_if, bench.files["e1.2"]], ready="pid ")
+        bench.start(bench.tgt_ns,
+                    [sys.executable, AOE_PY, "serve", "-r", "-o", "1M", "-l", "2M", "1", "2",
+                     bench.tgt_if, bench.files["e1.2"]], ready="pid ")
         yield bench
     finally:
         bench.close()
@@ -846,14 +887,16 @@ def test_aoetools_against_serve(served):
     r = served.run(served.ini_ns, ["aoeping", "-I", "-s", "5", "1", "1", served.ini_if], timeout=10)
     assert r.returncode == 0, r.stderr
     assert "model: aoe.py export" in r.stdout and "serial_number: 1.1:" in r.stdout
-    r = served.run(served.ini_ns, ["aoecfg", "-c", "fset", "-s", "short", "-t", "2", "1", "1", served.ini_if],
+    r = served.run(served.ini_ns,
+                   ["aoecfg", "-c", "fset", "-s", "short", "-t", "2", "1", "1", served.ini_if],
                    timeout=10)
     assert r.stdout.strip() == "short"
     assert served.aoe("cfg", "e1.1").stdout.strip() == "short"
     assert served.aoe("cfg", "-c", "fset", "-s", "from aoe.py", "e1.1").returncode == 0
     r = served.run(served.ini_ns, ["aoecfg", "-t", "2", "1", "1", served.ini_if], timeout=10)
     assert r.stdout.strip() == "from aoe.py"
-    r = served.run(served.ini_ns, ["aoecfg", "-c", "set", "-s", "other", "-t", "2", "1", "1", served.ini_if],
+    r = served.run(served.ini_ns,
+                   ["aoecfg", "-c", "set", "-s", "other", "-t", "2", "1", "1", served.ini_if],
                    timeout=10)
     assert r.stdout.strip() == "*badcfg*"
 
@@ -865,28 +908,36 @@ def test_aoetools_drop_in_acts_like_aoetools(served, tmp_path):
     aoe-stat, aoe-interfaces, aoe-flush, aoe-revalidate and aoe-version take their arguments
     and answer in their format."""
     need(all(shutil.which(t) for t in ("aoeping", "aoecfg", "aoe-sancheck")), "needs aoetools")
-    copy = tmp_path / "aoe.py"                      # links makes its target executable: a copy of ours
+    # links makes its target executable: a copy of ours
+    copy = tmp_path / "aoe.py"
     shutil.copy(AOE_PY, copy)
-    assert subprocess.run([sys.executable, str(copy), "links", str(tmp_path / "bin")]).returncode == 0
+    assert subprocess.run([sys.executable, str(copy), "links",
+                           str(tmp_path / "bin")]).returncode == 0
     ifname = served.ini_if
 
     def run(tool, *args, ours=True):
-        argv = [str(tmp_path / "bin" / tool) if ours else tool] + [a.replace("IF", ifname) for a in args]
-        return subprocess.run(served.argv(served.ini_ns, argv), capture_output=True, text=True, timeout=60,
-                              env=served.env())
+        argv = ([str(tmp_path / "bin" / tool) if ours else tool]
+                + [a.replace("IF", ifname) for a in args])
+        return subprocess.run(served.argv(served.ini_ns, argv), capture_output=True, text=True,
+                              timeout=60, env=served.env())
 
     def same(tool, *args, masked=lambda text: text):
         real, ours = run(tool, *args, ours=False), run(tool, *args)
-        assert (ours.returncode, masked(ours.stdout)) == (real.returncode, masked(real.stdout)), (tool, args)
+        assert (ours.returncode, masked(ours.stdout)) == (real.returncode, masked(real.stdout)), \
+            (tool, args)
         return ours
-    tagless = lambda text: "\n".join(line for i, line in enumerate(text.splitlines())   # the query's tag
+    # the query's tag
+    tagless = lambda text: "\n".join(line for i, line in enumerate(text.splitlines())
                                      if not line.startswith("tag:") and i != 6)
-    assert "found e1.1 with mac" in same("aoeping", "-v", "-s", "3", "1", "1", "IF", masked=tagless).stdout
+    assert "found e1.1 with mac" in same("aoeping", "-v", "-s", "3", "1", "1", "IF",
+                                         masked=tagless).stdout
     assert "model: aoe.py export" in same("aoeping", "-I", "-s", "3", "1", "1", "IF").stdout
     assert "device identify response:" in same("aoeping", "-i", "-s", "3", "1", "2", "IF").stdout
-    assert same("aoeping", "-s", "1", "1", "9", "IF").returncode == -signal.SIGALRM     # its timer ends it
+    # its timer ends it
+    assert same("aoeping", "-s", "1", "1", "9", "IF").returncode == -signal.SIGALRM
     assert same("aoeping", "1").returncode == 1
-    assert same("aoecfg", "-c", "fset", "-s", "drop-in", "-t", "2", "1", "1", "IF").stdout == "drop-in\n"
+    assert same("aoecfg", "-c", "fset", "-s", "drop-in", "-t", "2", "1", "1", "IF").stdout == \
+        "drop-in\n"
     assert same("aoecfg", "-t", "2", "1", "1", "IF").stdout == "drop-in\n"
     assert same("aoecfg", "-c", "bogus").returncode == 1
     assert "e1.2\t   1\t" in same("aoe-sancheck").stdout
@@ -894,8 +945,9 @@ def test_aoetools_drop_in_acts_like_aoetools(served, tmp_path):
     r = run("aoe-stat")
     assert r.returncode == 0, r.stderr
     rows, payload = r.stdout.splitlines(), aoe.frame_sectors(served.mtu) * 512
-    assert [line.split() for line in rows] == [["e1.1", "0.033GB", ifname, str(payload), "up"],
-                                               ["e1.2", "0.002GB", ifname, str(payload), "up"]], rows
+    assert [line.split() for line in rows] == [
+        ["e1.1", "0.033GB", ifname, str(payload), "up"],
+        ["e1.2", "0.002GB", ifname, str(payload), "up"]], rows
     assert rows[0] == "%10s %15s %10s %-5s %-14s" % ("e1.1", "0.033GB", ifname, payload, "up")
     assert run("aoe-stat", "e1.2").stdout.split() == rows[1].split()
     assert run("aoe-stat", "e7").returncode == 1
@@ -903,7 +955,8 @@ def test_aoetools_drop_in_acts_like_aoetools(served, tmp_path):
     assert (run("aoe-interfaces").stdout, run("aoe-interfaces", "IF").returncode) == ("\n", 0)
     assert run("aoe-interfaces").stdout == ifname + "\n"
     r = run("aoe-interfaces", "nosuch0")
-    assert (r.returncode, r.stderr) == (1, 'aoe-interfaces Error: "nosuch0" is not a network interface\n')
+    assert (r.returncode, r.stderr) == \
+        (1, 'aoe-interfaces Error: "nosuch0" is not a network interface\n')
     assert run("aoe-interfaces", "-c", "x").returncode == 1
     assert run("aoe-interfaces", "-c").returncode == 0 and run("aoe-interfaces").stdout == "\n"
     r = run("aoe-flush", "e9.9")
@@ -942,18 +995,18 @@ def test_systemd_units_verify(tmp_path):
     """The units `systemd-units` writes pass systemd-analyze verify without a warning (the
     template as an instance), and run this aoe.py as the service manager would."""
     need(shutil.which("systemd-analyze"), "needs systemd-analyze (apt-get install systemd)")
-    r = subprocess.run([sys.executable, AOE_PY, "systemd-units", "--dir", str(tmp_path)], capture_output=True,
-                       text=True)
+    r = subprocess.run([sys.executable, AOE_PY, "systemd-units", "--dir", str(tmp_path)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shutil.copy(tmp_path / "aoe@.service", tmp_path / "aoe@e0.1.service")
     for unit in ("aoe@e0.1.service", "aoe-all.service"):
-        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True,
-                           cwd=str(tmp_path))
+        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True,
+                           text=True, cwd=str(tmp_path))
         assert (v.returncode, v.stderr.strip()) == (0, ""), (unit, v.stderr)
         text = (tmp_path / unit).read_text()
         assert "Type=notify" in text and "After=network-online.target" in text
-    assert "ExecStart=%s %s attach --foreground %%i" % (sys.executable, os.path.abspath(AOE_PY)) in \
-        (tmp_path / "aoe@.service").read_text()
+    assert "ExecStart=%s %s attach --foreground %%i" \
+        % (sys.executable, os.path.abspath(AOE_PY)) in (tmp_path / "aoe@.service").read_text()
     assert "attach --all --watch" in (tmp_path / "aoe-all.service").read_text()
 
 
@@ -968,22 +1021,25 @@ def test_pip_install_gives_the_aoe_command(tmp_path):
         for kind, env in (("built", {}), ("not built", {"CC": "/bin/false"})):
             source = tmp_path / ("src-" + kind.replace(" ", "-"))    # a build of its own each
             source.mkdir()
-            for name in ("aoe.py", "_aoeio.c", "build_ffi.py", "setup.py", "pyproject.toml", "README.md"):
+            for name in ("aoe.py", "_aoeio.c", "build_ffi.py", "setup.py", "pyproject.toml",
+                         "README.md"):
                 shutil.copy(os.path.join(HERE, name), source / name)
             venv = tmp_path / ("venv-" + kind.replace(" ", "-"))
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             dist = tmp_path / ("dist-" + kind.replace(" ", "-"))
-            r = subprocess.run([str(venv / "bin" / "pip"), "wheel", "-q", "--no-cache-dir", "-w", str(dist),
-                                str(source)], capture_output=True, text=True, env=dict(os.environ, **env),
-                               timeout=600)
+            r = subprocess.run([str(venv / "bin" / "pip"), "wheel", "-q", "--no-cache-dir", "-w",
+                                str(dist), str(source)], capture_output=True, text=True,
+                               env=dict(os.environ, **env), timeout=600)
             assert r.returncode == 0, r.stderr[-2000:]
             wheel = [w for w in os.listdir(str(dist)) if w.startswith("aoe_py-")]
             r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(dist / wheel[0])],
                                capture_output=True, text=True, timeout=600)
             assert r.returncode == 0, r.stderr[-2000:]
-            r = subprocess.run([str(venv / "bin" / "aoe"), "version"], capture_output=True, text=True)
+            r = subprocess.run([str(venv / "bin" / "aoe"), "version"], capture_output=True,
+                               text=True)
             assert r.returncode == 0 and "helper %s" % kind in r.stdout, (kind, r.stdout, r.stderr)
-            r = subprocess.run(bench.argv(bench.ini_ns, [str(venv / "bin" / "aoe"), "discover", "--json"]),
+            r = subprocess.run(bench.argv(bench.ini_ns,
+                                          [str(venv / "bin" / "aoe"), "discover", "--json"]),
                                capture_output=True, text=True, env=bench.env(), timeout=60)
             assert r.returncode == 0, r.stderr
             assert [d["device"] for d in json.loads(r.stdout)] == ["e4.2"]
@@ -1017,7 +1073,8 @@ print(" ".join(answers))
 def wire_answers(bench, requests):
     """Send requests one at a time from the initiator side; each one's answer or None."""
     r = subprocess.run(bench.argv(bench.ini_ns, [sys.executable, "-c", EXCHANGE, bench.ini_if]),
-                       input=" ".join(f.hex() for f in requests), capture_output=True, text=True, timeout=60)
+                       input=" ".join(f.hex() for f in requests), capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     return [None if h == "-" else bytes.fromhex(h) for h in r.stdout.split()]
 
@@ -1042,7 +1099,8 @@ def comparable(kind, answer):
     if kind == "reserve":
         r = aoe.parse_reserve(f)
         return head + (r.rcmd, r.macs)
-    if kind == "flush":                     # vblade aborts FLUSH CACHE (EXT); serve carries them out
+    # vblade aborts FLUSH CACHE (EXT); serve carries them out
+    if kind == "flush":
         return head
     a = aoe.parse_ata(f)
     fields = head + (a.aflags, a.err_feature, a.count, a.cmd_status, a.lba)
@@ -1073,10 +1131,12 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
         def ata(kind, slot, cmd, lba=0, count=0, aflags=aoe.AOEAFL_EXT, data=b""):
             ext = aflags & aoe.AOEAFL_EXT
             return kind, aoe.pack_ata(them, me, 9, slot, next(tags),
-                                      aoe.AtaFields(aflags, 0, count, cmd, lba if ext else lba & 0x0FFFFFFF, data))
+                                      aoe.AtaFields(aflags, 0, count, cmd,
+                                                    lba if ext else lba & 0x0FFFFFFF, data))
 
         def cfg(slot, ccmd, config=b""):
-            return "cfg", aoe.pack_cfg(them, me, 9, slot, next(tags), aoe.ConfigInfo(ccmd=ccmd, config=config))
+            return "cfg", aoe.pack_cfg(them, me, 9, slot, next(tags),
+                                       aoe.ConfigInfo(ccmd=ccmd, config=config))
 
         write, read = aoe.ATA_CMD_PIO_WRITE_EXT, aoe.ATA_CMD_PIO_READ_EXT
         payload = bytes(range(256)) * 2 * scnt
@@ -1088,7 +1148,8 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
             cfg(9, aoe.AOECCMD_PTEST, b"fir"),
             cfg(9, aoe.AOECCMD_FSET, b"forced"),
             cfg(9, 9),                                              # unknown sub-command
-            ("cfg", aoe.pack_cfg(aoe.BROADCAST_MAC, me, 0xFFFF, 9, next(tags), aoe.ConfigInfo())),   # any shelf
+            # any shelf
+            ("cfg", aoe.pack_cfg(aoe.BROADCAST_MAC, me, 0xFFFF, 9, next(tags), aoe.ConfigInfo())),
             ata("identify", 9, aoe.ATA_CMD_ID_ATA, count=1, aflags=0),
             ata("identify", 8, aoe.ATA_CMD_ID_ATA, count=1, aflags=0),
             ata("read%d" % scnt, 9, read, 7, scnt),
@@ -1100,15 +1161,18 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
             ata("write", 9, write, 100, scnt, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload),
             ata("read%d" % scnt, 9, read, 100, scnt),
             ata("write", 9, aoe.ATA_CMD_PIO_WRITE, 300, 1, aoe.AOEAFL_WRITE, payload[:512]),
-            ata("write", 9, write, sectors - 1, 2, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload[:1024]),
-            ata("write", 8, write, 5, 1, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload[:512]),   # read-only
+            ata("write", 9, write, sectors - 1, 2, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE,
+                payload[:1024]),
+            # read-only
+            ata("write", 8, write, 5, 1, aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, payload[:512]),
             ata("flush", 9, aoe.ATA_CMD_FLUSH_EXT),
             ata("flush", 9, aoe.ATA_CMD_FLUSH, aflags=0),
             ata("power", 9, aoe.ATA_CMD_CHK_POWER, aflags=0),
             ata("other", 9, 0x99),                                   # unknown ATA command
             ("mask", aoe.pack_mask(them, me, 9, 9, next(tags), aoe.MaskInfo())),
             ("reserve", aoe.pack_reserve(them, me, 9, 9, next(tags), aoe.ReserveInfo())),
-            ("other", aoe.pack_header(them, me, 9, 9, 9, next(tags)) + bytes(40)),   # unknown AoE command
+            # unknown AoE command
+            ("other", aoe.pack_header(them, me, 9, 9, 9, next(tags)) + bytes(40)),
         ]
         frames = [frame for _, frame in requests]
         results, files = {}, {}
@@ -1118,8 +1182,11 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
             for path in (rw, ro):
                 with open(path, "wb") as f:
                     f.write(pristine)
-            procs = [bench.start(bench.tgt_ns, argv + ["-b", "16", "9", "9", bench.tgt_if, rw], ready="pid "),
-                     bench.start(bench.tgt_ns, argv + ["-b", "16", "-r", "9", "8", bench.tgt_if, ro], ready="pid ")]
+            procs = [bench.start(bench.tgt_ns, argv + ["-b", "16", "9", "9", bench.tgt_if, rw],
+                                 ready="pid "),
+                     bench.start(bench.tgt_ns,
+                                 argv + ["-b", "16", "-r", "9", "8", bench.tgt_if, ro],
+                                 ready="pid ")]
             try:
                 results[name] = wire_answers(bench, frames)
             finally:
@@ -1129,12 +1196,15 @@ def test_serve_answers_like_vblade(tmp_path, mtu):
             with open(rw, "rb") as f:
                 files[name] = f.read()
         assert len(results["vblade"]) == len(results["serve"]) == len(requests)
-        differ = ["%s %s: serve %r, vblade %r" % (kind, frame[:40].hex(), comparable(kind, ours), comparable(kind, theirs))
-                  for (kind, frame), theirs, ours in zip(requests, results["vblade"], results["serve"])
+        differ = ["%s %s: serve %r, vblade %r"
+                  % (kind, frame[:40].hex(), comparable(kind, ours), comparable(kind, theirs))
+                  for (kind, frame), theirs, ours in zip(requests, results["vblade"],
+                                                         results["serve"])
                   if comparable(kind, ours) != comparable(kind, theirs)]
         assert not differ, "\n".join(differ)
         assert sum(answer is not None for answer in results["vblade"]) >= len(requests) - 2
-        flushes = [aoe.parse_ata(aoe.parse_frame(answer)) for (kind, _), answer in zip(requests, results["serve"])
+        flushes = [aoe.parse_ata(aoe.parse_frame(answer))
+                   for (kind, _), answer in zip(requests, results["serve"])
                    if kind == "flush"]
         assert [(a.cmd_status, a.err_feature) for a in flushes] == [(aoe.ATA_DRDY, 0)] * 2
         assert files["serve"] == files["vblade"] != pristine
@@ -1157,7 +1227,8 @@ def test_serve_block_device_direct_and_sync(tmp_path, serve_path):
     bench = Bench(9000, tmp_path)
     try:
         synced = make_file(tmp_path / "synced", 8 << 20, 8 << 20)
-        serve = (["env", "AOE_NO_HELPER=1"] if serve_path == "python" else []) + [sys.executable, AOE_PY, "serve"]
+        serve = ((["env", "AOE_NO_HELPER=1"] if serve_path == "python" else [])
+                 + [sys.executable, AOE_PY, "serve"])
         for opts, slot, path in ((["-d"], "1", device), (["-s"], "2", synced)):
             bench.start(bench.tgt_ns, serve + opts + ["5", slot, bench.tgt_if, path], ready="pid ")
         data = os.urandom(3 << 20)
@@ -1181,7 +1252,8 @@ def test_serve_block_device_direct_and_sync(tmp_path, serve_path):
 @pytest.mark.net
 def test_serve_mask_and_reserve(served):
     path = make_file(os.path.join(str(served.tmp), "masked"), 1 << 20, 1 << 20)
-    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "3", served.tgt_if, path], ready="pid ")
+    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "3", served.tgt_if, path],
+                 ready="pid ")
     me, stranger = served.mac("ini"), "02:00:00:00:00:09"
     r = served.aoe("reserve", "e2.3", "--set", stranger)
     assert r.returncode == 0 and stranger in r.stdout
@@ -1189,7 +1261,8 @@ def test_serve_mask_and_reserve(served):
     assert r.returncode == 1 and "target is reserved" in r.stderr
     assert served.aoe("reserve", "e2.3", "--release", "--force").returncode == 0
     assert served.aoe("read", "e2.3", "-", "--length", "4k").returncode == 0
-    assert served.aoe_json("mask", "e2.3", "--add", me, "--add", stranger)["masks"] == [me, stranger]
+    assert served.aoe_json("mask", "e2.3", "--add", me, "--add", stranger)["masks"] == \
+        [me, stranger]
     assert served.aoe_json("mask", "e2.3", "--delete", stranger)["masks"] == [me]
     assert served.aoe_json("mask", "e2.3", "--delete", me)["masks"] == []
     assert served.aoe_json("mask", "e2.3", "--add", stranger)["masks"] == [stranger]
@@ -1202,9 +1275,10 @@ def test_engine_survives_faulty_target(served, data_path):
     """Dropped, duplicated and reordered answers still give identical data."""
     slot = "6" if data_path else "1"                 # one target per data path
     path = make_file(os.path.join(str(served.tmp), "faulty" + slot), 8 << 20, 8 << 20)
-    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-drop", "0.05", "--fault-duplicate",
-                                 "0.05", "--fault-reorder", "0.05", "--fault-seed", "7", "2", slot, served.tgt_if,
-                                 path], ready="pid ")
+    served.start(served.tgt_ns,
+                 [sys.executable, AOE_PY, "serve", "--fault-drop", "0.05", "--fault-duplicate",
+                  "0.05", "--fault-reorder", "0.05", "--fault-seed", "7", "2", slot, served.tgt_if,
+                  path], ready="pid ")
     out = os.path.join(str(served.tmp), "faulty%s.img" % slot)
     r = served.aoe("read", "e2." + slot, out, "-v", env=data_path)
     assert r.returncode == 0, r.stderr
@@ -1222,7 +1296,8 @@ def test_engine_survives_faulty_target(served, data_path):
 def drop_counts(stderr):
     """The counts on the 'dropped: ...' line aoe.py -v prints."""
     line = stderr.split("dropped: ", 1)[1].splitlines()[0]
-    return {} if line == "none" else {k: int(v) for k, v in (item.rsplit(" ", 1) for item in line.split(", "))}
+    return ({} if line == "none"
+            else {k: int(v) for k, v in (item.rsplit(" ", 1) for item in line.split(", "))})
 
 
 def window_cuts(stderr):
@@ -1239,8 +1314,9 @@ def test_hostile_target_never_gets_wrong_data_in(served, data_path):
     old answer: read returns the exact bytes, and each kind was dropped and counted."""
     slot = "7" if data_path else "8"
     path = make_file(os.path.join(str(served.tmp), "hostile" + slot), 6 << 20, 6 << 20)
-    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-forge", "1", "--fault-seed", "3",
-                                 "2", slot, served.tgt_if, path], ready="pid ")
+    served.start(served.tgt_ns,
+                 [sys.executable, AOE_PY, "serve", "--fault-forge", "1", "--fault-seed", "3",
+                  "2", slot, served.tgt_if, path], ready="pid ")
     out = path + ".img"
     r = served.aoe("read", "e2." + slot, out, "-v", env=data_path)
     assert r.returncode == 0, r.stderr
@@ -1269,12 +1345,15 @@ def test_stalling_consumer_causes_no_window_cut(served, data_path):
     millisecond of jitter: the read is exact, and no cut of the window stands."""
     slot = "9" if data_path else "10"
     path = make_file(os.path.join(str(served.tmp), "jitter" + slot), 24 << 20, 24 << 20)
-    served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-delay", "1", "--fault-jitter", "0.5",
-                                 "2", slot, served.tgt_if, path], ready="pid ")
-    reader = " ".join(shlex.quote(w) for w in served.aoe_argv(served.ini_ns, ["read", "e2." + slot, "-", "-v"]))
+    served.start(served.tgt_ns,
+                 [sys.executable, AOE_PY, "serve", "--fault-delay", "1", "--fault-jitter", "0.5",
+                  "2", slot, served.tgt_if, path], ready="pid ")
+    reader = " ".join(shlex.quote(w)
+                      for w in served.aoe_argv(served.ini_ns, ["read", "e2." + slot, "-", "-v"]))
     consumer = " ".join(shlex.quote(w) for w in [sys.executable, "-c", STALLING_READER])
-    r = subprocess.run(["bash", "-c", "set -o pipefail; %s | %s" % (reader, consumer)], capture_output=True,
-                       text=True, env=dict(served.env(), **data_path), timeout=300)
+    r = subprocess.run(["bash", "-c", "set -o pipefail; %s | %s" % (reader, consumer)],
+                       capture_output=True, text=True, env=dict(served.env(), **data_path),
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     with open(path, "rb") as f:
         assert r.stdout.strip() == hashlib.sha256(f.read()).hexdigest()
@@ -1283,13 +1362,15 @@ def test_stalling_consumer_causes_no_window_cut(served, data_path):
 
 
 def slow_target_read(served, name, shelf_slot, deadsecs):
-    """Start a long read from a target whose answers are slowed down; returns (read process, target, paths)."""
+    """Start a long read from a target whose answers are slowed down; returns (read process,
+    target, paths)."""
     path = make_file(os.path.join(str(served.tmp), name), 64 << 20, 64 << 20)
     target = served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "--fault-delay", "20"]
                           + shelf_slot + [served.tgt_if, path], ready="pid ")
     out = os.path.join(str(served.tmp), name + ".img")
-    reader = subprocess.Popen(served.aoe_argv(served.ini_ns, ["read", "e%s.%s" % tuple(shelf_slot), out,
-                                                                "--deadsecs", str(deadsecs)]),
+    reader = subprocess.Popen(served.aoe_argv(served.ini_ns,
+                                              ["read", "e%s.%s" % tuple(shelf_slot), out,
+                                               "--deadsecs", str(deadsecs)]),
                               env=served.env(), stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     assert reader.poll() is None, reader.stderr.read()
@@ -1317,8 +1398,8 @@ def test_target_back_within_deadsecs_completes_the_read(served):
         target.terminate()
         target.wait()
         time.sleep(2)
-        served.start(served.tgt_ns, [sys.executable, AOE_PY, "serve", "2", "5", served.tgt_if, path],
-                     ready="pid ")
+        served.start(served.tgt_ns,
+                     [sys.executable, AOE_PY, "serve", "2", "5", served.tgt_if, path], ready="pid ")
         _, err = reader.communicate(timeout=120)
     finally:
         reader.kill()
@@ -1334,8 +1415,8 @@ def test_demo_runs_and_cleans_up():
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         return [line for line in out.splitlines() if line.startswith("aoedemo")]
     before = demo_namespaces()
-    r = subprocess.run([sys.executable, AOE_PY, "demo", "--mtu", "1500"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, AOE_PY, "demo", "--mtu", "1500"], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "read-back matches" in r.stdout and "e0.1" in r.stdout
     assert demo_namespaces() == before
@@ -1369,7 +1450,8 @@ def test_sancheck_names_the_mtu_to_set(tmp_path):
         report = json.loads(bench.aoe("sancheck", "--json").stdout)
         assert report[0]["paths"][0]["path_sectors"] == 2 and report[0]["payload"] == 1024
         out = tmp_path / "img"
-        assert bench.aoe("read", "e0.1", str(out)).returncode == 0    # still works at 2 sectors a frame
+        # still works at 2 sectors a frame
+        assert bench.aoe("read", "e0.1", str(out)).returncode == 0
         assert out.read_bytes() == (tmp_path / "d").read_bytes()
     finally:
         bench.close()
@@ -1386,12 +1468,14 @@ def test_two_paths_are_used_together_and_fail_over(tmp_path):
         # 8 buffers per port and every answer 2 ms late: about 4 MB/s per path, so the
         # read is still going when the first 4 MiB have arrived and one port goes silent.
         for ifname in (bench.tgt_if, tgt_if2):
-            bench.start(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "-b", "8", "--fault-delay", "2", "4", "4",
-                                       ifname, path], ready="pid ")
+            bench.start(bench.tgt_ns,
+                        [sys.executable, AOE_PY, "serve", "-b", "8", "--fault-delay", "2", "4", "4",
+                         ifname, path], ready="pid ")
         rows = bench.aoe_json("stat")
         assert len(rows) == 1 and len(rows[0]["paths"]) == 2
         out = tmp_path / "img"
-        reader = subprocess.Popen(bench.aoe_argv(bench.ini_ns, ["read", "e4.4", str(out), "-v", "--deadsecs", "30"]),
+        reader = subprocess.Popen(bench.aoe_argv(bench.ini_ns, ["read", "e4.4", str(out), "-v",
+                                                                "--deadsecs", "30"]),
                                   env=bench.env(), stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and reader.poll() is None and (
@@ -1444,7 +1528,8 @@ def test_forged_answers_cannot_change_data(vblades, data_path):
         assert r.returncode == 0, r.stderr
         with open(out, "rb") as a, open(vblades.files["e0.1"], "rb") as b:
             assert a.read() == b.read(16 << 20)
-        drops = dict(item.rsplit(" ", 1) for item in r.stderr.split("dropped: ", 1)[1].strip().split(", "))
+        drops = dict(item.rsplit(" ", 1)
+                     for item in r.stderr.split("dropped: ", 1)[1].strip().split(", "))
         # A forgery that arrives after the real answer is stale; one before it, from the wrong MAC.
         forged_tag_drops = int(drops.get("bad_mac", 0)) + int(drops.get("stale", 0))
         assert forged_tag_drops > 100 and int(drops.get("foreign", 0)) > 100, r.stderr
@@ -1462,15 +1547,16 @@ def test_read_resume_and_checksum(vblades):
     with open(part, "wb") as f, open(full, "rb") as g:
         f.write(g.read((3 << 20) + 700))               # an interrupted image, not sector aligned
     r = vblades.aoe("read", "e0.1", part, "--length", "8M", "--resume", "--checksum", "sha256")
-    assert r.returncode == 0 and "resuming" in r.stderr and "at byte %d" % (3 << 20 | 512) in r.stderr
+    assert r.returncode == 0 and "resuming" in r.stderr and \
+        "at byte %d" % (3 << 20 | 512) in r.stderr
     assert r.stdout.split()[0] == digest
     with open(part, "rb") as a, open(full, "rb") as b:
         assert a.read() == b.read()
 
 
 PEAK_MEMORY = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-               "sys.stderr.write('peak rss %d KiB\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-               "sys.exit(r.returncode)")
+               "sys.stderr.write('peak rss %d KiB\\n' % "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 
 
 @pytest.mark.net
@@ -1486,9 +1572,11 @@ def test_one_gib_image_byte_for_byte(vblades, data_path):
                 f.write(os.urandom(1 << 20))
         slot = "8" if data_path else "9"
         vblade = vblades.vblade(5, slot, src)
-        r = subprocess.run(vblades.argv(vblades.ini_ns, [sys.executable, "-c", PEAK_MEMORY, sys.executable, AOE_PY,
-                                                         "read", "e5." + slot, out]),
-                           env=dict(vblades.env(), **data_path), capture_output=True, text=True, timeout=300)
+        r = subprocess.run(vblades.argv(vblades.ini_ns,
+                                        [sys.executable, "-c", PEAK_MEMORY, sys.executable, AOE_PY,
+                                         "read", "e5." + slot, out]),
+                           env=dict(vblades.env(), **data_path), capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 0, r.stderr
         assert subprocess.run(["cmp", src, out]).returncode == 0
         peak_kib = int(r.stderr.split("peak rss ")[1].split()[0])
@@ -1520,13 +1608,17 @@ def random_request(rng, scnt, target_mac, initiators):
     verfl = rng.choice([0x10] * 8 + [0x18, 0x20, 0x14])
     cmd = rng.choice([0] * 10 + [1, 2, 3, 9])
     head = (rng.choice([target_mac, b"\xff" * 6]) + rng.choice(initiators) + b"\x88\xa2"
-            + bytes([verfl, 0]) + shelf.to_bytes(2, "big") + bytes([slot, cmd]) + rng.getrandbits(32).to_bytes(4, "big"))
+            + bytes([verfl, 0]) + shelf.to_bytes(2, "big") + bytes([slot, cmd])
+            + rng.getrandbits(32).to_bytes(4, "big"))
     ata_cmd = rng.choice([0x20, 0x24, 0x30, 0x34] * 4 + [0xEC, 0xE7, 0x99])
     count = rng.choice([0, 1, scnt, scnt, scnt + 1, 255])
     lba = rng.choice([0, 1, 1999, 2000, rng.randrange(2100), rng.getrandbits(48), (1 << 28) + 5])
-    body = bytes([rng.choice([0, 0x40, 0x41, 0x01]), 0, count, ata_cmd]) + lba.to_bytes(8, "little")[:6] + b"\0\0"
+    body = (bytes([rng.choice([0, 0x40, 0x41, 0x01]), 0, count, ata_cmd])
+            + lba.to_bytes(8, "little")[:6] + b"\0\0")
     if ata_cmd in (0x30, 0x34):                     # never more than a 1500-byte MTU carries
-        body += os.urandom(min(1478 - 12, count * 512 if rng.random() < 0.8 else rng.randrange(count * 512 + 1)))
+        body += os.urandom(min(1478 - 12,
+                               count * 512 if rng.random() < 0.8
+                               else rng.randrange(count * 512 + 1)))
     frame = head + body
     if rng.random() < 0.05:
         frame = frame[:rng.randrange(len(frame))]
@@ -1545,7 +1637,8 @@ def test_serve_warns_when_its_sockets_cannot_hold_the_buffer_count(capsys):
         assert capsys.readouterr().err == ""
         aoe.warn_if_buffers_overflow(ports, ifc, 64)
         err = capsys.readouterr().err
-        assert err.startswith("serve: eth9: the receive buffer holds about 7 frames of 9014 bytes") and "-b 7" in err
+        assert err.startswith("serve: eth9: the receive buffer holds about 7 frames of 9014 "
+                              "bytes") and "-b 7" in err
 
 
 @pytest.mark.codec
@@ -1565,11 +1658,14 @@ def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly):
     port = DatagramPort(ours)
     fast = aoe.FastServe(helper, fast_side, [port], 1514)
     srv = fast.srvs[0]
-    edits = [aoe.pack_reserve(mac, initiators[0], 3, 7, 1, aoe.ReserveInfo(aoe.RCMD_FORCE, [initiators[1]])),
-             aoe.pack_mask(mac, initiators[0], 3, 7, 2, aoe.MaskInfo(aoe.MCMD_EDIT, 0, [(aoe.DCMD_ADD, initiators[1])]))]
+    edits = [aoe.pack_reserve(mac, initiators[0], 3, 7, 1,
+                              aoe.ReserveInfo(aoe.RCMD_FORCE, [initiators[1]])),
+             aoe.pack_mask(mac, initiators[0], 3, 7, 2,
+                           aoe.MaskInfo(aoe.MCMD_EDIT, 0, [(aoe.DCMD_ADD, initiators[1])]))]
     answered = 0
     for i in range(3000):
-        frame = edits[i // 1000 - 1] if i % 1000 == 0 and i else random_request(rng, fast_side.scnt, mac, initiators)
+        frame = (edits[i // 1000 - 1] if i % 1000 == 0 and i
+                 else random_request(rng, fast_side.scnt, mac, initiators))
         theirs.send(frame)
         n = helper.lib.aoe_srv_pump(srv, 0)
         assert n >= 0
@@ -1580,7 +1676,8 @@ def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly):
         except BlockingIOError:
             reply = None
         expect = twin.handle(frame)
-        assert reply == expect, (frame[:40].hex(), (reply or b"")[:40].hex(), (expect or b"")[:40].hex())
+        assert reply == expect, (frame[:40].hex(), (reply or b"")[:40].hex(),
+                                 (expect or b"")[:40].hex())
         answered += reply is not None
     assert answered > 500 and srv.c.drop_masked > 0
 
@@ -1607,13 +1704,14 @@ def test_serve_fast_path_batches_like_python(tmp_path):
     tags = iter(range(1, 1000))
 
     def read(lba, count=2):
-        return aoe.pack_ata(mac, me, 3, 7, next(tags), aoe.AtaFields(aoe.AOEAFL_EXT, 0, count,
-                                                                     aoe.ATA_CMD_PIO_READ_EXT, lba, b""))
+        return aoe.pack_ata(mac, me, 3, 7, next(tags),
+                            aoe.AtaFields(aoe.AOEAFL_EXT, 0, count, aoe.ATA_CMD_PIO_READ_EXT, lba,
+                                          b""))
 
     def write(lba, count=2):
-        return aoe.pack_ata(mac, me, 3, 7, next(tags), aoe.AtaFields(aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, 0, count,
-                                                                     aoe.ATA_CMD_PIO_WRITE_EXT, lba,
-                                                                     os.urandom(count * 512)))
+        return aoe.pack_ata(mac, me, 3, 7, next(tags),
+                            aoe.AtaFields(aoe.AOEAFL_EXT | aoe.AOEAFL_WRITE, 0, count,
+                                          aoe.ATA_CMD_PIO_WRITE_EXT, lba, os.urandom(count * 512)))
 
     def exchange(batch):
         batches = srv.c.batches
@@ -1627,13 +1725,18 @@ def test_serve_fast_path_batches_like_python(tmp_path):
 
     with ours, theirs:
         answers = exchange([read(0), read(2), read(4), read(6, 1),          # one run of reads
-                            write(10), write(12), read(10), read(11),        # reads of what was just written
-                            read(100), write(100), read(100),                # before and after a write
-                            read(50), read(40), read(254), read(255)])       # out of order; past the end
+                            # reads of what was just written
+                            write(10), write(12), read(10), read(11),
+                            # before and after a write
+                            read(100), write(100), read(100),
+                            # out of order; past the end
+                            read(50), read(40), read(254), read(255)])
         assert [a.cmd_status for a in answers] == [aoe.ATA_DRDY] * 14 + [aoe.ATA_DRDY | aoe.ATA_ERR]
-        assert answers[0].data[:1024] == content[:1024] and answers[8].data[:1024] == content[100 * 512:102 * 512]
+        assert answers[0].data[:1024] == content[:1024] and \
+            answers[8].data[:1024] == content[100 * 512:102 * 512]
         assert answers[10].data[:1024] != answers[8].data[:1024]
-        for path in ("fast", "twin"):                                        # the file shrinks under serve
+        # the file shrinks under serve
+        for path in ("fast", "twin"):
             os.truncate(str(tmp_path / path), 200 * 512 + 256)
         answers = exchange([read(lba) for lba in range(190, 206, 2)])
         assert [a.err_feature for a in answers] == [0] * 5 + [aoe.ATA_UNC] * 3
@@ -1650,27 +1753,33 @@ class Fuzzer:
     def __init__(self, seed, target_mac, scnt, sectors):
         self.rng = random.Random(seed)
         self.mac, self.scnt, self.sectors = target_mac, scnt, sectors
-        self.allowed = collections.defaultdict(set)   # lba -> digests of sectors a valid write carried
+        # lba -> digests of sectors a valid write carried
+        self.allowed = collections.defaultdict(set)
         self.blob = os.urandom(1 << 20)
 
     def frame(self):
         rng = self.rng
         bits = rng.getrandbits(64)
-        dst = self.mac if bits & 3 else (b"\xff" * 6 if bits & 4 else rng.getrandbits(48).to_bytes(6, "big"))
+        dst = (self.mac if bits & 3
+               else (b"\xff" * 6 if bits & 4 else rng.getrandbits(48).to_bytes(6, "big")))
         src = MAC_I if bits & 8 else rng.getrandbits(48).to_bytes(6, "big")
         verfl = 0x10 if bits & 0x30 else rng.getrandbits(8)
         shelf = 3 if bits & 0xC0 else rng.choice((0xFFFF, 4, rng.getrandbits(16)))
         slot = 7 if bits & 0x300 else rng.choice((0xFF, 8, rng.getrandbits(8)))
         command = 0 if bits & 0xC00 else rng.choice((1, 2, 3, rng.getrandbits(8)))
         head = (dst + src + b"\x88\xa2" + bytes((verfl, rng.getrandbits(8) if bits & 0x1000 else 0))
-                + shelf.to_bytes(2, "big") + bytes((slot, command)) + rng.getrandbits(32).to_bytes(4, "big"))
+                + shelf.to_bytes(2, "big") + bytes((slot, command))
+                + rng.getrandbits(32).to_bytes(4, "big"))
         if command == 0:
-            ata_cmd = rng.choice((0x20, 0x24, 0x30, 0x34, 0x30, 0x34, 0xEC, 0xE7, 0xEA, 0xE5, rng.getrandbits(8)))
+            ata_cmd = rng.choice((0x20, 0x24, 0x30, 0x34, 0x30, 0x34, 0xEC, 0xE7, 0xEA, 0xE5,
+                                  rng.getrandbits(8)))
             count = rng.choice((0, 1, self.scnt, self.scnt, self.scnt + 1, rng.getrandbits(8)))
-            lba = rng.choice((rng.randrange(self.sectors), rng.randrange(self.sectors), self.sectors - 1,
-                              self.sectors, rng.getrandbits(48), (1 << 28) + rng.randrange(16)))
+            lba = rng.choice((rng.randrange(self.sectors), rng.randrange(self.sectors),
+                              self.sectors - 1, self.sectors, rng.getrandbits(48),
+                              (1 << 28) + rng.randrange(16)))
             aflags = rng.choice((0, 0x40, 0x41, 0x01, rng.getrandbits(8)))
-            body = bytes((aflags, rng.getrandbits(8), count, ata_cmd)) + lba.to_bytes(8, "little")[:6] + b"\0\0"
+            body = (bytes((aflags, rng.getrandbits(8), count, ata_cmd))
+                    + lba.to_bytes(8, "little")[:6] + b"\0\0")
             want = count * 512
             n = want if bits & 0x6000 else rng.randrange(want + 600)
             start = rng.randrange(len(self.blob) - 1500)
@@ -1696,7 +1805,8 @@ class Fuzzer:
         if count > self.scnt or len(f) - 36 < count * 512 or lba + count > self.sectors:
             return
         for i in range(count):
-            self.allowed[lba + i].add(hashlib.blake2b(f[36 + 512 * i:36 + 512 * (i + 1)], digest_size=8).digest())
+            self.allowed[lba + i].add(hashlib.blake2b(f[36 + 512 * i:36 + 512 * (i + 1)],
+                                                      digest_size=8).digest())
 
     def check_export(self, original, now):
         """Every sector that changed holds what some valid write asked for there."""
@@ -1762,9 +1872,10 @@ def test_serve_survives_fuzzed_frames_and_writes_only_where_asked(tmp_path, kind
     target.masks, target.reserved = [], []                # whatever the fuzz set, it still serves
     target.export = aoe.Export(str(tmp_path / kind))
     for lba in range(0, 2048, 2):
-        ask = aoe.pack_ata(target.mac, MAC_I, 3, 7, lba, aoe.AtaFields(aoe.AOEAFL_EXT, 0, 2, aoe.ATA_CMD_PIO_READ_EXT,
-                                                                       lba))
-        assert bytes(aoe.parse_ata(aoe.parse_frame(target.handle(ask))).data) == after[512 * lba:512 * (lba + 2)]
+        ask = aoe.pack_ata(target.mac, MAC_I, 3, 7, lba,
+                           aoe.AtaFields(aoe.AOEAFL_EXT, 0, 2, aoe.ATA_CMD_PIO_READ_EXT, lba))
+        assert bytes(aoe.parse_ata(aoe.parse_frame(target.handle(ask))).data) == \
+            after[512 * lba:512 * (lba + 2)]
     target.export.close()
 
 
@@ -1773,7 +1884,8 @@ def test_serve_survives_fuzzed_frames_and_writes_only_where_asked(tmp_path, kind
 # -----------------------------------------------------------------------------
 
 VM_RUN = os.path.join(HERE, "vm", "run")
-VM_SUITES = {"6.12": "bookworm-backports", "7.3": "trixie-backports"}   # kernel -> the suite vm/run boots
+# kernel -> the suite vm/run boots
+VM_SUITES = {"6.12": "bookworm-backports", "7.3": "trixie-backports"}
 BOTH_KERNELS = pytest.mark.parametrize("kernel", list(VM_SUITES))
 
 
@@ -1781,7 +1893,8 @@ def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel=
     """Run one of vm/'s scripts inside the VM booted with `kernel` (after the shell words
     `before`); returns its output (asserting it succeeded)."""
     need(os.geteuid() == 0, "the VM harness needs root")
-    need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"), "needs qemu-system-x86 (or apt-get for it)")
+    need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"),
+         "needs qemu-system-x86 (or apt-get for it)")
     command = before + " ".join([os.path.join("vm", script), python] + [str(a) for a in args])
     r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
@@ -1809,18 +1922,22 @@ def test_lossy_link_attach_and_kernel_driver_verify(kernel):
     out = in_vm("netem-vs-kernel.sh", 9000, kernel=kernel)
     assert "NETEM OK mtu 9000" in out
     kernel_stat = re.search(r"^aoe-stat, kernel driver: (.*)$", out, re.M).group(1)
-    assert kernel_stat.split()[:2] == ["e0.0", "0.268GB"]                 # the same line from both (cmp)
+    # the same line from both (cmp)
+    assert kernel_stat.split()[:2] == ["e0.0", "0.268GB"]
     assert re.search(r"^aoe-stat, aoe.py: +%s$" % re.escape(kernel_stat), out, re.M), out[-2000:]
     for who in ("kernel", "aoe.py"):
-        assert re.search(r"^%s: randwrite 64k qd16 [\d.]+ MB/s, verify errors 0$" % re.escape(who), out, re.M), out
+        assert re.search(r"^%s: randwrite 64k qd16 [\d.]+ MB/s, verify errors 0$" % re.escape(who),
+                         out, re.M), out
 
 
 @pytest.mark.vm
 def test_ublk_plumbing_ramdisk():
-    """_aoeio's ublk plumbing under ext4 and fio verify, served from RAM; SIGTERM removes the device."""
+    """_aoeio's ublk plumbing under ext4 and fio verify, served from RAM; SIGTERM removes the
+    device."""
     out = in_vm("ublk-check.sh")
     assert "UBLK-CHECK OK" in out
-    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
+    # e2fsck -fn clean
+    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out
     assert "(last queue error 0)" in out
 
 
@@ -1841,44 +1958,53 @@ def python38():
         root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
         candidates += sorted(glob.glob(os.path.join(root, "versions", "3.8*", "bin", "python3.8")))
     for candidate in filter(None, candidates):
-        r = subprocess.run([candidate, "-c", "import sys; print(sys.executable, sys.version_info[:2])"],
+        r = subprocess.run([candidate, "-c",
+                            "import sys; print(sys.executable, sys.version_info[:2])"],
                            capture_output=True, text=True)
         if r.returncode == 0 and r.stdout.split(" ", 1)[1].strip() == "(3, 8)":
             return r.stdout.split(" ", 1)[0]
-    need(False, "needs a Python 3.8 (python3.8 on PATH, or in pyenv) to run aoe.py as the oldest supported version")
+    need(False,
+         "needs a Python 3.8 (python3.8 on PATH, or in pyenv) to run aoe.py as the "
+         "oldest supported version")
 
 
 @pytest.mark.vm
 @pytest.mark.parametrize("kernel, mtu, backend, alone", [
     ("6.12", 1500, "ublk", False), ("6.12", 9000, "nbd", True), ("7.3", 9000, "ublk", False),
     ("7.3", 1500, "nbd", False)],
-    ids=["6.12-ublk-mtu1500", "6.12-nbd-mtu9000-copied-alone-py38", "7.3-ublk-mtu9000", "7.3-nbd-mtu1500"])
+    ids=["6.12-ublk-mtu1500", "6.12-nbd-mtu9000-copied-alone-py38", "7.3-ublk-mtu9000",
+         "7.3-nbd-mtu1500"])
 def test_attach_block_device(kernel, mtu, backend, alone):
-    """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during a read and
-    --recover, a hostile target, detach under load, flush.  Each backend at both MTUs and on both
-    kernels; NBD also with aoe.py copied alone into an empty directory and run by Python 3.8: no
-    helper, the standard library only."""
+    """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during
+    a read and --recover, a hostile target, detach under load, flush.  Each backend at both MTUs
+    and on both kernels; NBD also with aoe.py copied alone into an empty directory and run by
+    Python 3.8: no helper, the standard library only."""
     if backend == "ublk" or not alone:
         need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
     python, before = sys.executable, ""
     if alone:
         python = python38()
         before = 'd=$(mktemp -d) && cp aoe.py "$d" && AOE_PY="$d/aoe.py" '
-    native = os.path.exists("/dev/ublk-control") if backend == "ublk" else os.path.isdir("/sys/module/nbd")
-    if native and kernel != min(VM_SUITES):        # this machine's kernel runs it once, not per VM kernel
+    native = (os.path.exists("/dev/ublk-control") if backend == "ublk"
+              else os.path.isdir("/sys/module/nbd"))
+    # this machine's kernel runs it once, not per VM kernel
+    if native and kernel != min(VM_SUITES):
         pytest.skip("this machine's own kernel ran the attach check (the %s case)" % min(VM_SUITES))
     if native:                                     # this kernel can: no VM needed
-        r = subprocess.run(["bash", "-c", before + " ".join([os.path.join(HERE, "vm", "attach-check.sh"), python,
-                                                             str(mtu), backend])],
+        r = subprocess.run(["bash", "-c",
+                            before + " ".join([os.path.join(HERE, "vm", "attach-check.sh"), python,
+                                               str(mtu), backend])],
                            cwd=HERE, capture_output=True, text=True, timeout=1500)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
         out = r.stdout
     else:
-        out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500, kernel=kernel)
+        out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500,
+                    kernel=kernel)
     assert "ATTACH-CHECK OK mtu %d backend %s" % (mtu, backend) in out
     if alone:
         assert re.search(r"aoe\.py \S+ \(python 3\.8\.\d+, helper not built", out), out[:2000]
-    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out   # e2fsck -fn clean
+    # e2fsck -fn clean
+    assert "Pass 5: Checking group summary information" in out and "Fix?" not in out
     assert "Oops" not in out and "BUG:" not in out, out[-3000:]
 
 

@@ -15,7 +15,8 @@ GB moved (threads and the kernel work done in system calls included) of the
 target and of the client: on two cores, whichever is near 1 s per second of
 the run is the limit.  Needs root, and a C compiler for the yardstick.
 
-    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 5] [--targets vblade] [--clients read]
+    sudo python3 bench/run.py [--size 1G] [--mtu 1500,9000] [--runs 5] [--targets vblade]
+                              [--clients read]
 """
 
 import argparse
@@ -39,9 +40,9 @@ TARGETS = [  # name, argv before "SHELF SLOT IFACE FILE", extra environment
     ("vblade -b 64", ["vblade", "-b", "64"], {}),
     ("aoe.py serve (helper)", [sys.executable, aoe.__file__, "serve"], {}),
     ("aoe.py serve (pure Python)", [sys.executable, aoe.__file__, "serve"], {"AOE_NO_HELPER": "1"}),
-    ("aoe.py serve, lossy and jittery", [sys.executable, aoe.__file__, "serve", "--fault-drop", "0.05",
-                                         "--fault-duplicate", "0.01", "--fault-delay", "1", "--fault-jitter", "1",
-                                         "--fault-reorder", "0.1"], {}),
+    ("aoe.py serve, lossy and jittery",
+     [sys.executable, aoe.__file__, "serve", "--fault-drop", "0.05", "--fault-duplicate", "0.01",
+      "--fault-delay", "1", "--fault-jitter", "1", "--fault-reorder", "0.1"], {}),
 ]
 CLIENTS = [  # name, verb, extra environment
     ("read, minimal C reader", "minread", {}),
@@ -83,8 +84,9 @@ def client_argv(lab, verb, slot, size, source, image_copy, minread, window):
     device = "e0.%d" % slot
     if verb == "minread":
         mac = lab.mac(lab.tgt_ns, lab.tgt_if)
-        return lab.argv(lab.ini_ns, [minread, lab.ini_if, mac, "0", str(slot), str(size // aoe.SECTOR_SIZE),
-                                     str(aoe.frame_sectors(lab.mtu)), str(window)])
+        return lab.argv(lab.ini_ns,
+                        [minread, lab.ini_if, mac, "0", str(slot), str(size // aoe.SECTOR_SIZE),
+                         str(aoe.frame_sectors(lab.mtu)), str(window)])
     args = {"read": ["read", device, "/dev/null"], "readfile": ["read", device, image_copy],
             "write": ["write", "--yes", source, device]}[verb]
     return lab.aoe_argv(lab.ini_ns, args)
@@ -125,19 +127,22 @@ def run_mtu(mtu, size, runs, shm, minread):
                 print("  (%s not installed: skipped)" % tname, file=sys.stderr)
                 continue
             env = dict(lab.env(), **tenv)
-            proc = subprocess.Popen(lab.argv(lab.tgt_ns, argv + ["0", str(slot), lab.tgt_if, image]), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(lab.argv(lab.tgt_ns,
+                                             argv + ["0", str(slot), lab.tgt_if, image]),
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(0.5)
                 for cname, verb, cenv in CLIENTS:
                     if verb == "minread" and not minread:
                         continue
-                    window = int(argv[argv.index("-b") + 1]) if "-b" in argv else BUFCNT.get(tname, aoe.SERVE_BUFCNT)
+                    window = (int(argv[argv.index("-b") + 1]) if "-b" in argv
+                              else BUFCNT.get(tname, aoe.SERVE_BUFCNT))
                     argv = client_argv(lab, verb, slot, size, source, image_copy, minread, window)
                     figures = measure(lab, cenv, argv, size, runs, proc.pid, image_copy)
                     results[(tname, cname)] = figures
                     print("  MTU %d  %-32s %-30s %s MB/s, CPU s/GB: target %.2f, client %.2f"
-                          % ((mtu, tname, cname, spread(figures[0])) + figures[1:]), file=sys.stderr)
+                          % ((mtu, tname, cname, spread(figures[0])) + figures[1:]),
+                          file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -155,10 +160,13 @@ def main():
     p.add_argument("--mtu", default="1500,9000")
     p.add_argument("--runs", type=int, default=5, help="runs of each client (default %(default)s)")
     p.add_argument("--shm", default="/dev/shm", help="tmpfs directory for the image")
-    p.add_argument("--targets", help="only targets whose name contains one of these, comma-separated")
-    p.add_argument("--clients", help="only clients whose name contains one of these, comma-separated")
+    p.add_argument("--targets",
+                   help="only targets whose name contains one of these, comma-separated")
+    p.add_argument("--clients",
+                   help="only clients whose name contains one of these, comma-separated")
     args = p.parse_args()
-    chosen = lambda rows, words: [r for r in rows if not words or any(w in r[0] for w in words.split(","))]
+    chosen = lambda rows, words: [r for r in rows
+                                  if not words or any(w in r[0] for w in words.split(","))]
     TARGETS[:] = chosen(TARGETS, args.targets)
     CLIENTS[:] = chosen(CLIENTS, args.clients)
     size = aoe.parse_size(args.size)
@@ -166,12 +174,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         minread = os.path.join(tmp, "minread")
         cc = shutil.which("cc") or shutil.which("gcc")
-        if not cc or subprocess.run([cc, "-O2", "-o", minread, os.path.join(HERE, "minread.c")]).returncode:
+        if not cc or subprocess.run([cc, "-O2", "-o", minread,
+                                     os.path.join(HERE, "minread.c")]).returncode:
             print("  (no C compiler: the minimal C reader is left out)", file=sys.stderr)
             minread = None
         table = {mtu: run_mtu(mtu, size, args.runs, args.shm, minread) for mtu in mtus}
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print("%s, %s, %d cores (%s), Linux %s, Python %s, image %s on tmpfs, median (slowest-fastest) of %d runs"
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "?")
+    print("%s, %s, %d cores (%s), Linux %s, Python %s, image %s on tmpfs, "
+          "median (slowest-fastest) of %d runs"
           % (time.strftime("%Y-%m-%d"), platform.machine(), os.cpu_count(), cpu, platform.release(),
              platform.python_version(), args.size, args.runs))
     print()
