@@ -458,9 +458,12 @@ class Identify:
                         else self.lba28_sectors)
 
     def _text(self, first, end):
+        return self.padded_text(first, end).strip(" \0")
+
+    def padded_text(self, first, end):
         """ATA strings hold two characters per word, high byte first, space padded."""
         raw = b"".join(struct.pack(">H", word) for word in self.words[first:end])
-        return raw.decode("ascii", "replace").strip(" \0")
+        return raw.decode("ascii", "replace")
 
     def as_dict(self):
         return {"model": self.model, "serial": self.serial, "firmware": self.firmware,
@@ -573,11 +576,16 @@ def saved_iflist():
         return []
 
 
+def write_file(path, text):
+    """Replace a file in RUN_DIR whole: readers see the old text or the new, never a part."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".new", "w") as f:
+        f.write(text)
+    os.replace(path + ".new", path)
+
+
 def save_iflist(names):
-    os.makedirs(RUN_DIR, exist_ok=True)
-    with open(IFLIST_FILE + ".new", "w") as f:
-        f.write(" ".join(names) + "\n")
-    os.replace(IFLIST_FILE + ".new", IFLIST_FILE)
+    write_file(IFLIST_FILE, " ".join(names) + "\n")
 
 
 def iflist_from(option_values):
@@ -1953,11 +1961,7 @@ class Attachment:
         return None
 
     def save(self):
-        os.makedirs(RUN_DIR, exist_ok=True)
-        tmp = self.file(self.device) + ".new"
-        with open(tmp, "w") as f:
-            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
-        os.replace(tmp, self.file(self.device))
+        write_file(self.file(self.device), json.dumps({k: getattr(self, k) for k in self.FIELDS}))
 
     def remove(self):
         try:
@@ -2621,10 +2625,6 @@ class NbdBackend:
     def features(self):
         return ["netlink" if self.netlink is not None else "ioctls"]
 
-    @staticmethod
-    def lacking():
-        return []
-
     def resize(self, sectors):
         raise AoeError("%s cannot change size while attached (nbd sets the size only when it "
                        "connects): detach and attach again" % ("/dev/" + self.dev))
@@ -3164,8 +3164,8 @@ class AttachDaemon:
             if self.state == "handing-over":
                 self._set_state("up")
         self.log(message)
-        write_json(daemon_file(self.target.name, "reply"),
-                   {"token": token, "ok": ok, "message": message})
+        reply = {"token": token, "ok": ok, "message": message}
+        write_file(daemon_file(self.target.name, "reply"), json.dumps(reply))
         return verb
 
     def resize(self, sectors):
@@ -3228,18 +3228,12 @@ def daemon_file(device, kind):
     return os.path.join(RUN_DIR, "%s.%s" % (device, kind))
 
 
-def write_json(path, data):
-    tmp = path + ".new"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def ask_daemon(a, verb, wait=DAEMON_ANSWER_WAIT, **fields):
     """Ask a's daemon to do `verb` (it reads the request file on SIGHUP); returns its
     reply's message, or raises its error."""
     token = os.urandom(8).hex()
-    write_json(daemon_file(a.device, "request"), dict(fields, verb=verb, token=token))
+    request = dict(fields, verb=verb, token=token)
+    write_file(daemon_file(a.device, "request"), json.dumps(request))
     os.kill(a.pid, signal.SIGHUP)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -3974,12 +3968,22 @@ def cmd_discover(args):
     return listing_status(args, control, targets)
 
 
+def aoestat_size(sectors):
+    """Size as aoe-stat prints it: GB (10^9 bytes) with three decimals, truncated."""
+    millis = sectors * 512000 // 10 ** 9
+    return "%d.%03dGB" % divmod(millis, 1000)
+
+
+def aoestat_line(d, state):
+    """aoe-stat's columns, padded as it pads them: device, size, interfaces, payload, state."""
+    size = aoestat_size(d["size_bytes"] // SECTOR_SIZE) if "size_bytes" in d else "(NA)"
+    return "%10s %15s %10s %-5s %-14s" % (d["device"], size, ",".join(d["interfaces"]) or "(NA)",
+                                          d.get("payload", "(NA)"), state)
+
+
 def stat_row(d):
-    """aoe-stat's columns: device, size in GB (10^9), interfaces, payload, state; then, for an
-    attached device, its block device and daemon."""
-    size = "%.3fGB" % (d["size_bytes"] / 1e9) if "size_bytes" in d else "(NA)"
-    row = ("%10s %15s %10s %-5s %-14s"
-           % (d["device"], size, ",".join(d["interfaces"]) or "-", d["payload"], d["state"]))
+    """aoe-stat's columns; then, for an attached device, its block device and daemon."""
+    row = aoestat_line(d, d["state"])
     a = d.get("attached")
     if a:
         row += " %s (%s) pid %d" % (a["block_device"], a["backend"], a["pid"])
@@ -5538,12 +5542,6 @@ def tool_options(argv, letters, takes_value):
     return dict(opts), rest
 
 
-def aoestat_size(sectors):
-    """Size as aoe-stat prints it: GB (10^9 bytes) with three decimals, truncated."""
-    millis = sectors * 512000 // 10 ** 9
-    return "%d.%03dGB" % divmod(millis, 1000)
-
-
 def tool_discover(argv):
     """aoe-discover: ask every target to announce itself; prints nothing."""
     return run_verb(["discover", "-w", "0.2"], quiet=True)[0]
@@ -5554,12 +5552,8 @@ def tool_stat(argv):
     status, text = run_verb(["stat", "--json", "-a"], quiet=True)
     if status and not text:
         return status
-    state = {"dead": "down", "unresponsive": "down"}
-    lines = sorted("%10s %15s %10s %-5s %-14s" % (
-        d["device"], aoestat_size(d["size_bytes"] // SECTOR_SIZE) if "size_bytes" in d else "(NA)",
-        ",".join(d["interfaces"]) or "(NA)", d.get("payload", "(NA)"),
-        state.get(d["state"], d["state"]))
-        for d in json.loads(text))
+    state = {"dead": "down", "unresponsive": "down"}            # the kernel driver's words
+    lines = sorted(aoestat_line(d, state.get(d["state"], d["state"])) for d in json.loads(text))
     pattern = re.compile(argv[0] if argv else ".")
     shown = [line for line in lines if pattern.search(line)]
     for line in shown:
@@ -5683,14 +5677,12 @@ def tool_ping(argv):
         print("device identify response:")
         sys.stdout.write(hex_lines(bytes.fromhex(r["identify"]["raw"])))
     elif "-I" in opts:
-        words = struct.unpack("<256H", bytes.fromhex(r["identify"]["raw"]))
-        text_of = lambda first, end: b"".join(struct.pack(">H", w)
-                                              for w in words[first:end]).decode("ascii", "replace")
+        ident = Identify(bytes.fromhex(r["identify"]["raw"]))
         print("device identify fields:")
         for i in range(3):
-            print("vendor_specific_%d: 0x%x" % (i, words[7 + i]))
-        print("serial_number: %s\nfirmware_rev: %s\nmodel: %s"
-              % (text_of(10, 20), text_of(23, 27), text_of(27, 47)))
+            print("vendor_specific_%d: 0x%x" % (i, ident.words[7 + i]))
+        print("serial_number: %s\nfirmware_rev: %s\nmodel: %s" % (
+            ident.padded_text(10, 20), ident.padded_text(23, 27), ident.padded_text(27, 47)))
     return EXIT_OK
 
 
