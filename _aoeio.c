@@ -2078,6 +2078,9 @@ int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, un
             goto fail;
         }
         q->bufs = bufs;
+        /* Where THP is "always", the first touch of a tag's buffer would make a 2 MiB page
+         * resident: an idle device would cost megabytes.  Small pages cost it what it used. */
+        madvise(bufs, q->bufs_len, MADV_NOHUGEPAGE);
     }
     ret = ublk_ring_init(&q->ring, (unsigned)depth, 2 * (unsigned)depth, 0);
     if (ret < 0)

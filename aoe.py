@@ -1867,8 +1867,9 @@ class Engine:
 # Block backends: a target as a block device, through ublk or NBD
 # =============================================================================
 #
-# One daemon process per attached device (AttachDaemon) owns the engine and
-# one backend, the kernel driver that makes the block device:
+# Each attached device has an AttachDaemon (a thread of the attach process,
+# DeviceHost) that owns its engine and one backend, the kernel driver that
+# makes the block device:
 #
 #   UblkBackend  /dev/ublkbN (Linux 6.5+, the compiled helper): the helper's
 #                pump takes requests from the ublk queue and commits those
@@ -2993,7 +2994,7 @@ def choose_backend(wanted, helper):
 
 
 # =============================================================================
-# Attach daemon: one process per attached device
+# Attach daemon: the process that serves attached devices, a thread for each
 # =============================================================================
 
 class AttachDaemon:
@@ -3004,6 +3005,7 @@ class AttachDaemon:
         self.target, self.log = target, log
         self.readonly = args.ro
         self.deadsecs = args.deadsecs
+        self.start = "upgrade" if args.upgrade else "recover" if args.recover else "create"
         for port in {p.port for p in target.paths}:
             port.keep_only(target.shelf, target.slot)
         self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper,
@@ -3019,6 +3021,7 @@ class AttachDaemon:
         self.stop = False
         self.report_wanted = False
         self.request_wanted = False
+        self.detach_token = None                  # a detach request, answered once detached
 
     def record(self, backend, state, recoverable):
         self.state = state
@@ -3139,15 +3142,64 @@ class AttachDaemon:
                 self.next_links = now + 1.0
         return "stop"
 
+    def main(self, ready):
+        """The daemon's life: make the device (or recover it, or take it over), call
+        ready(attachment), serve until asked to stop, then detach.  Returns the exit status."""
+        name = self.target.name
+        try:
+            if self.start != "create":
+                if self.start == "upgrade":
+                    take_over(Attachment.load(name), self.log)
+                known = Attachment.load(name)
+                if known is None:
+                    raise AoeError("%s: its record in %s is gone: nothing to take over"
+                                   % (name, RUN_DIR))
+                self.recover(known)
+            else:
+                self.create()
+            self.refresh_links()
+            ready(self.attachment)
+            outcome = self.run()
+            if outcome == "stop":
+                try:
+                    self.detach()
+                except AoeError as e:
+                    if self.detach_token:
+                        self.reply(self.detach_token, False, str(e))
+                    raise
+                if self.detach_token:
+                    self.reply(self.detach_token, True, "%s detached" % self.attachment.block)
+            elif outcome == "gone":
+                self.forget()
+            return EXIT_FAIL if outcome == "gone" else EXIT_OK
+        finally:
+            self.close()
+            self.release()
+
+    def release(self):
+        """A device left behind (handed over, or this daemon failed) waits for
+        attach --recover: its record stops naming this process."""
+        known = Attachment.load(self.target.name)
+        if known is not None and known.pid == os.getpid() and self.attachment is not None \
+                and known.dev == self.attachment.dev:
+            known.pid = None
+            known.save()
+
     def answer_request(self):
         """Do what a command asked through the request file (SIGHUP; see ask_daemon) and
-        reply; returns the verb done."""
+        reply; returns the verb done.  The request is taken away, so that a SIGHUP meant
+        for another device of this process does not repeat it."""
+        path = daemon_file(self.target.name, "request")
         try:
-            with open(daemon_file(self.target.name, "request")) as f:
+            with open(path) as f:
                 request = json.load(f)
+            os.unlink(path)
             verb, token = request["verb"], request["token"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if verb == "detach":
+            self.stop, self.detach_token = True, token
+            return verb
         try:
             if verb == "resize":
                 message = self.resize(int(request["sectors"]))
@@ -3164,9 +3216,12 @@ class AttachDaemon:
             if self.state == "handing-over":
                 self._set_state("up")
         self.log(message)
+        self.reply(token, ok, message)
+        return verb
+
+    def reply(self, token, ok, message):
         reply = {"token": token, "ok": ok, "message": message}
         write_file(daemon_file(self.target.name, "reply"), json.dumps(reply))
-        return verb
 
     def resize(self, sectors):
         before = self.engine.sectors
@@ -3202,6 +3257,7 @@ class AttachDaemon:
     def close(self):
         self.backend.close()
         self.engine.close()
+        close_ports({path.port for path in self.target.paths})
 
 
 DAEMON_ANSWER_WAIT = 30          # seconds a command waits for an attach daemon's reply
@@ -3259,19 +3315,29 @@ def take_over(a, log):
     serves it through user recovery, I/O held meanwhile, not failed."""
     log(ask_daemon(a, "hand-over"))
     deadline = time.monotonic() + QUIESCE_WAIT
-    while a.daemon_alive and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        now = Attachment.load(a.device)
+        if now is None or not now.daemon_alive:   # it ended, or let go of the device
+            return
         time.sleep(0.05)
-    if a.daemon_alive:
-        raise AoeError("%s: pid %d handed the device over but did not end within %d s"
-                       % (a.device, a.pid, QUIESCE_WAIT))
+    raise AoeError("%s: pid %d handed the device over but did not let go of it within %d s"
+                   % (a.device, a.pid, QUIESCE_WAIT))
 
 
-def daemon_logger(device):
+def daemon_logger(device, path=None):
+    """A device's log: lines into `path` (RUN_DIR/eX.Y.log), or onto stderr."""
     def log(message):
-        sys.stderr.write("%s %s[%d] %s: %s\n"
-                         % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(), device,
-                            message))
-        sys.stderr.flush()
+        line = ("%s %s[%d] %s: %s\n"
+                % (time.strftime("%Y-%m-%d %H:%M:%S"), PROG, os.getpid(), device, message))
+        if path is None:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            return
+        try:
+            with open(path, "a") as f:
+                f.write(line)
+        except OSError:
+            pass
     return log
 
 
@@ -3281,43 +3347,109 @@ def attach_summary(a):
                ", read-only" if a.readonly else "", a.backend, a.pid, a.log))
 
 
-def serve_device(helper, target, args, backend, ready):
-    """The attach daemon's body: make (or recover) the device, call ready(attachment),
-    serve until SIGTERM/SIGINT, then detach.  Returns the exit status."""
-    log = daemon_logger(target.name)
-    daemon = AttachDaemon(helper, target, args, log, backend)
+class DeviceHost:
+    """The attach process: serves its devices (one for attach eX.Y, every match for
+    attach --all), each by an AttachDaemon in a thread of its own with sockets of its own,
+    so that a device costs its engine and its backend, not an interpreter.  A device whose
+    thread fails is left for attach --recover; the others go on.  Signals reach every
+    device: SIGTERM and SIGINT detach them, SIGHUP has each read its request file,
+    SIGUSR1 logs their counters."""
 
-    def on_signal(signum, frame):
-        daemon.stop = True
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    signal.signal(signal.SIGHUP, lambda signum, frame: setattr(daemon, "request_wanted", True))
-    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(daemon, "report_wanted", True))
-    try:
-        if args.upgrade:
-            take_over(Attachment.load(target.name), log)
-        if args.recover or args.upgrade:
-            daemon.recover(Attachment.load(target.name))
-        else:
-            daemon.create()
-        daemon.refresh_links()
-        ready(daemon.attachment)
-        outcome = daemon.run()
-        notify_service_manager("STOPPING=1")
-        if outcome == "stop":
-            daemon.detach()
-        elif outcome == "gone":
-            daemon.forget()
-        return EXIT_FAIL if outcome == "gone" else EXIT_OK
-    finally:
-        daemon.close()
+    def __init__(self, helper, args, backend, log_files):
+        self.helper, self.args, self.backend = helper, args, backend
+        self.log_files = log_files                # each device's log in its file, or stderr
+        self.daemons = []
+        self.threads = []
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.status = EXIT_OK
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop())
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._flag_all("request_wanted"))
+        signal.signal(signal.SIGUSR1, lambda signum, frame: self._flag_all("report_wanted"))
+
+    def stop(self):
+        self.stopping = True
+        self._flag_all("stop")
+
+    def _flag_all(self, flag):
+        with self.lock:
+            daemons = list(self.daemons)
+        for daemon in daemons:
+            setattr(daemon, flag, True)
+
+    def attach(self, target):
+        """Make (or recover, or take over) target's device in a thread of its own; returns
+        its Attachment once the device is ready, or raises AoeError."""
+        own = {}
+        for path in target.paths:                 # the inherited ones are the discovery's
+            path.port = (own.get(path.port.name)
+                         or own.setdefault(path.port.name, Port(path.port.ifc)))
+        log = daemon_logger(target.name, log_path(target.name) if self.log_files else None)
+        try:
+            daemon = AttachDaemon(self.helper, target, self.args, log, self.backend)
+        except BaseException:
+            close_ports(own.values())
+            raise
+        settled = threading.Event()
+        failure = []
+        thread = threading.Thread(target=self._serve, args=(daemon, settled, failure),
+                                  name=target.name, daemon=True)
+        with self.lock:
+            self.daemons.append(daemon)
+            self.threads.append(thread)
+        if self.stopping:
+            daemon.stop = True
+        thread.start()
+        settled.wait()
+        if failure:
+            raise AoeError(failure[0])
+        return daemon.attachment
+
+    def _serve(self, daemon, settled, failure):
+        name = daemon.target.name
+        code = EXIT_FAIL
+        try:
+            code = daemon.main(lambda attachment: settled.set())
+        except AoeError as e:
+            daemon.log(str(e))
+            failure.append(str(e))
+            code = e.code
+        except Exception:
+            import traceback
+            left = ("; %s is left for 'aoe.py attach --recover %s' or 'aoe.py detach %s'"
+                    % (daemon.attachment.block, name, name) if daemon.attachment else "")
+            daemon.log("failed%s:\n%s" % (left, traceback.format_exc()))
+            failure.append("internal error; the traceback is in %s" % log_path(name))
+        finally:
+            with self.lock:
+                self.daemons.remove(daemon)
+                self.threads.remove(threading.current_thread())
+                self.status = max(self.status, code)
+            settled.set()
+
+    def wait(self):
+        """Serve until every device has ended; returns the worst exit status."""
+        told = False
+        while True:
+            if self.stopping and not told:
+                notify_service_manager("STOPPING=1")
+                told = True
+            with self.lock:
+                threads = list(self.threads)
+            if not threads:
+                break
+            threads[0].join(0.2)
+        if not told:
+            notify_service_manager("STOPPING=1")
+        return self.status
 
 
-def run_in_background(device, body):
-    """Run body(ready) in a daemon process whose output goes to the device's log; return
-    once it called ready(message) (then exit 0) or ended (then fail with what it said)."""
+def run_in_background(logfile, body):
+    """Run body(tell) in a daemon process of its own session, its output into logfile.
+    What it tells is printed here (tell(text); tell(text, ok=False) for a failure) until it
+    calls tell(None) or ends; returns EXIT_FAIL if it told of a failure, else EXIT_OK."""
     os.makedirs(RUN_DIR, exist_ok=True)
-    logfile = log_path(device)
     sys.stdout.flush()
     sys.stderr.flush()
     rfd, wfd = os.pipe()
@@ -3327,6 +3459,13 @@ def run_in_background(device, body):
         os.close(rfd)
         code = EXIT_FAIL
         channel = os.fdopen(wfd, "w")
+
+        def tell(text, ok=True):
+            if not channel.closed:
+                channel.write(json.dumps(None if text is None else [ok, text]) + "\n")
+                channel.flush()
+                if text is None:
+                    channel.close()
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
@@ -3336,34 +3475,37 @@ def run_in_background(device, body):
             os.dup2(out, 2)
             os.close(null)
             os.close(out)
-
-            def ready(message):
-                channel.write("ready " + message)
-                channel.close()
-            code = body(ready)
+            code = body(tell)
         except AoeError as e:
-            daemon_logger(device)(str(e))
-            if not channel.closed:
-                channel.write(str(e))
+            sys.stderr.write("%s[%d]: %s\n" % (PROG, os.getpid(), e))
+            tell(str(e), ok=False)
             code = e.code
         except BaseException:
             import traceback
             traceback.print_exc()
-            if not channel.closed:
-                channel.write("internal error; the traceback is in %s" % logfile)
+            tell("internal error; the traceback is in %s" % logfile, ok=False)
         finally:
             os._exit(code)
     os.close(wfd)
+    status, done, told = EXIT_OK, False, False
     with os.fdopen(rfd) as channel:
-        said = channel.read()
-    if said.startswith("ready "):
-        print(said[len("ready "):])
-        return EXIT_OK
-    try:
+        for line in channel:
+            said = json.loads(line)
+            if said is None:
+                done = True
+                break
+            told = True
+            ok, text = said
+            if ok:
+                print(text, flush=True)
+            else:
+                sys.stderr.write("%s: %s\n" % (PROG, text))
+                status = EXIT_FAIL
+    if not done:
         os.waitpid(pid, 0)
-    except ChildProcessError:                     # attach --watch lets the kernel reap them
-        pass
-    raise AoeError(said or "the attach daemon ended without a word; see %s" % logfile)
+        if not told:
+            raise AoeError("the attach daemon ended without a word; see %s" % logfile)
+    return status
 
 
 # =============================================================================
@@ -3986,7 +4128,8 @@ def stat_row(d):
     row = aoestat_line(d, d["state"])
     a = d.get("attached")
     if a:
-        row += " %s (%s) pid %d" % (a["block_device"], a["backend"], a["pid"])
+        row += " %s (%s) %s" % (a["block_device"], a["backend"],
+                                "pid %d" % a["pid"] if a["pid"] else "no daemon")
     return row.rstrip()
 
 
@@ -4697,7 +4840,6 @@ def cmd_attach(args):
         backend, why = choose_backend(args.backend, helper)
     control = open_control(args)
     target = find_target(control, args.device, args.wait)
-    close_ports([p for p in control.ports if all(path.port is not p for path in target.paths)])
     if args.verbose:
         sys.stderr.write("%s: attaching through %s (%s), %s data path\n"
                          % (name, backend, why, "helper" if helper else "pure-Python"))
@@ -4710,12 +4852,21 @@ def cmd_attach(args):
                 a.device, ", ".join(a.features) or "without optional features")
         return attach_summary(a)
     if args.foreground:
-        def ready(a):
-            print(show(a), flush=True)
-            notify_service_manager("READY=1\nSTATUS=%s" % attach_summary(a))
-        return serve_device(helper, target, args, backend, ready)
-    return run_in_background(name, lambda ready: serve_device(helper, target, args, backend,
-                                                              lambda a: ready(show(a))))
+        host = DeviceHost(helper, args, backend, log_files=False)
+        a = host.attach(target)
+        close_ports(control.ports)
+        print(show(a), flush=True)
+        notify_service_manager("READY=1\nSTATUS=%s" % attach_summary(a))
+        return host.wait()
+
+    def serve(tell):
+        host = DeviceHost(helper, args, backend, log_files=True)
+        a = host.attach(target)
+        close_ports(control.ports)
+        tell(show(a))
+        tell(None)
+        return host.wait()
+    return run_in_background(log_path(name), serve)
 
 
 WATCH_INTERVAL = 5.0             # seconds between discoveries of attach --all --watch
@@ -4724,74 +4875,82 @@ WATCH_RETRY = 60                 # seconds before attach --all --watch tries a f
 
 def attach_all(args):
     """attach --all [PATTERN ...]: every target that answers discovery and matches a shell
-    pattern (default all), skipping attached ones.  --watch: keep going, attaching targets
-    as they appear (they announce themselves, and every --interval a discovery asks), and,
-    with --flush-down, detaching devices down that long."""
+    pattern (default all), skipping attached ones, served by one daemon process.  --watch:
+    serve them in the foreground and keep going, attaching targets as they appear (they
+    announce themselves, and every --interval a discovery asks), and, with --flush-down,
+    detaching devices down that long."""
     if args.recover or args.upgrade or args.foreground:
         usage_error("attach --all attaches new devices only: no --recover, "
                     "--upgrade or --foreground")
-    # the devices' daemons end here; nobody else waits for them
-    if args.watch:
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     patterns = args.device or ["*"]
     helper = None if args.no_helper else load_helper()
     backend, why = choose_backend(args.backend, helper)
     control = open_control(args)
-    stop = StopFlag() if args.watch else (lambda: False)
-    failed, down_since, unanswered, status = {}, {}, set(), EXIT_OK
-    targets = control.discover(args.wait)
-    while True:
+    failed, down_since, unanswered = {}, {}, set()
+
+    def new_targets(targets):
+        """The matching targets not attached yet that answer IDENTIFY (one that does not
+        is asked again next round); whether any failed to."""
         wanted = [t for t in targets if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)]
+        if not wanted and not args.watch:
+            raise AoeError("no AoE target matched %s" % " ".join(patterns))
         new = [t for t in wanted if not attached_or_waiting(t.name)
                and time.monotonic() >= failed.get(t.name, 0)]
         control.identify(new)
         for t in new:
-            if t.identify is None:                # asked again next round
-                if t.name not in unanswered:
-                    sys.stderr.write("%s: %s: %s\n" % (PROG, t.name, t.identify_error))
-                unanswered.add(t.name)
-                status = EXIT_FAIL
-                continue
-            unanswered.discard(t.name)
+            if t.identify is None and t.name not in unanswered:
+                sys.stderr.write("%s: %s: %s\n" % (PROG, t.name, t.identify_error))
+            (unanswered.add if t.identify is None else unanswered.discard)(t.name)
+        answered = [t for t in new if t.identify is not None]
+        return answered, len(answered) < len(new)
+
+    def attach_each(host, targets, tell):
+        for t in targets:
             try:
-                attach_found(helper, control, t, args, backend)
+                tell(attach_summary(host.attach(t)))
                 failed.pop(t.name, None)
             except AoeError as e:
-                sys.stderr.write("%s: %s\n" % (PROG, e))
+                tell(str(e), ok=False)
                 failed[t.name] = time.monotonic() + WATCH_RETRY
-                status = EXIT_FAIL
-        if not args.watch:
-            if not wanted:
-                raise AoeError("no AoE target matched %s" % " ".join(patterns))
-            return status
+
+    targets, silent = new_targets(control.discover(args.wait))
+    if not args.watch:
+        if not targets:
+            return EXIT_FAIL if silent else EXIT_OK
+
+        def serve(tell):
+            host = DeviceHost(helper, args, backend, log_files=True)
+            attach_each(host, targets, tell)
+            close_ports(control.ports)
+            tell(None)
+            return host.wait()
+        status = run_in_background(os.path.join(RUN_DIR, "attach-all.log"), serve)
+        return EXIT_FAIL if silent else status
+
+    def tell(text, ok=True):
+        if ok:
+            print(text, flush=True)
+        else:
+            sys.stderr.write("%s: %s\n" % (PROG, text))
+    host = DeviceHost(helper, args, backend, log_files=True)
+    while not host.stopping:
+        attach_each(host, targets, tell)
         notify_service_manager("READY=1\nSTATUS=watching for %s" % " ".join(patterns))
         if args.flush_down is not None:
             flush_down_devices(patterns, down_since, args.flush_down)
-        if stop():
-            return EXIT_OK
-        targets = control.discover(args.interval, announced=True)
-        if stop():
-            return EXIT_OK
+        if host.stopping:
+            break
+        targets, _ = new_targets(control.discover(args.interval, announced=True))
+    close_ports(control.ports)
+    host.stop()
+    host.wait()
+    return EXIT_OK
 
 
 def attached_or_waiting(name):
     """Whether eX.Y has a daemon, or a device left for attach --recover."""
     a = Attachment.load(name)
     return a is not None and (a.daemon_alive or a.exists)
-
-
-def attach_found(helper, control, target, args, backend):
-    """One target of attach --all, in a daemon of its own with sockets of its own (the
-    inherited ones are shared with the watch and the other daemons)."""
-    def body(ready):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        own = {}
-        for path in target.paths:
-            path.port = (own.get(path.port.name)
-                         or own.setdefault(path.port.name, Port(path.port.ifc)))
-        close_ports(control.ports)
-        return serve_device(helper, target, args, backend, lambda a: ready(attach_summary(a)))
-    return run_in_background(target.name, body)
 
 
 def flush_down_devices(patterns, down_since, after):
@@ -4818,17 +4977,11 @@ def detach_attachment(a, force):
     busy = None if force else device_in_use(a.block, a.pid)
     if busy:
         return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.block, busy)
-    if a.daemon_alive:
-        os.kill(a.pid, signal.SIGTERM)
-        deadline = time.monotonic() + DETACH_WAIT
-        while a.daemon_alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if a.daemon_alive:
-            return ("%s: daemon pid %d did not finish detaching in %d s; see %s"
-                    % (a.device, a.pid, DETACH_WAIT, a.log))
-        if os.path.exists(Attachment.file(a.device)):
-            return ("%s: daemon pid %d ended without detaching %s; see %s"
-                    % (a.device, a.pid, a.block, a.log))
+    if a.daemon_alive:                            # the daemon may serve other devices too
+        try:
+            ask_daemon(a, "detach", wait=DETACH_WAIT)
+        except AoeError as e:
+            return str(e)
         return None
     problem = BACKEND_CLASSES[a.backend].remove_orphan(a)
     if problem:

@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -532,6 +533,74 @@ def test_pumps_agree_and_take_only_true_answers():
                         "errors": 1}
     assert not busy
 
+@pytest.mark.engine
+def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
+    """The attach process's devices are threads: one whose serving fails ends alone (its
+    traceback in its own log), one that cannot be made fails its attach with its error,
+    signals reach every device, and a stop ends them all."""
+    monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path))
+    fail_now = threading.Event()
+
+    class Port:
+        def __init__(self, ifc):
+            self.name = ifc
+
+        def close(self):
+            pass
+
+    class Daemon:
+        def __init__(self, helper, target, args, log, backend):
+            self.target, self.log = target, log
+            self.attachment = types.SimpleNamespace(block="/dev/fake-" + target.name)
+            self.stop = self.request_wanted = self.report_wanted = False
+
+        def main(self, ready):
+            if self.target.name == "e1.3":
+                raise aoe.AoeError("e1.3: no such thing")
+            ready(self.attachment)
+            while not self.stop:
+                if self.target.name == "e1.2" and fail_now.is_set():
+                    raise RuntimeError("a bug in e1.2's request path")
+                time.sleep(0.01)
+            return aoe.EXIT_OK
+
+    monkeypatch.setattr(aoe, "Port", Port)
+    monkeypatch.setattr(aoe, "AttachDaemon", Daemon)
+
+    def target(name):
+        return types.SimpleNamespace(name=name, paths=[types.SimpleNamespace(
+            port=types.SimpleNamespace(name="eth9", ifc="eth9"))])
+    saved = {sig: signal.getsignal(sig)
+             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        host = aoe.DeviceHost(None, None, "ublk", log_files=True)
+        assert host.attach(target("e1.1")).block == "/dev/fake-e1.1"
+        assert host.attach(target("e1.2")).block == "/dev/fake-e1.2"
+        with pytest.raises(aoe.AoeError, match="e1.3: no such thing"):
+            host.attach(target("e1.3"))
+        one, two = host.daemons
+        fail_now.set()
+        for _ in range(500):
+            if two not in host.daemons:
+                break
+            time.sleep(0.01)
+        assert host.daemons == [one] and len(host.threads) == 1
+        log = (tmp_path / "e1.2.log").read_text()
+        assert "a bug in e1.2's request path" in log and "/dev/fake-e1.2 is left for" in log
+        assert "no such thing" in (tmp_path / "e1.3.log").read_text()
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(500):
+            if one.request_wanted:
+                break
+            time.sleep(0.01)
+        assert one.request_wanted and not one.stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert host.wait() == aoe.EXIT_FAIL and one.stop and host.daemons == []
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -----------------------------------------------------------------------------
 # net: namespaces, veth, vblade and aoetools
 # -----------------------------------------------------------------------------
@@ -632,6 +701,27 @@ def test_discover_lists_exactly_the_exports(vblades):
     assert [d["config"] for d in found] == ["", "", CONFIG_37]
     human = vblades.aoe("discover")
     assert human.returncode == 0 and len(human.stdout.splitlines()) == 3
+
+
+@pytest.mark.net
+def test_64_targets_found_within_half_a_second(tmp_path):
+    """64 vblade targets: one discovery with a 0.5 s window lists them all, and stat
+    identifies all 64 at once."""
+    bench = Bench(1500, tmp_path)
+    try:
+        names = ["e7.%d" % slot for slot in range(64)]
+        for slot in range(64):
+            bench.vblade(7, slot, make_file(tmp_path / ("t%d" % slot), (slot + 1) << 20))
+        t0 = time.monotonic()
+        found = bench.aoe_json("discover", "-w", "0.5")
+        took = time.monotonic() - t0
+        assert [d["device"] for d in found] == names
+        rows = bench.aoe_json("stat", "-w", "0.5")
+        assert [(d["device"], d["state"], d["size_bytes"]) for d in rows] == \
+            [(name, "up", (slot + 1) << 20) for slot, name in enumerate(names)]
+        print("64 targets discovered by one aoe.py discover -w 0.5 in %.2f s" % took)
+    finally:
+        bench.close()
 
 
 @pytest.mark.net
@@ -2029,6 +2119,19 @@ def test_revalidate_resizes_and_upgrade_hands_over(kernel):
         assert "has no UPDATE_SIZE (Linux 6.16 or later)" in out
         assert "without ublk's QUIESCE (Linux 6.16 or later)" in out
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out
+
+
+@pytest.mark.vm
+def test_64_devices_in_one_process():
+    """64 targets attached by one attach --all: one process serves them, in at most 128 MB
+    (PSS); two take writes at once; one is detached alone and one whose thread fails is left
+    for attach --recover while the others go on; flush -a detaches them all."""
+    need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    out = in_vm("many-check.sh", 64, 128)
+    assert "MANY-CHECK OK 64" in out, out[-3000:]
+    memory = re.search(r"^MEMORY 64 idle devices in one process: PSS (\d+) MB", out, re.M)
+    assert memory and int(memory.group(1)) <= 128, out[-3000:]
+    assert "Oops" not in out and "BUG:" not in out
 
 
 @pytest.mark.vm
