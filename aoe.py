@@ -3001,11 +3001,11 @@ class AttachDaemon:
     """Serves one attached device: the engine, a backend, the record and links, and the
     target's state (up; down after deadsecs of silence, probed until it answers)."""
 
-    def __init__(self, helper, target, args, log, backend):
+    def __init__(self, helper, target, args, log, backend, start):
         self.target, self.log = target, log
         self.readonly = args.ro
         self.deadsecs = args.deadsecs
-        self.start = "upgrade" if args.upgrade else "recover" if args.recover else "create"
+        self.start = start                        # create, recover or upgrade the device
         for port in {p.port for p in target.paths}:
             port.keep_only(target.shelf, target.slot)
         self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper,
@@ -3355,8 +3355,8 @@ class DeviceHost:
     device: SIGTERM and SIGINT detach them, SIGHUP has each read its request file,
     SIGUSR1 logs their counters."""
 
-    def __init__(self, helper, args, backend, log_files):
-        self.helper, self.args, self.backend = helper, args, backend
+    def __init__(self, helper, args, log_files):
+        self.helper, self.args = helper, args
         self.log_files = log_files                # each device's log in its file, or stderr
         self.daemons = []
         self.threads = []
@@ -3378,16 +3378,17 @@ class DeviceHost:
         for daemon in daemons:
             setattr(daemon, flag, True)
 
-    def attach(self, target):
-        """Make (or recover, or take over) target's device in a thread of its own; returns
-        its Attachment once the device is ready, or raises AoeError."""
+    def attach(self, target, backend, start="create"):
+        """Make target's device through `backend` (or, as `start` says, recover it or take
+        it over) in a thread of its own; returns its Attachment once the device is ready,
+        or raises AoeError."""
         own = {}
         for path in target.paths:                 # the inherited ones are the discovery's
             path.port = (own.get(path.port.name)
                          or own.setdefault(path.port.name, Port(path.port.ifc)))
         log = daemon_logger(target.name, log_path(target.name) if self.log_files else None)
         try:
-            daemon = AttachDaemon(self.helper, target, self.args, log, self.backend)
+            daemon = AttachDaemon(self.helper, target, self.args, log, backend, start)
         except BaseException:
             close_ports(own.values())
             raise
@@ -4851,17 +4852,18 @@ def cmd_attach(args):
             return attach_summary(a) + "\n%s: ublk %s" % (
                 a.device, ", ".join(a.features) or "without optional features")
         return attach_summary(a)
+    start = "upgrade" if args.upgrade else "recover" if args.recover else "create"
     if args.foreground:
-        host = DeviceHost(helper, args, backend, log_files=False)
-        a = host.attach(target)
+        host = DeviceHost(helper, args, log_files=False)
+        a = host.attach(target, backend, start)
         close_ports(control.ports)
         print(show(a), flush=True)
         notify_service_manager("READY=1\nSTATUS=%s" % attach_summary(a))
         return host.wait()
 
     def serve(tell):
-        host = DeviceHost(helper, args, backend, log_files=True)
-        a = host.attach(target)
+        host = DeviceHost(helper, args, log_files=True)
+        a = host.attach(target, backend, start)
         close_ports(control.ports)
         tell(show(a))
         tell(None)
@@ -4875,52 +4877,69 @@ WATCH_RETRY = 60                 # seconds before attach --all --watch tries a f
 
 def attach_all(args):
     """attach --all [PATTERN ...]: every target that answers discovery and matches a shell
-    pattern (default all), skipping attached ones, served by one daemon process.  --watch:
-    serve them in the foreground and keep going, attaching targets as they appear (they
-    announce themselves, and every --interval a discovery asks), and, with --flush-down,
-    detaching devices down that long."""
-    if args.recover or args.upgrade or args.foreground:
-        usage_error("attach --all attaches new devices only: no --recover, "
-                    "--upgrade or --foreground")
+    pattern (default all), skipping attached ones, served by one daemon process; with
+    --recover, instead, every matching device left for attach --recover (its daemon died).
+    --watch: serve them in the foreground and keep going, attaching targets as they appear
+    (they announce themselves, and every --interval a discovery asks) and taking back
+    devices left behind, and, with --flush-down, detaching devices down that long."""
+    if args.upgrade or args.foreground:
+        usage_error("attach --all attaches or recovers devices: no --upgrade or --foreground")
+    if args.recover and args.watch:
+        usage_error("attach --all --watch recovers devices left behind by itself: no --recover")
     patterns = args.device or ["*"]
     helper = None if args.no_helper else load_helper()
-    backend, why = choose_backend(args.backend, helper)
+    backend = choose_backend(args.backend, helper)[0] if not args.recover else None
     control = open_control(args)
     failed, down_since, unanswered = {}, {}, set()
 
-    def new_targets(targets):
-        """The matching targets not attached yet that answer IDENTIFY (one that does not
-        is asked again next round); whether any failed to."""
+    def due(targets):
+        """(target, backend, start) for the matching targets to attach now: new ones unless
+        --recover, and those whose device waits for a daemon with --recover or --watch;
+        each answered IDENTIFY (one that did not is asked again next round).  Also whether
+        any did not."""
         wanted = [t for t in targets if any(fnmatch.fnmatchcase(t.name, p) for p in patterns)]
         if not wanted and not args.watch:
             raise AoeError("no AoE target matched %s" % " ".join(patterns))
-        new = [t for t in wanted if not attached_or_waiting(t.name)
-               and time.monotonic() >= failed.get(t.name, 0)]
-        control.identify(new)
-        for t in new:
+        chosen = []
+        for t in wanted:
+            a = Attachment.load(t.name)
+            if time.monotonic() < failed.get(t.name, 0):
+                continue
+            if a is None or not (a.daemon_alive or a.exists):
+                if not args.recover:
+                    chosen.append((t, backend, "create"))
+            elif not a.daemon_alive and a.recoverable and (
+                    args.recover or args.watch and a.state != "handed-over"):  # one takes it
+                chosen.append((t, a.backend, "recover"))
+        if args.recover and not chosen:
+            raise AoeError("no device matching %s waits for attach --recover" % " ".join(patterns))
+        control.identify([t for t, _, _ in chosen])
+        for t, _, _ in chosen:
             if t.identify is None and t.name not in unanswered:
                 sys.stderr.write("%s: %s: %s\n" % (PROG, t.name, t.identify_error))
             (unanswered.add if t.identify is None else unanswered.discard)(t.name)
-        answered = [t for t in new if t.identify is not None]
-        return answered, len(answered) < len(new)
+        answered = [c for c in chosen if c[0].identify is not None]
+        return answered, len(answered) < len(chosen)
 
-    def attach_each(host, targets, tell):
-        for t in targets:
+    def attach_each(host, chosen, tell):
+        for t, how, start in chosen:
             try:
-                tell(attach_summary(host.attach(t)))
+                if start == "recover" and how == "ublk" and helper is None:
+                    need_helper("attach --recover of a ublk device")
+                tell(attach_summary(host.attach(t, how, start)))
                 failed.pop(t.name, None)
             except AoeError as e:
                 tell(str(e), ok=False)
                 failed[t.name] = time.monotonic() + WATCH_RETRY
 
-    targets, silent = new_targets(control.discover(args.wait))
+    chosen, silent = due(control.discover(args.wait))
     if not args.watch:
-        if not targets:
+        if not chosen:
             return EXIT_FAIL if silent else EXIT_OK
 
         def serve(tell):
-            host = DeviceHost(helper, args, backend, log_files=True)
-            attach_each(host, targets, tell)
+            host = DeviceHost(helper, args, log_files=True)
+            attach_each(host, chosen, tell)
             close_ports(control.ports)
             tell(None)
             return host.wait()
@@ -4932,25 +4951,19 @@ def attach_all(args):
             print(text, flush=True)
         else:
             sys.stderr.write("%s: %s\n" % (PROG, text))
-    host = DeviceHost(helper, args, backend, log_files=True)
+    host = DeviceHost(helper, args, log_files=True)
     while not host.stopping:
-        attach_each(host, targets, tell)
+        attach_each(host, chosen, tell)
         notify_service_manager("READY=1\nSTATUS=watching for %s" % " ".join(patterns))
         if args.flush_down is not None:
             flush_down_devices(patterns, down_since, args.flush_down)
         if host.stopping:
             break
-        targets, _ = new_targets(control.discover(args.interval, announced=True))
+        chosen, _ = due(control.discover(args.interval, announced=True))
     close_ports(control.ports)
     host.stop()
     host.wait()
     return EXIT_OK
-
-
-def attached_or_waiting(name):
-    """Whether eX.Y has a daemon, or a device left for attach --recover."""
-    a = Attachment.load(name)
-    return a is not None and (a.daemon_alive or a.exists)
 
 
 def flush_down_devices(patterns, down_since, after):
@@ -5126,14 +5139,17 @@ NotifyAccess=main
 ExecStart=%(run)s %(args)s
 TimeoutStartSec=120
 TimeoutStopSec=120
-
+%(more)s
 [Install]
 WantedBy=multi-user.target
 """
-SYSTEMD_UNITS = {   # file -> (Description, aoe.py's arguments)
-    "aoe@.service": ("AoE target %i as a block device (aoe.py attach)", "attach --foreground %i"),
+SYSTEMD_UNITS = {   # file -> (Description, aoe.py's arguments, more [Service] lines)
+    "aoe@.service": ("AoE target %i as a block device (aoe.py attach)", "attach --foreground %i",
+                     ""),
+    # started again after a crash, the watch takes back the devices left behind
     "aoe-all.service": ("Every AoE target as a block device, also those that appear later "
-                        "(aoe.py attach --all --watch)", "attach --all --watch"),
+                        "(aoe.py attach --all --watch)", "attach --all --watch",
+                        "Restart=on-failure\nRestartSec=5\n"),
 }
 
 
@@ -5141,8 +5157,8 @@ def cmd_systemd_units(args):
     """Print, or write (--install, --dir), the service units that attach at boot: aoe@eX.Y
     for one device, aoe-all for every target (stopping either detaches its devices)."""
     run = "%s %s" % (sys.executable, os.path.abspath(__file__))
-    units = {name: SYSTEMD_UNIT % {"what": what, "run": run, "args": words}
-             for name, (what, words) in SYSTEMD_UNITS.items()}
+    units = {name: SYSTEMD_UNIT % {"what": what, "run": run, "args": words, "more": more}
+             for name, (what, words, more) in SYSTEMD_UNITS.items()}
     if not (args.install or args.dir):
         for name, text in units.items():
             print("# %s\n%s" % (name, text))
@@ -5595,7 +5611,8 @@ def build_parser():
     p.add_argument("--all", action="store_true",
                    help="attach every target that answers and matches")
     p.add_argument("--watch", action="store_true",
-                   help="with --all: keep attaching targets as they appear (for a service)")
+                   help="with --all: keep attaching targets as they appear, and take back "
+                        "devices whose daemon died (for a service)")
     p.add_argument("--interval", type=positive(float), default=WATCH_INTERVAL, metavar="SECS",
                    help="with --watch: discover this often (default %(default)s)")
     p.add_argument("--flush-down", type=positive(float), metavar="SECS",
@@ -5606,7 +5623,8 @@ def build_parser():
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process; logs to standard error")
     p.add_argument("--recover", action="store_true",
-                   help="serve an attached device again after its daemon died")
+                   help="serve an attached device again after its daemon died (with --all: "
+                        "every such device, in one process)")
     p.add_argument("--upgrade", action="store_true",
                    help="take an attached device over from its running daemon, I/O paused "
                         "meanwhile (ublk with QUIESCE: Linux 6.16 or later)")

@@ -4,7 +4,8 @@
 # all, and its memory (PSS) for N idle devices stays within LIMIT_MB.  Two devices take writes at
 # once and hold the bytes written; one is detached alone while the others go on; one whose thread
 # fails (a failure injected into its serving loop) is left for attach --recover while the others go
-# on, and a new daemon serves it again; flush -a detaches them all.
+# on, and a new daemon serves it again; after a SIGKILL of the process attach --all --recover serves
+# its devices again in one process; flush -a detaches them all.
 # Usage: vm/run 'vm/many-check.sh PYTHON [N [LIMIT_MB]]'
 set -euo pipefail
 PY=${1:?python interpreter}; N=${2:-64}; LIMIT_MB=${3:-128}; MTU=9000; BACKEND=ublk
@@ -83,6 +84,22 @@ aoe attach --recover e5.2 | tee "$WORK/recover.txt" || fail "attach --recover e5
 [ "$(record e5.2 pid)" != "$HOST" ] && [ "$(record e5.2 state)" = up ] || fail "e5.2 is not served anew"
 holds e5.2
 written e5.2 4; holds e5.2
+
+step "SIGKILL of the process: attach --all --recover serves its devices again, in one process"
+kill -KILL "$HOST"
+for _ in $(seq 50); do kill -0 "$HOST" 2> /dev/null || break; sleep 0.1; done
+t0=$SECONDS
+aoe attach --all --recover > "$WORK/recovered.txt" || { cat "$WORK/recovered.txt"; fail "attach --all --recover"; }
+n=$(grep -c ' is e5\.' "$WORK/recovered.txt" || true)
+[ "$n" = $((N - 2)) ] || fail "attach --all --recover recovered $n of $((N - 2))"
+echo "attach --all --recover: $n devices in $((SECONDS - t0)) s"
+HOST=$(record e5.1 pid)
+others=$("$PY" -c 'import glob,json,sys; print(" ".join(sorted({str(json.load(open(f))["pid"]) for f in glob.glob(sys.argv[1] + "/*.json")} - {sys.argv[2]})))' "$RUN" "$(record e5.2 pid)")
+[ "$others" = "$HOST" ] || fail "the recovered devices are not all served by pid $HOST: $others"
+holds e5.1
+written e5.1 5; holds e5.1
+if aoe attach --all --recover 2> "$WORK/none.err"; then fail "a second attach --all --recover succeeded"; fi
+grep -q "waits for attach --recover" "$WORK/none.err" || fail "no clear message: $(cat "$WORK/none.err")"
 
 step "flush -a detaches them all"
 t0=$SECONDS

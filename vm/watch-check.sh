@@ -3,7 +3,8 @@
 # systemd runs aoe.py.
 #   attach --all PATTERN attaches the matching targets only; attach --all then the rest, skipping
 #   attached ones; attach --all --watch (NOTIFY_SOCKET as systemd sets it) says READY=1 once the
-#   targets there are attached, attaches a target that starts later, and detaches one that stays
+#   targets there are attached (taking back a device whose daemon was killed), attaches a target
+#   that starts later, and detaches one that stays
 #   down (--flush-down); stopping it as systemd stops a unit (SIGTERM to every process of the
 #   service) detaches them all; attach --foreground eX.Y (the aoe@ unit's ExecStart) says READY=1
 #   once its device is there, STOPPING=1 on SIGTERM, and detaches.
@@ -52,6 +53,12 @@ grep -q "no AoE target matched e9" "$WORK/none.err" || fail "no clear message"
 for d in e1.1 e1.2 e2.1; do aoe detach "$d" > /dev/null || fail "detach $d"; done
 wait_attached "" 10
 
+step "e2.1's daemon killed: a device left for the watch to take back"
+aoe attach e2.1 > /dev/null || fail "attach e2.1"
+E21=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$RUN/e2.1.json")
+kill -KILL "$E21"
+for _ in $(seq 50); do kill -0 "$E21" 2> /dev/null || break; sleep 0.1; done
+
 step "attach --all --watch, as aoe-all.service runs it"
 NOTIFY_SOCKET=$NOTIFY timeout 600 "$PY" "$AOE_PY" attach --all --watch --interval 2 --flush-down 4 --deadsecs 4 \
     > "$WORK/watch.log" 2>&1 &
@@ -59,6 +66,7 @@ WATCH=$!; OTHER_PIDS="${OTHER_PIDS:-} $WATCH"
 notified READY=1 30
 wait_attached "e1.1 e1.2 e2.1" 10
 echo "READY=1 with $(attached) attached"
+grep -q "recovered /dev/" "$RUN/e2.1.log" || fail "the watch did not take e2.1 back"
 serve_target 3 1
 t0=$SECONDS; wait_attached "e1.1 e1.2 e2.1 e3.1" 15
 echo "e3.1 started later: attached after $((SECONDS - t0)) s"
