@@ -4790,18 +4790,18 @@ def cmd_bench(args):
 
 def cmd_attach(args):
     if args.watch and not args.all:
-        usage_error("--watch goes with --all")
+        raise usage_error("--watch goes with --all")
     if args.all:
         return attach_all(args)
     if len(args.device) != 1:
-        usage_error("attach takes one eX.Y, or --all [PATTERN ...]")
+        raise usage_error("attach takes one eX.Y, or --all [PATTERN ...]")
     args.device = args.device[0]
     name = device_name(*parse_device(args.device))
     helper = None if args.no_helper else load_helper()
     known = Attachment.load(name)
     if args.upgrade:
         if args.recover:
-            usage_error("--upgrade and --recover exclude each other")
+            raise usage_error("--upgrade and --recover exclude each other")
         if known is None or not known.daemon_alive:
             raise AoeError("%s: no running attach daemon to hand over from (%s)" % (
                 name, "none recorded in %s" % RUN_DIR if known is None
@@ -4883,9 +4883,10 @@ def attach_all(args):
     (they announce themselves, and every --interval a discovery asks) and taking back
     devices left behind, and, with --flush-down, detaching devices down that long."""
     if args.upgrade or args.foreground:
-        usage_error("attach --all attaches or recovers devices: no --upgrade or --foreground")
+        raise usage_error("attach --all attaches or recovers devices: no --upgrade or --foreground")
     if args.recover and args.watch:
-        usage_error("attach --all --watch recovers devices left behind by itself: no --recover")
+        raise usage_error("attach --all --watch recovers devices left behind by itself: "
+                          "no --recover")
     patterns = args.device or ["*"]
     helper = None if args.no_helper else load_helper()
     backend = choose_backend(args.backend, helper)[0] if not args.recover else None

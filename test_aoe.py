@@ -201,6 +201,21 @@ def test_bad_device_names(text):
 
 
 @pytest.mark.codec
+@pytest.mark.parametrize("argv, said", [
+    (["--watch", "e0.1"], "--watch goes with --all"),
+    (["e0.1", "e0.2"], "attach takes one eX.Y"),
+    (["--upgrade", "--recover", "e9.9"], "--upgrade and --recover exclude each other"),
+    (["--all", "--foreground"], "no --upgrade or --foreground"),
+    (["--all", "--watch", "--recover"], "no --recover")])
+def test_attach_refuses_options_that_do_not_go_together(argv, said, capsys, monkeypatch, tmp_path):
+    """Each in one line with exit status 2, before anything is looked for or made."""
+    monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path))
+    assert aoe.main(["attach"] + argv) == aoe.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert said in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.codec
 def test_frame_sizes_follow_mtu_and_target():
     assert aoe.frame_sectors(1500) == 2 and aoe.frame_sectors(9000) == 17
     assert aoe.sectors_per_frame(9000, 2) == 2
