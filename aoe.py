@@ -3373,9 +3373,9 @@ class DeviceHost:
         self._flag_all("stop")
 
     def _flag_all(self, flag):
-        with self.lock:
-            daemons = list(self.daemons)
-        for daemon in daemons:
+        """From signal handlers, which may run while this thread holds the lock: so no lock
+        (copying the list is one step under the GIL)."""
+        for daemon in list(self.daemons):
             setattr(daemon, flag, True)
 
     def attach(self, target, backend, start="create"):

@@ -553,7 +553,8 @@ def test_pumps_agree_and_take_only_true_answers():
 def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
     """The attach process's devices are threads: one whose serving fails ends alone (its
     traceback in its own log), one that cannot be made fails its attach with its error,
-    signals reach every device, and a stop ends them all."""
+    signals reach every device (also while the host holds its lock), and a stop ends them
+    all."""
     monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path))
     fail_now = threading.Event()
 
@@ -586,8 +587,8 @@ def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
     def target(name):
         return types.SimpleNamespace(name=name, paths=[types.SimpleNamespace(
             port=types.SimpleNamespace(name="eth9", ifc="eth9"))])
-    saved = {sig: signal.getsignal(sig)
-             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                    signal.SIGUSR1, signal.SIGALRM)}
     try:
         host = aoe.DeviceHost(None, None, log_files=True)
         assert host.attach(target("e1.1"), "ublk").block == "/dev/fake-e1.1"
@@ -604,11 +605,17 @@ def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
         log = (tmp_path / "e1.2.log").read_text()
         assert "a bug in e1.2's request path" in log and "/dev/fake-e1.2 is left for" in log
         assert "no such thing" in (tmp_path / "e1.3.log").read_text()
-        os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(500):
-            if one.request_wanted:
-                break
-            time.sleep(0.01)
+        def deadlocked(signum, frame):
+            raise TimeoutError("a signal's handler waited for the lock its thread holds")
+        signal.signal(signal.SIGALRM, deadlocked)
+        signal.alarm(5)
+        with host.lock:                           # a signal comes while the host holds it
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(500):
+                if one.request_wanted:
+                    break
+                time.sleep(0.01)
+        signal.alarm(0)
         assert one.request_wanted and not one.stop
         os.kill(os.getpid(), signal.SIGTERM)
         assert host.wait() == aoe.EXIT_FAIL and one.stop and host.daemons == []
