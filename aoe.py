@@ -153,6 +153,7 @@ DEFAULT_DEADSECS = 180           # aoe_deadsecs
 DEFAULT_MAXOUT = 64              # aoe_maxout: cap on any target's window
 DEFAULT_SECTORS_PER_FRAME = 2    # used when a target advertises 0
 DISCOVER_WAIT = 1.0              # seconds to gather Query Config answers
+DISCOVER_SENDS = 3               # Query Config broadcasts spread over that time (lossy links)
 QUERY_TIMEOUT = 1.0              # per try of a unicast control query
 QUERY_TRIES = 3
 
@@ -852,21 +853,31 @@ class Control:
             return pack_cfg(dst, port.mac, shelf, slot, tag, request)
 
         tag = self._broadcast(ports, build)
-        results = []
+        results, seen = [], set()
         want = lambda f: (f.command == AOECMD_CFG and shelf in (AOE_SHELF_ANY, f.shelf)
                           and slot in (AOE_SLOT_ANY, f.slot))
-        for port, frame in self._answers(None if announced else (tag,), time.monotonic() + wait,
-                                         want):
-            info = None
-            if not frame.is_error:
-                try:
-                    info = parse_cfg(frame)
-                except FrameError as e:
-                    self.drops[e.reason] += 1
+        # a read is asked again within the window (same tag), so one lost frame loses nothing
+        sends = DISCOVER_SENDS if ccmd == AOECCMD_READ else 1
+        start = time.monotonic()
+        for send in range(sends):
+            if send:
+                for port in ports:
+                    port.send(build(port, BROADCAST_MAC, tag))
+            until = start + wait * (send + 1) / sends
+            for port, frame in self._answers(None if announced else (tag,), until, want):
+                if (port, frame.src, frame.shelf, frame.slot) in seen:    # answered already
                     continue
-            results.append((port, frame, info))
-            if first_only:
-                break
+                seen.add((port, frame.src, frame.shelf, frame.slot))
+                info = None
+                if not frame.is_error:
+                    try:
+                        info = parse_cfg(frame)
+                    except FrameError as e:
+                        self.drops[e.reason] += 1
+                        continue
+                results.append((port, frame, info))
+                if first_only:
+                    return results
         return results
 
     def discover(self, wait=DISCOVER_WAIT, shelf=AOE_SHELF_ANY, slot=AOE_SLOT_ANY, announced=False):
