@@ -2111,7 +2111,8 @@ def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel=
     r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
     steps = [line for line in r.stdout.splitlines() if line.startswith(("== ", "FAIL"))]
-    assert r.returncode == 0, (r.returncode, steps[-4:], r.stdout[-3000:], r.stderr[-2000:])
+    assert r.returncode == 0, "\n".join(["exit %d" % r.returncode] + steps[-4:]
+                                        + [r.stdout[-3000:], r.stderr[-2000:]])
     # Only the boot that ran the script: vm/run retries boots that die before it (see there).
     return r.stdout.rsplit("vm/run: the VM died before running the command", 1)[-1]
 

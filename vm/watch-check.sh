@@ -63,7 +63,7 @@ step "attach --all --watch, as aoe-all.service runs it"
 NOTIFY_SOCKET=$NOTIFY timeout 600 "$PY" "$AOE_PY" attach --all --watch --interval 2 --flush-down 4 --deadsecs 4 \
     > "$WORK/watch.log" 2>&1 &
 WATCH=$!; OTHER_PIDS="${OTHER_PIDS:-} $WATCH"
-notified READY=1 30
+notified READY=1 90                            # after taking e2.1 back: the kernel first quiesces it
 wait_attached "e1.1 e1.2 e2.1" 10
 echo "READY=1 with $(attached) attached"
 grep -q "recovered /dev/" "$RUN/e2.1.log" || fail "the watch did not take e2.1 back"
