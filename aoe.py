@@ -3457,6 +3457,14 @@ class DeviceHost:
         return self.status
 
 
+def tell_here(text, ok=True):
+    """What an attach daemon tells: a device made onto stdout, a failure onto stderr."""
+    if ok:
+        print(text, flush=True)
+    else:
+        sys.stderr.write("%s: %s\n" % (PROG, text))
+
+
 def run_in_background(logfile, body):
     """Run body(tell) in a daemon process of its own session, its output into logfile.
     What it tells is printed here (tell(text); tell(text, ok=False) for a failure) until it
@@ -3508,10 +3516,8 @@ def run_in_background(logfile, body):
                 break
             told = True
             ok, text = said
-            if ok:
-                print(text, flush=True)
-            else:
-                sys.stderr.write("%s: %s\n" % (PROG, text))
+            tell_here(text, ok)
+            if not ok:
                 status = EXIT_FAIL
     if not done:
         os.waitpid(pid, 0)
@@ -4958,14 +4964,9 @@ def attach_all(args):
         status = run_in_background(os.path.join(RUN_DIR, "attach-all.log"), serve)
         return EXIT_FAIL if silent else status
 
-    def tell(text, ok=True):
-        if ok:
-            print(text, flush=True)
-        else:
-            sys.stderr.write("%s: %s\n" % (PROG, text))
     host = DeviceHost(helper, args, log_files=True)
     while not host.stopping:
-        attach_each(host, chosen, tell)
+        attach_each(host, chosen, tell_here)
         notify_service_manager("READY=1\nSTATUS=watching for %s" % " ".join(patterns))
         if args.flush_down is not None:
             flush_down_devices(patterns, down_since, args.flush_down)
