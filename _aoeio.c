@@ -13,14 +13,17 @@
  * "private" line are hidden from Python ("...;"), and every function aoe.py
  * calls has its prototype, which the compiler holds to the definition.
  *
- * Three decisions are made here as well as in aoe.py, for speed, and must stay
+ * Four decisions are made here as well as in aoe.py, for speed, and must stay
  * the same; a test holds each pair equal:
  *   aoe_pump's answer checks and drop reasons = PyPump's
  *       (test_pumps_agree_and_take_only_true_answers: both pumps, scripted answers);
  *   srv_classify's order of checks and srv_decode's IDNF/ABRT answers =
  *       AoeTarget.handle's (test_serve_fast_path_answers_exactly_like_python);
  *   bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
- *       which sees every request the bridge declines (the VM's attach checks).
+ *       which sees every request the bridge declines (the VM's attach checks);
+ *   nbd_start's = NbdBackend.refusal and Engine.submit's bounds
+ *       (test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine and
+ *       test_nbd_server_takes_requests_however_the_stream_is_cut expect the same answers).
  */
 
 #ifndef _GNU_SOURCE
@@ -86,6 +89,8 @@ enum { FRAME_FREE, FRAME_PENDING, FRAME_INFLIGHT };
 
 struct ublk_queue;
 struct ublk_req;
+struct nbd_req;
+struct nbd_bridge;
 struct aoe_frame;
 struct aoe_request;
 struct aoe_tx_batch;
@@ -174,6 +179,11 @@ struct aoe_eng {
     int bridge_error;                       /* last failure of a ublk call inside aoe_pump,
                                              * -errno */
     uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
+    /* nbd bridge (aoe_nbd_bridge): aoe_pump serves the NBD protocol on the kernel's socket;
+     * bridge_on, bridge_finished, bridge_error and bq_sectors mean the same for it */
+    int nbd_nhanded; struct nbd_req *nbd_handed;    /* requests left to aoe.py by the last
+                                                     * aoe_pump */
+    int nbd_open;                           /* requests read from the socket, not yet answered */
 
     /* private */
     uint32_t max_frames;
@@ -195,6 +205,7 @@ struct aoe_eng {
     uint8_t *rx_buf;
     struct mmsghdr rx_msg[RX_BATCH];
     struct iovec rx_iov[RX_BATCH];
+    struct nbd_bridge *nb;                  /* the bridged nbd socket, or NULL */
     struct ublk_queue *bq;                  /* the bridged queue, or NULL */
     int bq_readonly;
     int bq_ncommit;
@@ -263,6 +274,10 @@ struct aoe_tx_batch {
 static int bridge_take(struct aoe_eng *e);
 static void bridge_settle(struct aoe_eng *e);
 static void bridge_release(struct aoe_eng *e);
+static void nbd_take(struct aoe_eng *e);
+static void nbd_settle(struct aoe_eng *e);
+static short nbd_poll_events(const struct aoe_eng *e);
+static void nbd_release(struct aoe_eng *e);
 
 int64_t aoe_now_us(void)
 {
@@ -417,6 +432,7 @@ void aoe_eng_free(struct aoe_eng *e)
     if (!e)
         return;
     bridge_release(e);
+    nbd_release(e);
     for (int i = 0; i < e->nfds; i++)
         free(e->tx[i]);
     free(e->frames);
@@ -997,7 +1013,8 @@ static int64_t next_expiry(const struct aoe_eng *e)
  * a pause of the caller never turns answers waiting there into losses.
  * With a bridged ublk queue (whose ring fd is then extra_fd), new requests are
  * taken and successful ones committed here; only failures, requests aoe.py
- * must answer itself (handed) and the end of the queue come back.
+ * must answer itself (handed) and the end of the queue come back.  A bridged
+ * nbd socket (then extra_fd) the same: requests read, successful ones answered.
  * Window slots freed by answers are refilled inside the loop, so the target's
  * queue stays full without a round trip through Python per answer.
  */
@@ -1006,9 +1023,11 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     if (!e)
         return -EINVAL;
     e->done = e->done_buf;
-    e->ndone = e->nexpired = e->nhanded = 0;
+    e->ndone = e->nexpired = e->nhanded = e->nbd_nhanded = 0;
     if (e->bq)
         bridge_take(e);
+    if (e->nb)
+        nbd_take(e);
     for (int p = 0; p < e->npaths; p++) {
         struct aoe_path *pa = &e->paths[p];
         pa->rtt_n = pa->rtt_max_us = pa->spurious = pa->needed = pa->late = 0;
@@ -1048,6 +1067,18 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
             if (e->nhanded || e->bridge_finished)
                 break;
         }
+        if (e->nb) {                        /* as for ublk: only failures come back */
+            nbd_settle(e);
+            if (extra_ready) {
+                extra_ready = 0;
+                nbd_take(e);
+            }
+            send_pending(e);                /* the requests taken, FUA's flushes */
+            if (e->nbd_nhanded || e->bridge_finished)
+                break;
+            if (extra_fd >= 0)
+                pfd[e->nfds].events = nbd_poll_events(e);
+        }
         if (e->ndone || e->nexpired || extra_ready)
             break;
         if (e->inflight_frames == 0 && extra_fd < 0)
@@ -1081,6 +1112,8 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     collect_expired(e, aoe_now_us());
     if (e->bq)
         bridge_settle(e);
+    if (e->nb)
+        nbd_settle(e);
     return e->ndone;
 }
 
@@ -2354,4 +2387,443 @@ static void bridge_settle(struct aoe_eng *e)
             e->bridge_error = ret;
         e->bq_ncommit = 0;
     }
+}
+
+/* ========================================================================== */
+/* NBD bridge: the kernel's nbd requests straight into the frame engine        */
+/* ========================================================================== */
+/*
+ * The same for the kernel's nbd driver as the ublk bridge: aoe.py connects the
+ * device (netlink or ioctls) with one end of a socketpair and bridges the
+ * other here.  aoe_pump then reads the NBD transmission protocol from it
+ * (requests cut anywhere; write data lands in the request's slot buffer),
+ * submits READ, WRITE and FLUSH to the engine under id
+ * AOE_NBD_ID | op << 32 | slot, answers those that succeed (read data
+ * straight from the slot, many answers per sendmsg, in any order), and sends
+ * a FUA write's flush after the write.  Failed ones come back in done[] with
+ * that id; requests the bridge does not take (bridge_on 0, other commands,
+ * unaligned, past the end, writes to a read-only device, engine full) are
+ * handed to aoe.py in nbd_handed[].  aoe.py answers both with aoe_nbd_reply,
+ * or submits them to the engine under the same id.  NBD_CMD_DISC, the end of
+ * the stream and a request without the magic finish the bridge.
+ */
+
+#define NBD_REQUEST_MAGIC   0x25609513u
+#define NBD_REPLY_MAGIC     0x67446698u
+#define NBD_REQUEST_LEN     28
+#define NBD_REPLY_LEN       16
+#define NBD_IN_SIZE         16384   /* headers are read in pieces of up to this */
+#define NBD_OUT_BATCH       32      /* answers per sendmsg */
+
+enum { NBD_SLOT_FREE, NBD_SLOT_DATA, NBD_SLOT_ENGINE, NBD_SLOT_HANDED, NBD_SLOT_REPLY };
+
+/* ABI-BEGIN: the nbd bridge */
+#define AOE_NBD_ID      (1ULL << 61)
+#define NBD_CMD_READ    0
+#define NBD_CMD_WRITE   1
+#define NBD_CMD_DISC    2
+#define NBD_CMD_FLUSH   3
+#define NBD_CMD_FLAG_FUA (1 << 16)
+
+/* A request the bridge leaves to aoe.py. */
+struct nbd_req {
+    uint32_t slot;
+    uint16_t command;               /* NBD_CMD_* */
+    uint32_t flags;                 /* NBD_CMD_FLAG_*: the request type's upper half */
+    uint64_t offset;                /* bytes */
+    uint32_t length;
+};
+
+int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint64_t sectors,
+                   int readonly);
+void *aoe_nbd_buf(struct aoe_eng *e, uint32_t slot);
+int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error);
+/* ABI-END */
+
+struct nbd_slot {
+    uint8_t state;                  /* NBD_SLOT_* */
+    uint8_t fua;                    /* a write whose flush is still to come */
+    uint16_t command;
+    uint32_t flags;
+    uint8_t handle[8];
+    uint64_t offset;
+    uint32_t length, got;           /* write data read so far */
+    uint8_t *big;                   /* malloc'ed when the request exceeds buf_size */
+    uint8_t reply[NBD_REPLY_LEN];
+    uint32_t reply_len;             /* header and, for a good read, the data */
+    uint32_t next;                  /* free list or answer queue */
+};
+
+struct nbd_bridge {
+    int fd;
+    uint32_t nslots;
+    unsigned buf_size;
+    uint8_t *bufs;                  /* nslots * buf_size, page aligned */
+    size_t bufs_len;
+    struct nbd_slot *slots;
+    uint32_t free_head;
+    uint32_t out_head, out_tail;    /* answers waiting for the socket, oldest first */
+    uint32_t out_sent;              /* bytes of the oldest already sent */
+    uint32_t reading;               /* the write whose data is arriving, or NONE */
+    uint32_t in_start, in_end;      /* unparsed bytes in in[] */
+    uint8_t in[NBD_IN_SIZE];
+};
+
+static uint8_t *nbd_data(const struct nbd_bridge *b, uint32_t i)
+{
+    const struct nbd_slot *s = &b->slots[i];
+    return s->big ? s->big : b->bufs + (size_t)i * b->buf_size;
+}
+
+static void nbd_release(struct aoe_eng *e)
+{
+    struct nbd_bridge *b = e->nb;
+    if (!b)
+        return;
+    for (uint32_t i = 0; i < b->nslots; i++)
+        free(b->slots[i].big);
+    if (b->bufs)
+        munmap(b->bufs, b->bufs_len);
+    free(b->slots);
+    free(b);
+    free(e->nbd_handed);
+    e->nb = NULL;
+    e->nbd_handed = NULL;
+    e->nbd_nhanded = e->nbd_open = 0;
+}
+
+/* Bridge the nbd socket fd (non-blocking; aoe.py keeps it open) with `slots`
+ * requests at once, each with a buffer of buf_size (larger ones get their
+ * own), for a device of `sectors` sectors; fd < 0 ends the bridge, failing
+ * what the engine still holds for it (their buffers go). */
+int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint64_t sectors,
+                   int readonly)
+{
+    if (!e || e->bq)
+        return -EINVAL;
+    if (e->nb && e->active_requests)
+        aoe_fail_all(e, -ECANCELED);
+    nbd_release(e);
+    if (fd < 0)
+        return 0;
+    if (slots <= 0 || slots > 0xFFFF || buf_size < SECTOR_SIZE)
+        return -EINVAL;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    struct nbd_bridge *b = calloc(1, sizeof(*b));
+    if (!b)
+        return -ENOMEM;
+    e->nb = b;
+    b->fd = fd;
+    b->nslots = (uint32_t)slots;
+    b->buf_size = (unsigned)((buf_size + page - 1) & ~(page - 1));
+    b->bufs_len = (size_t)slots * b->buf_size;
+    b->slots = calloc((size_t)slots, sizeof(*b->slots));
+    e->nbd_handed = calloc((size_t)slots, sizeof(*e->nbd_handed));
+    void *bufs = mmap(NULL, b->bufs_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    if (bufs == MAP_FAILED || !b->slots || !e->nbd_handed) {
+        if (bufs != MAP_FAILED)
+            munmap(bufs, b->bufs_len);
+        nbd_release(e);
+        return -ENOMEM;
+    }
+    b->bufs = bufs;
+    madvise(bufs, b->bufs_len, MADV_NOHUGEPAGE);    /* as for ublk's tag buffers */
+    for (uint32_t i = 0; i < b->nslots; i++)
+        b->slots[i].next = i + 1 < b->nslots ? i + 1 : NONE;
+    b->free_head = 0;
+    b->out_head = b->out_tail = b->reading = NONE;
+    e->bq_sectors = sectors;
+    e->bq_readonly = readonly != 0;
+    e->bridge_on = 1;
+    e->bridge_finished = 0;
+    e->bridge_error = 0;
+    return 0;
+}
+
+/* Slot i's buffer (a request aoe.py submits itself uses it). */
+void *aoe_nbd_buf(struct aoe_eng *e, uint32_t slot)
+{
+    if (!e || !e->nb || slot >= e->nb->nslots)
+        return NULL;
+    return nbd_data(e->nb, slot);
+}
+
+static void nbd_finish(struct aoe_eng *e, int error)
+{
+    if (error && !e->bridge_error)
+        e->bridge_error = error;
+    e->bridge_finished = 1;
+}
+
+static void nbd_free_slot(struct nbd_bridge *b, uint32_t i)
+{
+    struct nbd_slot *s = &b->slots[i];
+    free(s->big);
+    s->big = NULL;
+    s->state = NBD_SLOT_FREE;
+    s->next = b->free_head;
+    b->free_head = i;
+}
+
+/* Send the queued answers while the socket takes them; once the stream is
+ * broken they are dropped. */
+static void nbd_flush_out(struct aoe_eng *e)
+{
+    struct nbd_bridge *b = e->nb;
+    while (b->out_head != NONE) {
+        struct iovec iov[2 * NBD_OUT_BATCH];
+        int n = 0;
+        uint32_t skip = b->out_sent;
+        for (uint32_t i = b->out_head; i != NONE && n < 2 * NBD_OUT_BATCH; i = b->slots[i].next) {
+            struct nbd_slot *s = &b->slots[i];
+            uint32_t data_len = s->reply_len - NBD_REPLY_LEN;
+            if (skip < NBD_REPLY_LEN)
+                iov[n++] = (struct iovec){ s->reply + skip, NBD_REPLY_LEN - skip };
+            if (data_len) {
+                uint32_t off = skip > NBD_REPLY_LEN ? skip - NBD_REPLY_LEN : 0;
+                iov[n++] = (struct iovec){ nbd_data(b, i) + off, data_len - off };
+            }
+            skip = 0;
+        }
+        ssize_t sent = -1;
+        if (!e->bridge_finished) {
+            struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+            sent = sendmsg(b->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (sent < 0 && (errno == EAGAIN || errno == EINTR))
+                return;
+            if (sent < 0)
+                nbd_finish(e, -errno);
+        }
+        if (sent < 0) {                     /* nobody reads them now */
+            while (b->out_head != NONE) {
+                uint32_t i = b->out_head;
+                b->out_head = b->slots[i].next;
+                nbd_free_slot(b, i);
+                e->nbd_open--;
+            }
+            b->out_sent = 0;
+            return;
+        }
+        size_t left = (size_t)sent + b->out_sent;
+        while (b->out_head != NONE && left >= b->slots[b->out_head].reply_len) {
+            uint32_t i = b->out_head;
+            left -= b->slots[i].reply_len;
+            b->out_head = b->slots[i].next;
+            nbd_free_slot(b, i);
+            e->nbd_open--;
+        }
+        if (b->out_head == NONE)
+            b->out_tail = NONE;
+        b->out_sent = (uint32_t)left;
+    }
+}
+
+static void nbd_queue_reply(struct nbd_bridge *b, uint32_t i, int32_t error)
+{
+    struct nbd_slot *s = &b->slots[i];
+    uint32_t magic = NBD_REPLY_MAGIC, err = (uint32_t)error;
+    uint8_t *r = s->reply;
+    for (int k = 0; k < 4; k++) {
+        r[k] = (uint8_t)(magic >> (24 - 8 * k));
+        r[4 + k] = (uint8_t)(err >> (24 - 8 * k));
+    }
+    memcpy(r + 8, s->handle, 8);
+    s->reply_len = NBD_REPLY_LEN + (!error && s->command == NBD_CMD_READ ? s->length : 0);
+    s->state = NBD_SLOT_REPLY;
+    s->next = NONE;
+    if (b->out_tail == NONE)
+        b->out_head = i;
+    else
+        b->slots[b->out_tail].next = i;
+    b->out_tail = i;
+}
+
+/* Answer a request aoe.py holds (handed over, or failed in the engine): error 0 or
+ * an errno.  Returns 0, or -EINVAL when the slot is not aoe.py's to answer. */
+int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error)
+{
+    if (!e || !e->nb || slot >= e->nb->nslots || error < 0 ||
+        (e->nb->slots[slot].state != NBD_SLOT_HANDED &&
+         e->nb->slots[slot].state != NBD_SLOT_ENGINE))
+        return -EINVAL;
+    nbd_queue_reply(e->nb, slot, error);
+    nbd_flush_out(e);
+    return 0;
+}
+
+static uint64_t nbd_id(int op, uint32_t slot)
+{
+    return AOE_NBD_ID | (uint64_t)op << 32 | slot;
+}
+
+/* A request read whole: into the engine, or to aoe.py. */
+static void nbd_start(struct aoe_eng *e, uint32_t i)
+{
+    struct nbd_bridge *b = e->nb;
+    struct nbd_slot *s = &b->slots[i];
+    int rc = -EAGAIN;
+    s->state = NBD_SLOT_ENGINE;
+    if (e->bridge_on) {
+        uint64_t lba = s->offset / SECTOR_SIZE, count = s->length / SECTOR_SIZE;
+        int op = s->command == NBD_CMD_READ ? OP_READ : OP_WRITE;
+        if (s->command == NBD_CMD_FLUSH)
+            rc = aoe_submit(e, nbd_id(OP_FLUSH, i), OP_FLUSH, 0, 0, NULL);
+        else if ((s->command != NBD_CMD_READ && (s->command != NBD_CMD_WRITE || e->bq_readonly)) ||
+                 s->offset % SECTOR_SIZE || s->length % SECTOR_SIZE || !count ||
+                 lba > e->bq_sectors || count > e->bq_sectors - lba)
+            rc = -EINVAL;
+        else
+            rc = aoe_submit(e, nbd_id(op, i), op, lba, (uint32_t)count, nbd_data(b, i));
+    }
+    if (rc < 0) {
+        s->state = NBD_SLOT_HANDED;
+        e->nbd_handed[e->nbd_nhanded++] = (struct nbd_req){
+            .slot = i, .command = s->command, .flags = s->flags,
+            .offset = s->offset, .length = s->length };
+    }
+}
+
+/* Parse one request header from in[]; 0, or -1 when the bridge is finished. */
+static int nbd_parse(struct aoe_eng *e)
+{
+    struct nbd_bridge *b = e->nb;
+    const uint8_t *h = b->in + b->in_start;
+    b->in_start += NBD_REQUEST_LEN;
+    if (be32(h) != NBD_REQUEST_MAGIC) {
+        nbd_finish(e, -EPROTO);
+        return -1;
+    }
+    uint32_t type = be32(h + 4);
+    if ((type & 0xFFFF) == NBD_CMD_DISC) {
+        nbd_finish(e, 0);
+        return -1;
+    }
+    uint32_t i = b->free_head;
+    struct nbd_slot *s = &b->slots[i];
+    b->free_head = s->next;
+    e->nbd_open++;
+    s->command = (uint16_t)(type & 0xFFFF);
+    s->flags = type & 0xFFFF0000u;
+    memcpy(s->handle, h + 8, 8);
+    s->offset = (uint64_t)be32(h + 16) << 32 | be32(h + 20);
+    s->length = be32(h + 24);
+    s->fua = s->command == NBD_CMD_WRITE && (s->flags & NBD_CMD_FLAG_FUA);
+    s->got = 0;
+    int moves_data = s->command == NBD_CMD_READ || s->command == NBD_CMD_WRITE;
+    if (moves_data && s->length > b->buf_size && !(s->big = malloc(s->length))) {
+        nbd_finish(e, -ENOMEM);
+        return -1;
+    }
+    if (s->command == NBD_CMD_WRITE && s->length) {
+        s->state = NBD_SLOT_DATA;
+        b->reading = i;
+        return 0;
+    }
+    nbd_start(e, i);
+    return 0;
+}
+
+/* recv into buf; the count, 0 when nothing is there now, or -1 when the bridge
+ * is finished (the end of the stream: the kernel disconnected).  A read shorter
+ * than asked took all there was: *drained says so, sparing the next recv's EAGAIN
+ * (poll tells when more comes). */
+static ssize_t nbd_recv(struct aoe_eng *e, void *buf, size_t len, int *drained)
+{
+    if (*drained)
+        return 0;
+    ssize_t n = recv(e->nb->fd, buf, len, MSG_DONTWAIT);
+    if (n > 0) {
+        *drained = (size_t)n < len;
+        return n;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+        *drained = 1;
+        return 0;
+    }
+    nbd_finish(e, n < 0 ? -errno : 0);
+    return -1;
+}
+
+/* Read what the kernel sent while there are slots for it. */
+static void nbd_take(struct aoe_eng *e)
+{
+    struct nbd_bridge *b = e->nb;
+    int drained = 0;
+    while (!e->bridge_finished) {
+        if (b->reading != NONE) {
+            struct nbd_slot *s = &b->slots[b->reading];
+            uint32_t want = s->length - s->got, have = b->in_end - b->in_start;
+            ssize_t n;
+            if (have) {                     /* what came with the header */
+                n = have < want ? have : want;
+                memcpy(nbd_data(b, b->reading) + s->got, b->in + b->in_start, (size_t)n);
+                b->in_start += (uint32_t)n;
+            } else if ((n = nbd_recv(e, nbd_data(b, b->reading) + s->got, want, &drained)) <= 0) {
+                return;                     /* the rest straight into the slot */
+            }
+            s->got += (uint32_t)n;
+            if (s->got == s->length) {
+                uint32_t i = b->reading;
+                b->reading = NONE;
+                nbd_start(e, i);
+            }
+            continue;
+        }
+        if (b->free_head == NONE)
+            return;                         /* answers free slots */
+        if (b->in_end - b->in_start < NBD_REQUEST_LEN) {
+            memmove(b->in, b->in + b->in_start, b->in_end - b->in_start);
+            b->in_end -= b->in_start;
+            b->in_start = 0;
+            ssize_t n = nbd_recv(e, b->in + b->in_end, NBD_IN_SIZE - b->in_end, &drained);
+            if (n <= 0)
+                return;
+            b->in_end += (uint32_t)n;
+            continue;
+        }
+        if (nbd_parse(e) < 0)
+            return;
+    }
+}
+
+/* Answer the bridged requests that succeeded, those aoe.py submitted too (a FUA
+ * write's flush first); leave every other event in done[]. */
+static void nbd_settle(struct aoe_eng *e)
+{
+    struct nbd_bridge *b = e->nb;
+    int kept = 0;
+    for (int i = 0; i < e->ndone; i++) {
+        struct aoe_event ev = e->done[i];
+        uint32_t slot = (uint32_t)(ev.req_id & 0xFFFFFFFFu);
+        if (!(ev.req_id & AOE_NBD_ID) || slot >= b->nslots ||
+            (b->slots[slot].state != NBD_SLOT_ENGINE && b->slots[slot].state != NBD_SLOT_HANDED)) {
+            e->done[kept++] = ev;
+            continue;
+        }
+        struct nbd_slot *s = &b->slots[slot];
+        if (ev.status == 0 && s->fua) {
+            s->fua = 0;
+            ev.status = aoe_submit(e, nbd_id(OP_FLUSH, slot), OP_FLUSH, 0, 0, NULL);
+        } else if (ev.status == 0) {
+            nbd_queue_reply(b, slot, 0);
+        }
+        if (ev.status)
+            e->done[kept++] = ev;
+    }
+    e->ndone = kept;
+    nbd_flush_out(e);
+}
+
+/* What aoe_pump waits for on the socket: requests while there are slots for
+ * them, room while answers wait. */
+static short nbd_poll_events(const struct aoe_eng *e)
+{
+    const struct nbd_bridge *b = e->nb;
+    short ev = 0;
+    if (b->reading != NONE || b->free_head != NONE)
+        ev |= POLLIN;
+    if (b->out_head != NONE)
+        ev |= POLLOUT;
+    return ev;
 }

@@ -199,6 +199,20 @@ UBLK_S_DEV_DEAD = 0
 UBLK_S_DEV_LIVE = 1
 UBLK_S_DEV_QUIESCED = 2
 
+# NBD's transmission protocol, from <linux/nbd.h>: what the kernel's nbd driver sends
+# on its socket and reads back.
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH = 0, 1, 2, 3
+NBD_CMD_FLAG_FUA = 1 << 16
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+# magic, type (flags << 16 | command), handle, offset, length
+NBD_REQUEST = struct.Struct(">II8sQI")
+NBD_REPLY = struct.Struct(">II8s")       # magic, error, handle
+
 
 class AoeError(Exception):
     """A failure to report as one line; `code` is the process exit status."""
@@ -1009,6 +1023,7 @@ PATH_RETRY_US = 2000000          # a silent path is tried again after this
 MAX_FRAMES = 1 << 15             # tag slots per engine (bits 1-15 of the tag)
 MAX_PATHS = 16                   # paths one engine uses at most
 BRIDGE_ID = 1 << 62              # ids of requests the helper's ublk bridge took from the queue
+NBD_ID = 1 << 61                 # ids of requests the helper's nbd bridge read from the socket
 GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
 MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
@@ -1480,6 +1495,44 @@ class HelperPump:
         error, eng.bridge_error = eng.bridge_error, 0
         return bool(eng.bridge_finished), error, [eng.handed[i] for i in range(eng.nhanded)]
 
+    # The nbd bridge: pump() reads the kernel's requests from an nbd socket itself,
+    # submits them under ids NBD_ID | op << 32 | slot and answers those that succeed;
+    # failures come back among the completions, and the requests it does not take
+    # through nbd_events(); both are answered with nbd_reply() or submitted under
+    # the same id.  bridge_admit and bridge_resize work for it as for ublk.
+
+    def nbd_bridge(self, sock, slots, buf_size, sectors, readonly):
+        """Serve the non-blocking stream socket `sock` with `slots` requests at once."""
+        rc = self.lib.aoe_nbd_bridge(self.eng, sock.fileno(), slots, buf_size, sectors,
+                                     1 if readonly else 0)
+        if rc < 0:
+            raise AoeError("nbd bridge: %s" % os.strerror(-rc))
+
+    def nbd_unbridge(self):
+        """End the nbd bridge (before its socket closes): what the engine holds for it fails."""
+        self.lib.aoe_nbd_bridge(self.eng, -1, 0, 0, 0, 0)
+        self._events()
+
+    def nbd_events(self):
+        """What the last pump() left for Python: (the stream ended, its error or 0, the
+        requests handed over)."""
+        eng = self.eng
+        error, eng.bridge_error = eng.bridge_error, 0
+        return (bool(eng.bridge_finished), error,
+                [eng.nbd_handed[i] for i in range(eng.nbd_nhanded)])
+
+    def nbd_buffer(self, slot, length):
+        return self.ffi.buffer(self.lib.aoe_nbd_buf(self.eng, slot), length)
+
+    def nbd_reply(self, slot, error):
+        """Answer a request handed over or failed (error: 0 or an errno)."""
+        if self.lib.aoe_nbd_reply(self.eng, slot, error) < 0:
+            raise AoeError("nbd bridge: slot %d is not waiting for an answer" % slot)
+
+    @property
+    def nbd_open(self):
+        return self.eng.nbd_open
+
     @property
     def stats(self):
         c = self.eng.c
@@ -1499,6 +1552,9 @@ def helper_constants():
     return {
         "TAG_ENGINE": TAG_USER | TAG_ENGINE, "GEN_MAX": GEN_MAX, "SLOT_MAX": MAX_FRAMES,
         "AOE_MAX_PATHS": MAX_PATHS, "SECTOR_SIZE": SECTOR_SIZE, "AOE_BRIDGE_ID": BRIDGE_ID,
+        "AOE_NBD_ID": NBD_ID, "NBD_CMD_READ": NBD_CMD_READ, "NBD_CMD_WRITE": NBD_CMD_WRITE,
+        "NBD_CMD_DISC": NBD_CMD_DISC, "NBD_CMD_FLUSH": NBD_CMD_FLUSH,
+        "NBD_CMD_FLAG_FUA": NBD_CMD_FLAG_FUA,
         "STATUS_AOE_ERR": STATUS_AOE_ERROR, "STATUS_ATA_ERR": STATUS_ATA_ERROR,
         "OP_READ": OP_READ, "OP_WRITE": OP_WRITE, "OP_FLUSH": OP_FLUSH,
         "AOEAFL_EXT": AOEAFL_EXT, "AOEAFL_WRITE": AOEAFL_WRITE,
@@ -1888,7 +1944,9 @@ class Engine:
 #                handed over.
 #   NbdBackend   /dev/nbdN (every kernel with the nbd module; standard library
 #                only): the daemon serves the NBD transmission protocol on a
-#                socketpair whose other end the kernel holds.
+#                socketpair whose other end the kernel holds; with the helper
+#                its pump serves it as it serves a ublk queue (NbdBridged),
+#                else Python does (NbdStream).
 #
 # Both have the same few methods (create, recover, wait_fd, completed, intake,
 # set_down, stop, close; missing and remove_orphan), so
@@ -2465,14 +2523,6 @@ def ublk_features_text(backend):
 # device whose server died a new socket), or through ioctls where the kernel
 # lacks it (the device then lives as long as the daemon).
 
-NBD_REQUEST_MAGIC = 0x25609513
-NBD_REPLY_MAGIC = 0x67446698
-NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH = 0, 1, 2, 3
-NBD_CMD_FLAG_FUA = 1 << 16
-NBD_FLAG_HAS_FLAGS = 1 << 0
-NBD_FLAG_READ_ONLY = 1 << 1
-NBD_FLAG_SEND_FLUSH = 1 << 2
-NBD_FLAG_SEND_FUA = 1 << 3
 NBD_SET_SOCK, NBD_SET_BLKSIZE, NBD_DO_IT, NBD_CLEAR_SOCK = 0xAB00, 0xAB01, 0xAB03, 0xAB04
 NBD_SET_SIZE_BLOCKS, NBD_DISCONNECT, NBD_SET_TIMEOUT, NBD_SET_FLAGS = 0xAB07, 0xAB08, 0xAB09, 0xAB0A
 NBD_GENL_NAME, NBD_GENL_VERSION = b"nbd", 1
@@ -2484,9 +2534,6 @@ NETLINK_GENERIC = 16             # <linux/netlink.h>; the socket module lacks th
 NLM_F_REQUEST, NLM_F_ACK = 0x01, 0x04
 NLMSG_ERROR = 2
 GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
-# magic, type (flags << 16 | command), handle, offset, length
-NBD_REQUEST = struct.Struct(">II8sQI")
-NBD_REPLY = struct.Struct(">II8s")       # magic, error, handle
 NBD_TIMEOUT_MARGIN = 30           # seconds the kernel's per-request timeout exceeds deadsecs
 NBD_MAX_READ = 64                 # requests read from the kernel and not yet answered
 
@@ -2598,9 +2645,8 @@ class NbdRequest:
 
 class NbdBackend:
     """/dev/nbdN: the daemon is the NBD server on its end of a socketpair, the kernel
-    the client on the other.  Each request becomes an engine request on its own
-    buffer (write data read straight into it, read data sent straight from it),
-    many at once, answered as they complete; FUA is a write followed by a flush."""
+    the client on the other.  This class makes, recovers and stops the device; the
+    protocol is served by NbdBridged (the helper's pump) or NbdStream (Python)."""
 
     name = "nbd"
 
@@ -2613,12 +2659,7 @@ class NbdBackend:
         # the ioctl interface's /dev/nbdN, held while it serves
         self.dev_fd = None
         self.do_it = None
-        self.header = bytearray(NBD_REQUEST.size)
-        self.header_got = 0
-        self.reading = None                       # the write request whose data is arriving
-        self.requests = {}                        # engine request id -> NbdRequest
-        self.next_id = 0
-        self.ended = False
+        self.server = None                        # NbdBridged or NbdStream, once connected
         self.can_recover = False
 
     @staticmethod
@@ -2680,7 +2721,7 @@ class NbdBackend:
                 how = "ioctl: no recovery, the device lives as long as this daemon"
         finally:
             kernel_end.close()                    # the kernel holds its own reference
-        self.sock.setblocking(False)
+        self.serve_socket()
         self._limit_request_size()
         self.daemon.record(self, "up", self.can_recover)
         open_in_thread("/dev/" + self.dev, "partition scan", self.log)
@@ -2798,7 +2839,7 @@ class NbdBackend:
                                % (attachment.device, self.dev, QUIESCE_WAIT))
             time.sleep(0.2)
         self.can_recover = True
-        self.sock.setblocking(False)
+        self.serve_socket()
         self.daemon.record(self, "up", True)
 
     @staticmethod
@@ -2818,6 +2859,107 @@ class NbdBackend:
             nl.close()
         return None
 
+    def serve_socket(self):
+        """Serve the protocol on our end of the socket: in the helper's pump where it runs
+        the engine, else here."""
+        self.sock.setblocking(False)
+        pump = self.engine.pump
+        self.server = NbdBridged(self, pump) if isinstance(pump, HelperPump) else NbdStream(self)
+
+    def refusal(self, command, offset, length):
+        """The errno a request gets without going to the target, or 0."""
+        if self.daemon.state != "up":
+            return errno.EIO
+        if command == NBD_CMD_FLUSH:
+            return 0
+        if command not in (NBD_CMD_READ, NBD_CMD_WRITE) or offset % SECTOR_SIZE \
+                or length % SECTOR_SIZE or not length:
+            return errno.EINVAL
+        if command == NBD_CMD_WRITE and self.daemon.readonly:
+            return errno.EPERM
+        return 0
+
+    def failed(self, op, status):
+        """After a failed request: True if it should go again (the flush fallback)."""
+        if op == OP_FLUSH and self.engine.fall_back_flush(status):
+            return True
+        if not self.engine.dead:
+            self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
+        return False
+
+    def wait_fd(self):
+        return self.server.wait_fd()
+
+    def set_down(self, down):
+        self.server.set_down(down)
+
+    def intake(self):
+        """Take what the kernel sent; False once the kernel has let go."""
+        return self.server.intake()
+
+    def completed(self, rid, status):
+        self.server.completed(rid, status)
+
+    @property
+    def ended(self):
+        return self.server is None or self.server.ended
+
+    def report(self):
+        return "%d requests from the kernel being served" % (self.server.open if self.server
+                                                             else 0)
+
+    def stop(self):
+        """Write back what the kernel holds for the device (through this server), then
+        disconnect, which fails whatever is still in flight."""
+        if self.ended:
+            return
+        try:
+            self.daemon.serve_while(lambda: flush_block_device("/dev/" + self.dev))
+        except OSError as e:                      # a target that is down cannot take it
+            self.log("writing back /dev/%s before disconnecting: %s" % (self.dev, e.strerror))
+        if self.netlink is not None:
+            self.daemon.serve_while(lambda: self.netlink.request(
+                NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
+        else:
+            fcntl.ioctl(self.dev_fd, NBD_DISCONNECT)
+            limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
+            while self.do_it.is_alive() and time.monotonic() < limit and self.daemon.serve(100000):
+                pass
+            fcntl.ioctl(self.dev_fd, NBD_CLEAR_SOCK)
+
+    def close(self):
+        if self.server is not None:
+            self.server.close()                   # before the socket goes
+            self.server = None
+        if self.dev_fd is not None:
+            os.close(self.dev_fd)
+            self.dev_fd = None
+        for s in (self.sock, self.netlink):
+            if s is not None:
+                s.close()
+        self.sock = self.netlink = None
+
+
+class NbdStream:
+    """The NBD protocol served in Python (the pure-Python pump): each request becomes an
+    engine request on its own buffer (write data read straight into it, read data sent
+    straight from it), many at once, answered as they complete; FUA is a write followed
+    by a flush."""
+
+    def __init__(self, backend):
+        self.backend, self.sock = backend, backend.sock
+        self.engine, self.log = backend.engine, backend.log
+        self.header = bytearray(NBD_REQUEST.size)
+        self.header_got = 0
+        self.reading = None                       # the write request whose data is arriving
+        self.requests = {}                        # engine request id -> NbdRequest
+        self.next_id = 0
+        self.ended = False
+
+    @property
+    def open(self):
+        return len(self.requests)
+
     def wait_fd(self):
         """The socket, unless as many requests as we take at once are being served."""
         return self.sock.fileno() if len(self.requests) < NBD_MAX_READ else -1
@@ -2826,7 +2968,6 @@ class NbdBackend:
         pass                                      # each request looks at the daemon's state
 
     def intake(self):
-        """Read what the kernel sent, start it; False once the kernel has let go."""
         while not self.ended and len(self.requests) < NBD_MAX_READ:
             if not self._read_some():
                 break
@@ -2879,15 +3020,11 @@ class NbdBackend:
 
     def _submit(self, r):
         """Into the engine, or answered at once when it cannot be."""
-        if self.daemon.state != "up":
-            return self._reply(r, errno.EIO)
+        error = self.backend.refusal(r.command, r.offset, r.length)
+        if error:
+            return self._reply(r, error)
         if r.command == NBD_CMD_FLUSH:
             return self._engine(r, OP_FLUSH, 0, 0, None)
-        if r.command not in (NBD_CMD_READ, NBD_CMD_WRITE) or r.offset % SECTOR_SIZE \
-                or r.length % SECTOR_SIZE or not r.length:
-            return self._reply(r, errno.EINVAL)
-        if r.command == NBD_CMD_WRITE and self.daemon.readonly:
-            return self._reply(r, errno.EPERM)
         if r.command == NBD_CMD_READ:
             r.buf = bytearray(r.length)
         r.fua_pending = r.command == NBD_CMD_WRITE and bool(r.flags & NBD_CMD_FLAG_FUA)
@@ -2905,11 +3042,12 @@ class NbdBackend:
 
     def completed(self, rid, status):
         r = self.requests.pop(rid)
-        if status and r.command == NBD_CMD_FLUSH and self.engine.fall_back_flush(status):
-            return self._engine(r, OP_FLUSH, 0, 0, None)
         if status:
-            if not self.engine.dead:
-                self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
+            flushing = r.command == NBD_CMD_FLUSH or (r.command == NBD_CMD_WRITE
+                                                      and r.flags & NBD_CMD_FLAG_FUA
+                                                      and not r.fua_pending)
+            if self.backend.failed(OP_FLUSH if flushing else OP_WRITE, status):
+                return self._engine(r, OP_FLUSH, 0, 0, None)
             return self._reply(r, errno.EIO)
         if r.fua_pending:                         # written: now make it durable
             r.fua_pending = False
@@ -2927,36 +3065,72 @@ class NbdBackend:
                 self.log("nbd socket: %s" % e.strerror)
             self.ended = True
 
-    def report(self):
-        return "%d requests from the kernel being served" % len(self.requests)
+    def close(self):
+        pass
 
-    def stop(self):
-        """Write back what the kernel holds for the device (through this server), then
-        disconnect, which fails whatever is still in flight."""
-        if self.ended:
-            return
+
+class NbdBridged:
+    """The NBD protocol served by the helper's pump (see HelperPump.nbd_bridge): requests
+    that go well never reach Python; failures and the requests it hands over come here."""
+
+    def __init__(self, backend, pump):
+        self.backend, self.pump, self.log = backend, pump, backend.log
+        self.engine = backend.engine
+        self.ended = False
+        pump.nbd_bridge(backend.sock, NBD_MAX_READ, backend.max_sectors * SECTOR_SIZE,
+                        self.engine.sectors, backend.daemon.readonly)
+
+    @property
+    def open(self):
+        return self.pump.nbd_open
+
+    def wait_fd(self):
+        return self.backend.sock.fileno()
+
+    def set_down(self, down):
+        """While the target is down the pump hands every request over, and they fail here."""
+        self.pump.bridge_admit(not down)
+
+    def intake(self):
+        finished, error, handed = self.pump.nbd_events()
+        if error == -errno.EPROTO:
+            self.log("nbd: a request without the request magic: closing the socket")
+        elif error:
+            self.log("nbd socket: %s" % os.strerror(-error))
+        if finished:
+            self.ended = True
+            return False
+        for r in handed:
+            self._start(r)
+        return True
+
+    def _start(self, r):
+        """A request the pump handed over: answered here, or sent through the engine."""
+        error = self.backend.refusal(r.command, r.offset, r.length)
+        if error:
+            return self.pump.nbd_reply(r.slot, error)
+        if r.command == NBD_CMD_FLUSH:
+            return self._engine(r.slot, OP_FLUSH, 0, 0, None)
+        op = OP_READ if r.command == NBD_CMD_READ else OP_WRITE
+        self._engine(r.slot, op, r.offset // SECTOR_SIZE, r.length // SECTOR_SIZE,
+                     self.pump.nbd_buffer(r.slot, r.length))
+
+    def _engine(self, slot, op, lba, count, buf):
         try:
-            self.daemon.serve_while(lambda: flush_block_device("/dev/" + self.dev))
-        except OSError as e:                      # a target that is down cannot take it
-            self.log("writing back /dev/%s before disconnecting: %s" % (self.dev, e.strerror))
-        if self.netlink is not None:
-            self.daemon.serve_while(lambda: self.netlink.request(
-                NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
-        else:
-            fcntl.ioctl(self.dev_fd, NBD_DISCONNECT)
-            limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
-            while self.do_it.is_alive() and time.monotonic() < limit and self.daemon.serve(100000):
-                pass
-            fcntl.ioctl(self.dev_fd, NBD_CLEAR_SOCK)
+            self.engine.submit(op, lba, count, buf, req_id=NBD_ID | op << 32 | slot)
+        except AoeError as e:
+            self.log(str(e))
+            self.pump.nbd_reply(slot, errno.EIO)
+
+    def completed(self, rid, status):
+        """Only failures come back from the pump."""
+        slot, op = rid & 0xFFFFFFFF, (rid >> 32) & 0xFF
+        if self.backend.failed(op, status):
+            return self._engine(slot, OP_FLUSH, 0, 0, None)
+        self.pump.nbd_reply(slot, errno.EIO)
 
     def close(self):
-        if self.dev_fd is not None:
-            os.close(self.dev_fd)
-            self.dev_fd = None
-        for s in (self.sock, self.netlink):
-            if s is not None:
-                s.close()
-        self.sock = self.netlink = None
+        self.pump.nbd_unbridge()
 
 
 def flush_block_device(path):

@@ -624,54 +624,49 @@ def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
             signal.signal(sig, handler)
 
 
-@pytest.mark.engine
-def test_nbd_server_takes_requests_however_the_stream_is_cut():
-    """The NBD backend's side of the protocol over a socketpair, the kernel's side played
-    here: requests sent whole, many at once and cut anywhere (headers too) all reach the
-    engine with their data, and every one is answered once, read data with its answer."""
-    rng = random.Random(11)
-    kernel, ours = socket.socketpair()
-    ours.setblocking(False)
-    original = rng.randbytes(1 << 20)
-    disk = bytearray(original)
-    submitted = []
+NBD_DISK_SECTORS = 2048
 
-    class Engine:
-        dead = None
 
-        def submit(self, op, lba, count, buf, req_id):
-            if op == aoe.OP_WRITE:
-                disk[lba * 512:(lba + count) * 512] = buf
-            elif op == aoe.OP_READ:
-                buf[:] = disk[lba * 512:(lba + count) * 512]
-            submitted.append((req_id, op, lba, count))
-
-    daemon = types.SimpleNamespace(
-        engine=Engine(), log=lambda message: None, state="up", readonly=False,
-        target=types.SimpleNamespace(info=types.SimpleNamespace(bufcnt=16), sectors_per_frame=2))
-    nbd = aoe.NbdBackend(daemon, None)
-    nbd.sock = ours
+def nbd_requests(rng, count=1000):
+    """A kernel's stream of NBD requests (reads, writes, flushes, FUA writes, and some that
+    must fail: unaligned, past the end, an unknown command) and what each expects."""
     sent, expected = bytearray(), {}
-    for i in range(1000):
+    for i in range(count):
         handle = struct.pack(">Q", i)
         kind = rng.choice([aoe.NBD_CMD_READ] * 4 + [aoe.NBD_CMD_WRITE, aoe.NBD_CMD_FLUSH,
                                                     aoe.NBD_CMD_WRITE | aoe.NBD_CMD_FLAG_FUA])
         lba, count = rng.randrange(1024), rng.choice([1, 1, 1, 8, 64, 256])
-        count = min(count, 2048 - lba)
+        count = min(count, NBD_DISK_SECTORS - lba)
         length = 0 if kind == aoe.NBD_CMD_FLUSH else count * 512
-        sent += aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, kind, handle, lba * 512, length)
+        offset, error = lba * 512, 0
+        if rng.random() < 0.03:
+            kind, error = rng.choice([(aoe.NBD_CMD_READ, errno.EINVAL),
+                                      (aoe.NBD_CMD_WRITE, errno.EINVAL), (4, errno.EINVAL),
+                                      (aoe.NBD_CMD_READ, errno.EIO)])
+            length = count * 512
+            if error == errno.EIO:                # past the end
+                offset = NBD_DISK_SECTORS * 512
+            elif kind != 4:
+                offset += 100                     # unaligned
+        sent += aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, kind, handle, offset, length)
         if kind & 0xFFFF == aoe.NBD_CMD_WRITE:
             data = rng.randbytes(length)
             sent += data
-            expected[handle] = (kind, lba, data)
+            expected[handle] = (kind, lba, data, error)
         else:
-            expected[handle] = (kind, lba, length)
-    answers = bytearray()
-    total = sum(aoe.NBD_REPLY.size + (what if kind == aoe.NBD_CMD_READ else 0)
-                for kind, _, what in expected.values())
-    kernel.settimeout(10)
+            expected[handle] = (kind, lba, length, error)
+    return sent, expected
 
-    def read_answers():                           # as the kernel's receiving side does
+
+def play_nbd_kernel(rng, kernel, sent, expected, serve_round):
+    """Send the stream cut anywhere (headers too), serving a round after each piece, and
+    read the answers as the kernel's receiving side does; returns the answers' bytes."""
+    answers = bytearray()
+    total = sum(aoe.NBD_REPLY.size + (what if kind == aoe.NBD_CMD_READ and not error else 0)
+                for kind, _, what, error in expected.values())
+    kernel.settimeout(20)
+
+    def read_answers():
         while len(answers) < total:
             got = kernel.recv(1 << 20)
             if not got:
@@ -681,46 +676,173 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut():
     reader.start()
     sender = kernel.dup()                         # the sending side never waits
     sender.setblocking(False)
-    at, done = 0, 0
-    while at < len(sent) or done < len(submitted):
+    at, deadline = 0, time.monotonic() + 60
+    while (at < len(sent) or len(answers) < total) and time.monotonic() < deadline:
         cut = rng.choice([1, 7, 28, 100, 4096, 70000, 300000])
         if at < len(sent):
             with contextlib.suppress(BlockingIOError):  # full while requests pile up
                 at += sender.send(sent[at:at + cut])
-        assert nbd.intake()
-        if rng.random() < 0.3 or at >= len(sent):     # else requests pile up, and the stream
-            for req_id, op, lba, count in submitted[done:]:
-                nbd.completed(req_id, 0)
-                done += 1
-            nbd.intake()
+        serve_round(at >= len(sent))
     reader.join(10)
+    sender.close()
     assert len(answers) == total
+    return answers
+
+
+def check_nbd_answers(answers, expected, original, disk):
+    """Every request answered once, with its error or its data; reads see the writes before
+    them; the disk holds the writes in order."""
     replies, pos = {}, 0
     while pos < len(answers):
         magic, error, handle = aoe.NBD_REPLY.unpack_from(answers, pos)
         pos += aoe.NBD_REPLY.size
-        assert magic == aoe.NBD_REPLY_MAGIC and error == 0 and handle not in replies
-        kind, lba, what = expected[handle]
-        length = what if kind == aoe.NBD_CMD_READ else 0
+        kind, lba, what, wanted = expected[handle]
+        assert magic == aoe.NBD_REPLY_MAGIC and error == wanted and handle not in replies
+        length = what if kind == aoe.NBD_CMD_READ and not error else 0
         replies[handle] = (lba, bytes(answers[pos:pos + length]))
         pos += length
     model = bytearray(original)                   # the requests in order, as they were served
-    for handle, (kind, lba, what) in expected.items():
+    for handle, (kind, lba, what, error) in expected.items():
+        if error:
+            continue
         if kind & 0xFFFF == aoe.NBD_CMD_WRITE:
             model[lba * 512:lba * 512 + len(what)] = what
         elif kind == aoe.NBD_CMD_READ:
             assert replies[handle] == (lba, bytes(model[lba * 512:lba * 512 + what]))
     assert model == disk
+    assert len(replies) == len(expected)
+
+
+def nbd_daemon(engine):
+    return types.SimpleNamespace(
+        engine=engine, log=lambda message: None, state="up", readonly=False,
+        target=types.SimpleNamespace(info=types.SimpleNamespace(bufcnt=16), sectors_per_frame=2))
+
+
+@pytest.mark.engine
+def test_nbd_server_takes_requests_however_the_stream_is_cut():
+    """The NBD backend's side of the protocol in Python over a socketpair, the kernel's side
+    played here: requests sent whole, many at once and cut anywhere (headers too) all reach
+    the engine with their data, and every one is answered once, read data with its answer."""
+    rng = random.Random(11)
+    kernel, ours = socket.socketpair()
+    original = rng.randbytes(NBD_DISK_SECTORS * 512)
+    disk = bytearray(original)
+    submitted = []
+
+    class Engine:
+        dead = pump = None
+
+        def submit(self, op, lba, count, buf, req_id):
+            if op != aoe.OP_FLUSH and lba + count > NBD_DISK_SECTORS:
+                raise aoe.AoeError("past the end")
+            if op == aoe.OP_WRITE:
+                disk[lba * 512:(lba + count) * 512] = buf
+            elif op == aoe.OP_READ:
+                buf[:] = disk[lba * 512:(lba + count) * 512]
+            submitted.append((req_id, op, lba, count))
+
+    nbd = aoe.NbdBackend(nbd_daemon(Engine()), None)
+    nbd.sock = ours
+    nbd.serve_socket()
+    assert isinstance(nbd.server, aoe.NbdStream)
+    sent, expected = nbd_requests(rng)
+    done = [0]
+
+    def serve_round(all_sent):
+        assert nbd.intake()
+        if rng.random() < 0.3 or all_sent:       # else requests pile up, and the stream
+            for req_id, op, lba, count in submitted[done[0]:]:
+                nbd.completed(req_id, 0)
+                done[0] += 1
+            nbd.intake()
+    answers = play_nbd_kernel(rng, kernel, sent, expected, serve_round)
+    check_nbd_answers(answers, expected, original, disk)
     ops = collections.Counter(op for _, op, _, _ in submitted)
-    fua = sum(1 for k, _, _ in expected.values() if k & aoe.NBD_CMD_FLAG_FUA)
-    flushes = sum(1 for k, _, _ in expected.values() if k == aoe.NBD_CMD_FLUSH)
-    assert ops[aoe.OP_FLUSH] == flushes + fua
-    assert ops[aoe.OP_WRITE] == sum(1 for k, _, _ in expected.values()
-                                    if k & 0xFFFF == aoe.NBD_CMD_WRITE)
-    assert len(replies) == 1000
-    sender.close()
+    good = [k for k, _, _, error in expected.values() if not error]
+    fua = sum(1 for k in good if k & aoe.NBD_CMD_FLAG_FUA)
+    assert ops[aoe.OP_FLUSH] == good.count(aoe.NBD_CMD_FLUSH) + fua
+    assert ops[aoe.OP_WRITE] == sum(1 for k in good if k & 0xFFFF == aoe.NBD_CMD_WRITE)
     kernel.close()
     ours.close()
+
+
+@pytest.mark.engine
+def test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine(tmp_path):
+    """The same stream served by the helper's nbd bridge, through a real engine to a target
+    (serve's AoeTarget on a datagram socketpair): the same answers and the same disk; while
+    the target is down the requests are handed to Python and fail with EIO; the kernel's
+    disconnect ends it."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    rng = random.Random(12)
+    original = rng.randbytes(NBD_DISK_SECTORS * 512)
+    image = tmp_path / "disk"
+    image.write_bytes(original)
+    target = aoe.AoeTarget(3, 7, aoe.Export(str(image)), MAC_T, 9000)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stop = threading.Event()
+    flushes = collections.Counter()
+
+    def serve_frames():
+        theirs.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                frame = theirs.recv(70000)
+            except socket.timeout:
+                continue
+            if frame[27] in (aoe.ATA_CMD_FLUSH, aoe.ATA_CMD_FLUSH_EXT):
+                flushes[frame[27]] += 1
+            answer = target.handle(frame)
+            if answer:
+                theirs.send(answer)
+    server = threading.Thread(target=serve_frames, daemon=True)
+    server.start()
+    kernel, sock = socket.socketpair()
+    try:
+        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T],
+                                       sectors=NBD_DISK_SECTORS, bufcnt=16), helper=helper)
+        daemon = nbd_daemon(engine)
+        nbd = aoe.NbdBackend(daemon, helper)
+        nbd.sock = sock
+        nbd.serve_socket()
+        assert isinstance(nbd.server, aoe.NbdBridged)
+
+        def serve_round(all_sent):
+            for rid, status in engine.poll(2000, nbd.wait_fd()):
+                nbd.completed(rid, status)
+            assert nbd.intake()
+        sent, expected = nbd_requests(rng)
+        answers = play_nbd_kernel(rng, kernel, sent, expected, serve_round)
+        target.export.close()
+        check_nbd_answers(answers, expected, original, bytearray(image.read_bytes()))
+        good = [k for k, _, _, error in expected.values() if not error]
+        assert sum(flushes.values()) >= (good.count(aoe.NBD_CMD_FLUSH)
+                                         + sum(1 for k in good if k & aoe.NBD_CMD_FLAG_FUA))
+        assert nbd.server.open == 0
+        # down: every request is handed over and fails here
+        daemon.state = "down"
+        nbd.set_down(True)
+        kernel.send(aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, aoe.NBD_CMD_READ, b"downdown",
+                                         0, 4096))
+        for _ in range(100):
+            serve_round(True)
+            if nbd.server.open == 0:
+                break
+        assert kernel.recv(100) == aoe.NBD_REPLY.pack(aoe.NBD_REPLY_MAGIC, errno.EIO, b"downdown")
+        kernel.send(aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, aoe.NBD_CMD_DISC, b"bye", 0, 0))
+        for _ in range(100):
+            for rid, status in engine.poll(2000, nbd.wait_fd()):
+                nbd.completed(rid, status)
+            if not nbd.intake():
+                break
+        assert nbd.ended
+        nbd.close()
+    finally:
+        stop.set()
+        server.join(5)
+        for s in (kernel, sock, ours, theirs):
+            s.close()
 
 
 # -----------------------------------------------------------------------------
