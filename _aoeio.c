@@ -2296,6 +2296,16 @@ static void bridge_release(struct aoe_eng *e)
     e->nhanded = e->bq_ncommit = 0;
 }
 
+/* What either bridge starts with: the device's size, admission on. */
+static void bridge_open(struct aoe_eng *e, uint64_t sectors, int readonly)
+{
+    e->bq_sectors = sectors;
+    e->bq_readonly = readonly != 0;
+    e->bridge_on = 1;
+    e->bridge_finished = 0;
+    e->bridge_error = 0;
+}
+
 /* Bridge queue q (of a device of `sectors` sectors) to the engine; q NULL ends
  * the bridge (do that before closing the queue). */
 int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly)
@@ -2315,11 +2325,7 @@ int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, in
         return -ENOMEM;
     }
     e->bq = q;
-    e->bq_sectors = sectors;
-    e->bq_readonly = readonly != 0;
-    e->bridge_on = 1;
-    e->bridge_finished = 0;
-    e->bridge_error = 0;
+    bridge_open(e, sectors, readonly);
     return 0;
 }
 
@@ -2533,11 +2539,7 @@ int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint
         b->slots[i].next = i + 1 < b->nslots ? i + 1 : NONE;
     b->free_head = 0;
     b->out_head = b->out_tail = b->reading = NONE;
-    e->bq_sectors = sectors;
-    e->bq_readonly = readonly != 0;
-    e->bridge_on = 1;
-    e->bridge_finished = 0;
-    e->bridge_error = 0;
+    bridge_open(e, sectors, readonly);
     return 0;
 }
 
