@@ -9,9 +9,11 @@ RUN=$AOE_RUN_DIR; LINK=$AOE_LINK_DIR/e0.0
 IMG=$WORK/e0.0.img
 DEADSECS=8
 
-step() { echo "== $* (at $SECONDS s)"; }
+step() { echo "== $* (at $SECONDS s, $(date +%T))"; }
 fail() {
-    echo "FAIL: $*"
+    echo "FAIL: $* ($(date +%T))"
+    for f in "$RUN"/*.json; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; echo; }; done
+    ps -eo pid,stat,args | grep "[a]oe.py" || true
     for f in "$RUN"/*.log; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; }; done
     exit 1
 }
