@@ -176,8 +176,8 @@ struct aoe_eng {
     int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
     int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
     int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
-    int bridge_error;                       /* last failure of a ublk call inside aoe_pump,
-                                             * -errno */
+    int bridge_error;                       /* last failure of a ublk call (or of the nbd
+                                             * socket) inside aoe_pump, -errno */
     uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
     /* nbd bridge (aoe_nbd_bridge): aoe_pump serves the NBD protocol on the kernel's socket;
      * bridge_on, bridge_finished, bridge_error and bq_sectors mean the same for it */

@@ -1511,7 +1511,7 @@ class HelperPump:
     def nbd_unbridge(self):
         """End the nbd bridge (before its socket closes): what the engine holds for it fails."""
         self.lib.aoe_nbd_bridge(self.eng, -1, 0, 0, 0, 0)
-        self._events()
+        self.buffers = {rid: pin for rid, pin in self.buffers.items() if not rid & NBD_ID}
 
     def nbd_events(self):
         """What the last pump() left for Python: (the stream ended, its error or 0, the
@@ -2635,12 +2635,14 @@ def nbd_module_loaded():
 class NbdRequest:
     """A request the kernel sent, until it is answered."""
 
-    __slots__ = ("handle", "command", "flags", "offset", "length", "buf", "got", "fua_pending")
+    __slots__ = ("handle", "command", "flags", "offset", "length", "buf", "got", "fua_pending",
+                 "op")
 
     def __init__(self, handle, command, flags, offset, length):
         self.handle, self.command, self.flags, self.offset, self.length = \
             handle, command, flags, offset, length
         self.buf, self.got, self.fua_pending = None, 0, False
+        self.op = None                            # the engine op in flight for it
 
 
 class NbdBackend:
@@ -3033,6 +3035,7 @@ class NbdStream:
 
     def _engine(self, r, op, lba, count, buf):
         self.next_id += 1
+        r.op = op
         try:
             self.engine.submit(op, lba, count, buf, req_id=self.next_id)
         except AoeError as e:
@@ -3043,10 +3046,7 @@ class NbdStream:
     def completed(self, rid, status):
         r = self.requests.pop(rid)
         if status:
-            flushing = r.command == NBD_CMD_FLUSH or (r.command == NBD_CMD_WRITE
-                                                      and r.flags & NBD_CMD_FLAG_FUA
-                                                      and not r.fua_pending)
-            if self.backend.failed(OP_FLUSH if flushing else OP_WRITE, status):
+            if self.backend.failed(r.op, status):
                 return self._engine(r, OP_FLUSH, 0, 0, None)
             return self._reply(r, errno.EIO)
         if r.fua_pending:                         # written: now make it durable
