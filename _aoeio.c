@@ -184,6 +184,8 @@ struct aoe_eng {
     int nbd_nhanded; struct nbd_req *nbd_handed;    /* requests left to aoe.py by the last
                                                      * aoe_pump */
     int nbd_open;                           /* requests read from the socket, not yet answered */
+    int spin_us;                            /* waiting for answers with no extra_fd: poll the
+                                             * sockets this long before sleeping (aoe.py sets it) */
 
     /* private */
     uint32_t max_frames;
@@ -940,19 +942,23 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
     frame_finish(e, s, status, (uint16_t)back);
 }
 
-/* Read what socket fi holds, in batches, for at most `rounds` batches. */
-static void drain_socket(struct aoe_eng *e, int fi, int rounds)
+/* Read what socket fi holds, in batches, for at most `rounds` batches; returns the
+ * number of frames read. */
+static int drain_socket(struct aoe_eng *e, int fi, int rounds)
 {
+    int got = 0;
     for (int round = 0; round < rounds; round++) {
         int n = recvmmsg(e->fds[fi], e->rx_msg, RX_BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0)
             break;
+        got += n;
         int64_t now = aoe_now_us();
         for (int i = 0; i < n; i++)
             handle_answer(e, e->rx_buf + i * e->rx_slot_size, e->rx_msg[i].msg_len, now);
         if (n < RX_BATCH)
             break;
     }
+    return got;
 }
 
 /* ---- expiry --------------------------------------------------------------- */
@@ -1016,7 +1022,9 @@ static int64_t next_expiry(const struct aoe_eng *e)
  * must answer itself (handed) and the end of the queue come back.  A bridged
  * nbd socket (then extra_fd) the same: requests read, successful ones answered.
  * Window slots freed by answers are refilled inside the loop, so the target's
- * queue stays full without a round trip through Python per answer.
+ * queue stays full without a round trip through Python per answer.  With
+ * e->spin_us set (answers due within microseconds) and no extra_fd, the
+ * sockets are polled that long before the pump sleeps.
  */
 int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
 {
@@ -1089,6 +1097,23 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
         if (until > deadline)
             until = deadline;
         int64_t wait = until > now ? until - now : 0;
+        if (e->spin_us > 0 && extra_fd < 0 && e->inflight_frames > 0 && wait > 0) {
+            /* Answers are due within microseconds: a sleep and a wake-up cost more than
+             * that, and the target's queue runs dry meanwhile. */
+            int64_t spin_end = now + (e->spin_us < wait ? e->spin_us : wait);
+            int got = 0;
+            do {
+                for (int fi = 0; fi < e->nfds; fi++)
+                    got += drain_socket(e, fi, RX_ROUNDS);
+            } while (!got && aoe_now_us() < spin_end);
+            polled = 1;
+            if (got) {
+                send_pending(e);
+                continue;
+            }
+            now = aoe_now_us();
+            wait = until > now ? until - now : 0;
+        }
         struct timespec ts = { wait / 1000000, (wait % 1000000) * 1000 };
         int n = ppoll(pfd, (nfds_t)npfd, &ts, NULL);
         polled = 1;

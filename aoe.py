@@ -1026,6 +1026,8 @@ BRIDGE_ID = 1 << 62              # ids of requests the helper's ublk bridge took
 NBD_ID = 1 << 61                 # ids of requests the helper's nbd bridge read from the socket
 GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
 MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
+SPIN_US = 30                     # the helper's pump polls this long for answers before it
+SPIN_RTT_US = 200                # ... sleeps, while a path's smoothed round trip is this short
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
 REORDER_SHRINK_AFTER = 16        # rounds with resends needed and none spurious before it shrinks
 LOSS_WEIGHT = 1 / 16             # how far one frame's fate moves the loss estimate
@@ -1403,6 +1405,7 @@ class HelperPump:
         self.eng.lba48 = 1 if lba48 else 0
         self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.eng.sectors_per_frame = spf
+        self.eng.spin_us = 0
         self.paths = []
         # req_id -> cdata keeping the caller's buffer pinned
         self.buffers = {}
@@ -1425,6 +1428,14 @@ class HelperPump:
     @property
     def busy(self):
         return self.eng.active_requests > 0
+
+    @property
+    def spin_us(self):
+        return self.eng.spin_us
+
+    @spin_us.setter
+    def spin_us(self, value):
+        self.eng.spin_us = value
 
     @property
     def active_requests(self):
@@ -1817,6 +1828,8 @@ class Engine:
                       path.spurious, path.needed, path.late)
             self._apply(pol, path)
         self._set_aside_silent(t, lost)
+        if self.helper_used:
+            self.pump.spin_us = self.spin_for()
         for slot in reversed(expired):            # each goes to the head: keep them in order
             self.pump.resend(slot)
         self._revive_paths(t)
@@ -1825,6 +1838,14 @@ class Engine:
                          % (self.target.name, self.deadsecs))
             done = list(done) + self.pump.fail_all(-errno.ETIMEDOUT)
         return done
+
+    def spin_for(self):
+        """How long the helper's pump polls for answers before it sleeps: SPIN_US while some
+        path answers within SPIN_RTT_US (a fast target nearby, whose queue would run dry
+        during a sleep and a wake-up), else 0.  The pure-Python pump does not spin."""
+        fast = any(path.enabled and 0 < pol.srtt <= SPIN_RTT_US
+                   for pol, path in zip(self.policy, self.pump.paths))
+        return SPIN_US if fast else 0
 
     def _set_aside_silent(self, t, lost):
         """A path whose frames keep expiring unanswered rests while others work."""

@@ -550,6 +550,56 @@ def test_pumps_agree_and_take_only_true_answers():
     assert not busy
 
 @pytest.mark.engine
+def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers():
+    """The engine has the helper's pump poll before sleeping only while a path answers
+    within SPIN_RTT_US; a spinning pump still takes only true answers, and gives up its
+    wait at the timeout when nothing comes."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T]), helper=helper)
+        pol, path = engine.policy[0], engine.pump.paths[0]
+        assert engine.spin_for() == 0                     # no round trip known yet
+        pol.srtt = aoe.SPIN_RTT_US
+        assert engine.spin_for() == aoe.SPIN_US
+        path.enabled = 0
+        assert engine.spin_for() == 0                     # only paths in use count
+        path.enabled, pol.srtt = 1, aoe.SPIN_RTT_US + 1
+        assert engine.spin_for() == 0
+
+        pump, target = engine.pump, ScriptedTarget(theirs)
+        pump.spin_us = aoe.SPIN_US
+        path.rto_us = path.reorder_us = 60000000
+        buf = bytearray(4 * 512)
+        pump.submit(1, aoe.OP_READ, 40, 4, buf)
+        t0 = time.monotonic()
+        assert pump.pump(30000) == ([], [])               # spins, then sleeps out the timeout
+        waited = time.monotonic() - t0
+        assert 0.025 <= waited < 5
+        first, second = target.requests()
+
+        def answer_later():
+            time.sleep(0.002)
+            theirs.send(target.answer(first, lba=999, data=sector_data(999, 2)))  # echo
+            theirs.send(target.answer(first, tag=aoe.parse_frame(first).tag ^ 1 << 18))
+            theirs.send(target.answer(first))
+            theirs.send(target.answer(second))
+
+        answering = threading.Thread(target=answer_later)
+        answering.start()
+        done = []
+        for _ in range(100):
+            done += pump.pump(20000)[0]
+            if done:
+                break
+        answering.join()
+        assert done == [(1, 0)]
+        assert buf == sector_data(40, 4)
+        assert pump.drops["bad_tag"] == 1 and pump.drops["echo"] == 1
+
+
+@pytest.mark.engine
 def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
     """The attach process's devices are threads: one whose serving fails ends alone (its
     traceback in its own log), one that cannot be made fails its attach with its error,
