@@ -6,9 +6,11 @@ at a time serves the same sparse file on tmpfs; the client is `aoe.py read`
 (into /dev/null, and into a file on tmpfs as imaging does) and `aoe.py write`
 in the other namespace, and, as the yardstick, bench/minread.c, the smallest
 reader there can be (one send and one recv per frame, a window of the target's
-buffer count, data thrown away).  One target is `serve` with its fault
-injection: 5% of answers dropped, 1% duplicated, all delayed 1 ms +- 1 ms,
-10% held back (it runs serve's pure-Python path, so compare it with that row).
+buffer count, data thrown away).  For the rows that read into a file, the sink
+alone is measured too: a new file of the image's size written on the same
+tmpfs, no network.  One target is `serve` with its fault injection: 5% of
+answers dropped, 1% duplicated, all delayed 1 ms +- 1 ms, 10% held back (it
+runs serve's pure-Python path, so compare it with that row).
 Rows: target x client; columns: MTU.  Figures are the median MB/s (10^6
 bytes/s) of N runs with the slowest and fastest, and the median CPU time per
 GB moved (threads and the kernel work done in system calls included) of the
@@ -110,6 +112,34 @@ def measure(lab, client_env, argv, size, runs, target_pid, image_copy):
     return rates, statistics.median(target_cpu), statistics.median(client_cpu)
 
 
+def new_file_rate(shm, size, runs):
+    """What the sink alone costs: MB/s and CPU seconds per GB of writing a new file of the
+    image's size on the same tmpfs in 1 MiB writes (as `read` into a file does), with no
+    network; median (slowest-fastest) of `runs`."""
+    path = os.path.join(shm, "aoe-bench-sink-%d" % os.getpid())
+    block = memoryview(os.urandom(1 << 20))
+    rates, cpu = [], []
+    try:
+        for _ in range(runs):
+            before, t = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for _ in range(size >> 20):
+                    os.write(fd, block)
+            finally:
+                os.close(fd)
+            seconds, after = time.monotonic() - t, resource.getrusage(resource.RUSAGE_SELF)
+            os.unlink(path)
+            rates.append(size / seconds / 1e6)
+            cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                       / (size / 1e9))
+            time.sleep(1)                 # as long as a client run's start, between files
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return rates, statistics.median(cpu)
+
+
 def run_mtu(mtu, size, runs, shm, minread):
     results = {}
     lab = aoe.NetLab(mtu, prefix="aoebench")
@@ -133,12 +163,13 @@ def run_mtu(mtu, size, runs, shm, minread):
             try:
                 time.sleep(0.5)
                 for cname, verb, cenv in CLIENTS:
-                    if verb == "minread" and not minread:
-                        continue
+                    if verb == "minread" and (not minread or "--fault-drop" in argv):
+                        continue            # the yardstick never resends: no lossy target
                     window = (int(argv[argv.index("-b") + 1]) if "-b" in argv
                               else BUFCNT.get(tname, aoe.SERVE_BUFCNT))
-                    argv = client_argv(lab, verb, slot, size, source, image_copy, minread, window)
-                    figures = measure(lab, cenv, argv, size, runs, proc.pid, image_copy)
+                    command = client_argv(lab, verb, slot, size, source, image_copy, minread,
+                                          window)
+                    figures = measure(lab, cenv, command, size, runs, proc.pid, image_copy)
                     results[(tname, cname)] = figures
                     print("  MTU %d  %-32s %-30s %s MB/s, CPU s/GB: target %.2f, client %.2f"
                           % ((mtu, tname, cname, spread(figures[0])) + figures[1:]),
@@ -179,6 +210,7 @@ def main():
             print("  (no C compiler: the minimal C reader is left out)", file=sys.stderr)
             minread = None
         table = {mtu: run_mtu(mtu, size, args.runs, args.shm, minread) for mtu in mtus}
+    sink = new_file_rate(args.shm, size, args.runs)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "?")
     print("%s, %s, %d cores (%s), Linux %s, Python %s, image %s on tmpfs, "
@@ -195,6 +227,9 @@ def main():
                 cells = [spread(table[m][(tname, cname)][0]) for m in mtus]
                 cells += ["%.2f, %.2f" % table[m][(tname, cname)][1:] for m in mtus]
                 print("| %s | %s | %s |" % (tname, cname, " | ".join(cells)))
+    print()
+    print("The sink alone: a new %s file written on the same tmpfs in 1 MiB writes, no network: "
+          "%s MB/s, %.2f CPU s/GB" % (args.size, spread(sink[0]), sink[1]))
 
 
 if __name__ == "__main__":
