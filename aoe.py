@@ -1030,8 +1030,9 @@ SPIN_US = 30                     # the helper's pump polls this long for answers
 SPIN_RTT_US = 200                # ... sleeps, while a path's smoothed round trip is this short
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
 REORDER_SHRINK_AFTER = 16        # rounds with resends needed and none spurious before it shrinks
-LOSS_WEIGHT = 1 / 16             # how far one frame's fate moves the loss estimate
-LOSS_CONGESTED = 0.25            # above this share of frames lost the window is halved
+LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
+LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
+                                 # window is halved
 PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
                  "resent_spurious", "send_eagain", "errors")
 PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac",
@@ -1643,8 +1644,9 @@ class PathPolicy:
     The window starts at the target's buffer count: on a LAN that count, not
     the link, is the limit, and a frame lost here and there (random loss) is
     resent without shrinking it.  Only when the path falls silent for a whole
-    retransmit timeout, or more than a quarter of recent frames are lost (the
-    target or a switch overflowing), is the window halved and the timeout
+    retransmit timeout, or more than a quarter of recent answers (about the
+    last 64) came only to resends (the target or a switch overflowing), is the
+    window halved and the timeout
     doubled, at most once per timeout; slow start then grows it back to where
     it was cut, and one frame per window of answers after that.  When frames
     given up as lost are answered after all and none of the resends was needed,
@@ -1692,10 +1694,11 @@ class PathPolicy:
             self._learn_rtt(rtt_sum_us / samples, rtt_max_us)
         if answered:
             self.last_answer, self.expired_since = t, 0
-        outcomes = answered + lost
-        if outcomes:
-            keep = (1 - LOSS_WEIGHT) ** outcomes
-            self.loss = self.loss * keep + lost / outcomes * (1 - keep)
+            # Losses count once confirmed (a resend answered, the transmission before it
+            # never): frames given up while the target reorders or jitters, then answered,
+            # are delays, not losses.
+            keep = (1 - LOSS_WEIGHT) ** answered
+            self.loss = self.loss * keep + min(max(needed, 0), answered) / answered * (1 - keep)
         if lost:
             self._lost(t, lost)
         elif answered:

@@ -252,10 +252,24 @@ def test_policy_random_loss_keeps_the_window():
     pol = aoe.PathPolicy(16, 0)
     t = policy_rounds(pol, 0, 50, answered=16)
     for _ in range(200):
-        t = policy_rounds(pol, t, 1, answered=19)
-        t = policy_rounds(pol, t, 1, answered=1, lost=1)
+        t = policy_rounds(pol, t, 1, answered=18, lost=1)
+        t = policy_rounds(pol, t, 1, answered=2, needed=1)   # the resend's answer
     assert pol.window == 16 and pol.cuts == 0 and pol.loss < aoe.LOSS_CONGESTED
     assert pol.rto_us == aoe.MIN_RTO_US               # no back-off either
+
+
+@pytest.mark.engine
+def test_policy_reordering_and_jitter_keep_the_window():
+    """A target that reorders and jitters: frames given up in every round and answered
+    after all (spurious), besides one real loss in twenty: no cut, and the reorder
+    window widens."""
+    pol = aoe.PathPolicy(64, 0)
+    t = policy_rounds(pol, 0, 20, answered=32, rtt=1500)
+    for _ in range(300):
+        t = policy_rounds(pol, t, 1, answered=12, lost=6, rtt=1500)
+        t = policy_rounds(pol, t, 1, answered=8, spurious=5, needed=1, rtt=1500)
+    assert pol.window == 64 and pol.cuts == 0 and pol.loss < aoe.LOSS_CONGESTED
+    assert pol.reorder_factor > 1
 
 
 @pytest.mark.engine
@@ -275,10 +289,14 @@ def test_policy_silence_halves_once_per_timeout_and_backs_off():
 
 @pytest.mark.engine
 def test_policy_congestion_halves_the_window():
-    """A third of the frames lost while answers still come: the target or a switch overflows."""
+    """Four answers in ten only to resends while answers still come: the target or a switch
+    overflows.  The window is halved once the estimate passes a quarter, once per timeout."""
     pol = aoe.PathPolicy(16, 0)
     t = policy_rounds(pol, 0, 10, answered=16)
-    t = policy_rounds(pol, t, 3, answered=10, lost=6)
+    t = policy_rounds(pol, t, 4, answered=10, needed=4, lost=6)
+    assert pol.window == 16 and pol.cuts == 0         # a burst is not yet congestion
+    t = policy_rounds(pol, t, 6, answered=10, needed=4, lost=6)
+    assert pol.loss > aoe.LOSS_CONGESTED
     assert pol.window == 8 and pol.cuts == 1
 
 
