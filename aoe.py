@@ -1106,11 +1106,11 @@ class PumpFrame:
 class PumpRequest:
     """A request in PyPump (struct aoe_request in the helper)."""
 
-    __slots__ = ("req_id", "op", "buf", "frames_left", "status", "aflags")
+    __slots__ = ("req_id", "op", "buf", "frames_left", "status", "aflags", "command")
 
-    def __init__(self, req_id, op, buf, frames, aflags):
+    def __init__(self, req_id, op, buf, frames, aflags, command):
         self.req_id, self.op, self.buf, self.frames_left, self.status = req_id, op, buf, frames, 0
-        self.aflags = aflags
+        self.aflags, self.command = aflags, command
 
 
 class PyPump:
@@ -1160,7 +1160,7 @@ class PyPump:
             return -errno.ENOSPC
         aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
         req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count,
-                          aflags)
+                          aflags, ata_opcode(op, self.lba48, self.flush_cmd))
         self.requests[req_id] = req
         for i in range(count):
             first = i * self.spf
@@ -1180,44 +1180,46 @@ class PyPump:
                 return p
         return None
 
+    _PAD = bytes(ETH_ZLEN - ATA_HDR_LEN)         # a read request's padding to the minimum
+
     def _send_pending(self):
-        while self.pending:
-            if self.pending[0].state != FRAME_PENDING:  # answered while waiting to be resent
+        sent, t = 0, now_us()                     # one time for the batch, as the helper
+        try:
+            while self.pending:
+                if self.pending[0].state != FRAME_PENDING:  # answered while waiting to be resent
+                    self.pending.popleft()
+                    continue
+                path = self._pick_path()
+                if path is None:
+                    return
+                fr = self.pending[0]
+                req = fr.req
+                gen = next_gen(self.gen[fr.slot])
+                self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0,
+                                        fr.nsect, req.command, lba_bytes(fr.lba, self.lba48))
+                if req.op == OP_WRITE:
+                    parts = [path.header, req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE]]
+                else:
+                    parts = [path.header, self._PAD]
+                try:
+                    path.port.sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    self.stats["send_eagain"] += 1
+                    return
                 self.pending.popleft()
-                continue
-            path = self._pick_path()
-            if path is None:
-                return
-            fr = self.pending[0]
-            req = fr.req
-            gen = next_gen(self.gen[fr.slot])
-            self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0,
-                                    fr.nsect, ata_opcode(req.op, self.lba48, self.flush_cmd),
-                                    lba_bytes(fr.lba, self.lba48))
-            parts = [path.header]
-            length = ATA_HDR_LEN
-            if req.op == OP_WRITE:
-                parts.append(req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE])
-                length += fr.nsect * SECTOR_SIZE
-            if length < ETH_ZLEN:
-                parts.append(bytes(ETH_ZLEN - length))
-            try:
-                path.port.sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                self.stats["send_eagain"] += 1
-                return
-            self.pending.popleft()
-            self.gen[fr.slot] = gen
-            if fr.ntx:
-                fr.before_path, fr.before_sent_us = fr.path, fr.sent_us
-                self.stats["frames_resent"] += 1
-            fr.gen, fr.path, fr.sent_us, fr.reported = gen, path, now_us(), False
-            fr.ntx += 1
-            fr.state = FRAME_INFLIGHT
-            self.inflight[fr.slot] = fr
-            path.outstanding += 1
-            path.sent += 1
-            self.stats["frames_sent"] += 1
+                self.gen[fr.slot] = gen
+                if fr.ntx:
+                    fr.before_path, fr.before_sent_us = fr.path, fr.sent_us
+                    self.stats["frames_resent"] += 1
+                fr.gen, fr.path, fr.sent_us, fr.reported = gen, path, t, False
+                fr.ntx += 1
+                fr.state = FRAME_INFLIGHT
+                self.inflight[fr.slot] = fr
+                path.outstanding += 1
+                path.sent += 1
+                sent += 1
+        finally:
+            self.stats["frames_sent"] += sent
 
     def _finish_frame(self, fr, status, back):
         if fr.state == FRAME_INFLIGHT:
@@ -1239,92 +1241,98 @@ class PyPump:
     def _receive(self, port_index_by_fd, timeout_ms=0):
         drops = self.drops
         buf, view = self.rxbuf, self.rxview
-        for fd, _ in self.poller.poll(timeout_ms):
-            if fd not in port_index_by_fd:        # the caller's extra_fd
-                continue
-            sock = self.paths[port_index_by_fd[fd]].port.sock
-            for _ in range(4096):
-                try:
-                    n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                if n < ATA_HDR_LEN:
-                    drops["short"] += 1
+        answers = data = 0                        # added up once: fewer dict updates
+        try:
+            for fd, _ in self.poller.poll(timeout_ms):
+                if fd not in port_index_by_fd:    # the caller's extra_fd
                     continue
-                etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status, \
-                    raw_lba = self._RSP.unpack_from(buf, 12)
-                if etype != ETH_P_AOE or verfl & 0xF0 != AOE_HVER:
-                    drops["version"] += 1
-                    continue
-                if not verfl & AOEFL_RSP:
-                    drops["not_response"] += 1
-                    continue
-                if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
-                    drops["foreign"] += 1
-                    continue
-                if bin(tag).count("1") & 1:
-                    drops["bad_tag"] += 1
-                    continue
-                fr = self.frames.get(tag >> 1 & (MAX_FRAMES - 1)) \
-                    if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
-                back = ((fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx
-                        else None)
-                if back is None or back >= fr.ntx:
-                    drops["stale"] += 1           # names no transmission of this frame
-                    continue
-                # The transmission answered: the latest, the one before, or an older one.
-                path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
-                    (fr.before_path, fr.before_sent_us) if back == 1 else \
-                    (self._path_to(buf[6:12]), None)
-                if fr.state == FRAME_DONE:
-                    if fr.done_back is not None and back > fr.done_back and path is not None and \
-                            path.dst == buf[6:12]:
-                        # a resend completed it, and this shows it need not have
-                        path.late += 1
-                        drops["late"] += 1
+                sock = self.paths[port_index_by_fd[fd]].port.sock
+                for _ in range(4096):
+                    try:
+                        n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    if n < ATA_HDR_LEN:
+                        drops["short"] += 1
+                        continue
+                    etype, verfl, err, shelf, slot_no, cmd, tag, aflags, aerr, count, status, \
+                        raw_lba = self._RSP.unpack_from(buf, 12)
+                    if etype != ETH_P_AOE or verfl & 0xF0 != AOE_HVER:
+                        drops["version"] += 1
+                        continue
+                    if not verfl & AOEFL_RSP:
+                        drops["not_response"] += 1
+                        continue
+                    if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
+                        drops["foreign"] += 1
+                        continue
+                    if bin(tag).count("1") & 1:
+                        drops["bad_tag"] += 1
+                        continue
+                    fr = self.frames.get(tag >> 1 & (MAX_FRAMES - 1)) \
+                        if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
+                    back = ((fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx
+                            else None)
+                    if back is None or back >= fr.ntx:
+                        drops["stale"] += 1           # names no transmission of this frame
+                        continue
+                    # The transmission answered: the latest, the one before, or an older one.
+                    path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
+                        (fr.before_path, fr.before_sent_us) if back == 1 else \
+                        (self._path_to(buf[6:12]), None)
+                    if fr.state == FRAME_DONE:
+                        if fr.done_back is not None and back > fr.done_back and \
+                                path is not None and path.dst == buf[6:12]:
+                            # a resend completed it, and this shows it need not have
+                            path.late += 1
+                            drops["late"] += 1
+                        else:
+                            drops["stale"] += 1
+                        continue
+                    if path is None or path.dst != buf[6:12]:
+                        drops["bad_mac"] += 1
+                        continue
+                    req = fr.req
+                    if aflags & (AOEAFL_EXT | AOEAFL_WRITE) != req.aflags or count > fr.nsect or \
+                            lba_value(raw_lba, self.lba48) != fr.lba:
+                        drops["echo"] += 1
+                        continue
+                    if verfl & AOEFL_ERR:
+                        result = -(STATUS_AOE_ERROR | err)
+                    elif status & (ATA_ERR | ATA_DF):
+                        result = -(STATUS_ATA_ERROR | aerr)
                     else:
-                        drops["stale"] += 1
-                    continue
-                if path is None or path.dst != buf[6:12]:
-                    drops["bad_mac"] += 1
-                    continue
-                req = fr.req
-                if aflags & (AOEAFL_EXT | AOEAFL_WRITE) != req.aflags or count > fr.nsect or \
-                        lba_value(raw_lba, self.lba48) != fr.lba:
-                    drops["echo"] += 1
-                    continue
-                if verfl & AOEFL_ERR:
-                    result = -(STATUS_AOE_ERROR | err)
-                elif status & (ATA_ERR | ATA_DF):
-                    result = -(STATUS_ATA_ERROR | aerr)
-                else:
-                    result = 0
-                    size = fr.nsect * SECTOR_SIZE
-                    if req.op == OP_READ:
-                        if n < ATA_HDR_LEN + size:
-                            drops["short"] += 1
-                            continue
-                        req.buf[fr.offset:fr.offset + size] = view[ATA_HDR_LEN:ATA_HDR_LEN + size]
-                    self.stats["bytes_data"] += size
-                if result:
-                    self.stats["errors"] += 1
-                t = now_us()
-                path.recv += 1
-                path.last_recv_us = t
-                self.stats["frames_recv"] += 1
-                if sent_us is not None:
-                    path.newest_answered_us = max(path.newest_answered_us, sent_us)
-                    us = t - sent_us
-                    path.rtt_n += 1
-                    path.rtt_sum_us += us
-                    path.rtt_max_us = max(path.rtt_max_us, us)
-                if back or fr.state == FRAME_PENDING:
-                    path.spurious += 1            # given up as lost, yet answered
-                    self.stats["resent_spurious"] += 1
-                elif fr.ntx > 1:
-                    path.needed += 1
-                    self.stats["resent_needed"] += 1
-                self._finish_frame(fr, result, back)
+                        result = 0
+                        size = fr.nsect * SECTOR_SIZE
+                        if req.op == OP_READ:
+                            if n < ATA_HDR_LEN + size:
+                                drops["short"] += 1
+                                continue
+                            req.buf[fr.offset:fr.offset + size] = \
+                                view[ATA_HDR_LEN:ATA_HDR_LEN + size]
+                        data += size
+                    if result:
+                        self.stats["errors"] += 1
+                    t = now_us()
+                    path.recv += 1
+                    path.last_recv_us = t
+                    answers += 1
+                    if sent_us is not None:
+                        path.newest_answered_us = max(path.newest_answered_us, sent_us)
+                        us = t - sent_us
+                        path.rtt_n += 1
+                        path.rtt_sum_us += us
+                        path.rtt_max_us = max(path.rtt_max_us, us)
+                    if back or fr.state == FRAME_PENDING:
+                        path.spurious += 1            # given up as lost, yet answered
+                        self.stats["resent_spurious"] += 1
+                    elif fr.ntx > 1:
+                        path.needed += 1
+                        self.stats["resent_needed"] += 1
+                    self._finish_frame(fr, result, back)
+        finally:
+            self.stats["frames_recv"] += answers
+            self.stats["bytes_data"] += data
 
     def pump(self, timeout_us, extra_fd=-1):
         """One round: receive what arrived, send, wait up to timeout_us (or until extra_fd
