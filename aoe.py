@@ -1026,10 +1026,10 @@ BRIDGE_ID = 1 << 62              # ids of requests the helper's ublk bridge took
 NBD_ID = 1 << 61                 # ids of requests the helper's nbd bridge read from the socket
 GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
 MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
-SPIN_US = 30                     # the helper's pump polls this long for answers before it
-SPIN_RTT_US = 200                # ... sleeps, while a path's smoothed round trip is this short
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
 REORDER_SHRINK_AFTER = 16        # rounds with resends needed and none spurious before it shrinks
+SPIN_US = 30                     # the helper's pump polls this long for answers before it
+SPIN_RTT_US = 200                # ... sleeps, while a path's smoothed round trip is this short
 LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
 LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
                                  # window is halved
@@ -1183,7 +1183,7 @@ class PyPump:
     _PAD = bytes(ETH_ZLEN - ATA_HDR_LEN)         # a read request's padding to the minimum
 
     def _send_pending(self):
-        sent, t = 0, now_us()                     # one time for the batch, as the helper
+        sent, t = 0, now_us()                     # one time for the batch, as the helper does
         try:
             while self.pending:
                 if self.pending[0].state != FRAME_PENDING:  # answered while waiting to be resent
