@@ -1056,11 +1056,6 @@ def ata_opcode(op, ext, flush_cmd=ATA_CMD_FLUSH_EXT):
     return base | (0x04 if ext else 0)
 
 
-def frame_tag(gen, slot):
-    tag = TAG_USER | TAG_ENGINE | gen << 16 | slot << 1
-    return tag | (bin(tag).count("1") & 1)
-
-
 def next_gen(gen):
     return gen % GEN_MAX + 1
 
@@ -1092,13 +1087,14 @@ FRAME_PENDING, FRAME_INFLIGHT, FRAME_DONE = 1, 2, 3
 class PumpFrame:
     """One frame of a request in PyPump (struct aoe_frame in the helper)."""
 
-    __slots__ = ("slot", "req", "lba", "nsect", "offset", "state", "path", "reported", "ntx",
-                 "gen", "sent_us", "before_path", "before_sent_us", "done_back")
+    __slots__ = ("slot", "req", "lba", "raw_lba", "nsect", "offset", "state", "path", "reported",
+                 "ntx", "gen", "tag", "sent_us", "before_path", "before_sent_us", "done_back")
 
-    def __init__(self, slot, req, lba, nsect, offset):
-        self.slot, self.req, self.lba, self.nsect, self.offset = slot, req, lba, nsect, offset
+    def __init__(self, slot, req, lba, raw_lba, nsect, offset):
+        self.slot, self.req, self.lba, self.raw_lba = slot, req, lba, raw_lba
+        self.nsect, self.offset = nsect, offset
         self.state, self.path, self.reported, self.ntx = FRAME_PENDING, None, False, 0
-        self.gen = self.sent_us = self.before_sent_us = 0   # of the latest transmission
+        self.gen = self.tag = self.sent_us = self.before_sent_us = 0   # of the latest sending
         self.before_path = None                             # of the one before it
         self.done_back = None                               # once done: which one was answered
 
@@ -1165,7 +1161,8 @@ class PyPump:
         for i in range(count):
             first = i * self.spf
             n = 0 if op == OP_FLUSH else min(self.spf, nsect - first)
-            fr = PumpFrame(self.free.popleft(), req, 0 if op == OP_FLUSH else lba + first, n,
+            at = 0 if op == OP_FLUSH else lba + first
+            fr = PumpFrame(self.free.popleft(), req, at, lba_bytes(at, self.lba48), n,
                            first * SECTOR_SIZE)
             self.frames[fr.slot] = fr
             self.pending.append(fr)
@@ -1184,19 +1181,28 @@ class PyPump:
 
     def _send_pending(self):
         sent, t = 0, now_us()                     # one time for the batch, as the helper does
+        pending, gens, inflight, pack = self.pending, self.gen, self.inflight, self._ATA_REQ.pack_into
+        one_path = self.paths[0] if len(self.paths) == 1 else None
         try:
-            while self.pending:
-                if self.pending[0].state != FRAME_PENDING:  # answered while waiting to be resent
-                    self.pending.popleft()
+            while pending:
+                fr = pending[0]
+                if fr.state != FRAME_PENDING:     # answered while waiting to be resent
+                    pending.popleft()
                     continue
-                path = self._pick_path()
-                if path is None:
-                    return
-                fr = self.pending[0]
-                req = fr.req
-                gen = next_gen(self.gen[fr.slot])
-                self._ATA_REQ.pack_into(path.header, 20, frame_tag(gen, fr.slot), req.aflags, 0,
-                                        fr.nsect, req.command, lba_bytes(fr.lba, self.lba48))
+                if one_path is None:
+                    path = self._pick_path()
+                    if path is None:
+                        return
+                else:
+                    path = one_path
+                    if path.outstanding >= path.maxout or not path.enabled:
+                        return
+                req, slot = fr.req, fr.slot
+                gen = gens[slot] % GEN_MAX + 1    # next_gen, inline: this runs per frame
+                # The tag: ours, the engine's, generation, slot, and bit 0 making the ones even
+                tag = TAG_USER | TAG_ENGINE | gen << 16 | slot << 1
+                tag |= bin(tag).count("1") & 1
+                pack(path.header, 20, tag, req.aflags, 0, fr.nsect, req.command, fr.raw_lba)
                 if req.op == OP_WRITE:
                     parts = [path.header, req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE]]
                 else:
@@ -1206,15 +1212,15 @@ class PyPump:
                 except (BlockingIOError, InterruptedError):
                     self.stats["send_eagain"] += 1
                     return
-                self.pending.popleft()
-                self.gen[fr.slot] = gen
+                pending.popleft()
+                gens[slot] = gen
                 if fr.ntx:
                     fr.before_path, fr.before_sent_us = fr.path, fr.sent_us
                     self.stats["frames_resent"] += 1
-                fr.gen, fr.path, fr.sent_us, fr.reported = gen, path, t, False
+                fr.gen, fr.tag, fr.path, fr.sent_us, fr.reported = gen, tag, path, t, False
                 fr.ntx += 1
                 fr.state = FRAME_INFLIGHT
-                self.inflight[fr.slot] = fr
+                inflight[slot] = fr
                 path.outstanding += 1
                 path.sent += 1
                 sent += 1
@@ -1239,7 +1245,7 @@ class PyPump:
         return next((p for p in self.paths if p.dst == mac), None)
 
     def _receive(self, port_index_by_fd, timeout_ms=0):
-        drops = self.drops
+        drops, frames = self.drops, self.frames
         buf, view = self.rxbuf, self.rxview
         answers = data = 0                        # added up once: fewer dict updates
         try:
@@ -1247,7 +1253,9 @@ class PyPump:
                 if fd not in port_index_by_fd:    # the caller's extra_fd
                     continue
                 sock = self.paths[port_index_by_fd[fd]].port.sock
-                for _ in range(4096):
+                for i in range(4096):
+                    if not i & 63:                # one time per 64 answers, as the helper's
+                        t = now_us()              # receive batches take
                     try:
                         n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
                     except (BlockingIOError, InterruptedError):
@@ -1266,35 +1274,22 @@ class PyPump:
                     if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
                         drops["foreign"] += 1
                         continue
-                    if bin(tag).count("1") & 1:
-                        drops["bad_tag"] += 1
-                        continue
-                    fr = self.frames.get(tag >> 1 & (MAX_FRAMES - 1)) \
-                        if tag & (TAG_USER | TAG_ENGINE) == TAG_USER | TAG_ENGINE else None
-                    back = ((fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX if fr is not None and fr.ntx
-                            else None)
-                    if back is None or back >= fr.ntx:
-                        drops["stale"] += 1           # names no transmission of this frame
-                        continue
-                    # The transmission answered: the latest, the one before, or an older one.
-                    path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
-                        (fr.before_path, fr.before_sent_us) if back == 1 else \
-                        (self._path_to(buf[6:12]), None)
-                    if fr.state == FRAME_DONE:
-                        if fr.done_back is not None and back > fr.done_back and \
-                                path is not None and path.dst == buf[6:12]:
-                            # a resend completed it, and this shows it need not have
-                            path.late += 1
-                            drops["late"] += 1
-                        else:
-                            drops["stale"] += 1
-                        continue
+                    fr = frames.get(tag >> 1 & (MAX_FRAMES - 1))
+                    if fr is not None and fr.tag == tag and fr.state == FRAME_INFLIGHT:
+                        back, path, sent_us = 0, fr.path, fr.sent_us   # the usual answer
+                    else:
+                        back = self._older_transmission(fr, tag, buf)
+                        if back is None:
+                            continue
+                        path, sent_us = (fr.path, fr.sent_us) if back == 0 else \
+                            (fr.before_path, fr.before_sent_us) if back == 1 else \
+                            (self._path_to(buf[6:12]), None)
                     if path is None or path.dst != buf[6:12]:
                         drops["bad_mac"] += 1
                         continue
                     req = fr.req
                     if aflags & (AOEAFL_EXT | AOEAFL_WRITE) != req.aflags or count > fr.nsect or \
-                            lba_value(raw_lba, self.lba48) != fr.lba:
+                            raw_lba != fr.raw_lba and lba_value(raw_lba, self.lba48) != fr.lba:
                         drops["echo"] += 1
                         continue
                     if verfl & AOEFL_ERR:
@@ -1313,16 +1308,17 @@ class PyPump:
                         data += size
                     if result:
                         self.stats["errors"] += 1
-                    t = now_us()
                     path.recv += 1
                     path.last_recv_us = t
                     answers += 1
                     if sent_us is not None:
-                        path.newest_answered_us = max(path.newest_answered_us, sent_us)
+                        if sent_us > path.newest_answered_us:
+                            path.newest_answered_us = sent_us
                         us = t - sent_us
                         path.rtt_n += 1
                         path.rtt_sum_us += us
-                        path.rtt_max_us = max(path.rtt_max_us, us)
+                        if us > path.rtt_max_us:
+                            path.rtt_max_us = us
                     if back or fr.state == FRAME_PENDING:
                         path.spurious += 1            # given up as lost, yet answered
                         self.stats["resent_spurious"] += 1
@@ -1333,6 +1329,33 @@ class PyPump:
         finally:
             self.stats["frames_recv"] += answers
             self.stats["bytes_data"] += data
+
+    def _older_transmission(self, fr, tag, buf):
+        """Which transmission of fr an answer that is not to its latest one names (0: the
+        latest, though the frame was given up; 1: the one before; more: older), or None
+        when it is dropped (counted)."""
+        drops = self.drops
+        if bin(tag).count("1") & 1:
+            drops["bad_tag"] += 1
+            return None
+        if fr is None or tag & (TAG_USER | TAG_ENGINE) != TAG_USER | TAG_ENGINE or not fr.ntx:
+            drops["stale"] += 1
+            return None
+        back = (fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX
+        if back >= fr.ntx:
+            drops["stale"] += 1               # names no transmission of this frame
+            return None
+        if fr.state == FRAME_DONE:
+            path = (fr.path if back == 0 else fr.before_path if back == 1
+                    else self._path_to(buf[6:12]))
+            if fr.done_back is not None and back > fr.done_back and \
+                    path is not None and path.dst == buf[6:12]:
+                path.late += 1                # a resend completed it, and this shows it need
+                drops["late"] += 1            # not have
+            else:
+                drops["stale"] += 1
+            return None
+        return back
 
     def pump(self, timeout_us, extra_fd=-1):
         """One round: receive what arrived, send, wait up to timeout_us (or until extra_fd
