@@ -1066,7 +1066,7 @@ class PumpPath:
 
     __slots__ = ("index", "port", "src", "dst", "maxout", "outstanding", "enabled", "rto_us",
                  "reorder_us", "newest_answered_us", "sent", "recv", "last_recv_us", "rtt_n",
-                 "rtt_sum_us", "rtt_max_us", "spurious", "needed", "late", "header")
+                 "rtt_sum_us", "rtt_max_us", "spurious", "needed", "late", "header", "head")
 
     def __init__(self, index, port, dst):
         self.index, self.port, self.src, self.dst = index, port, port.mac, dst
@@ -1136,8 +1136,11 @@ class PyPump:
 
     def add_path(self, port, dst):
         path = PumpPath(len(self.paths), port, dst)
+        # A read request is the header padded to the minimum frame; a write sends the
+        # header (its first ATA_HDR_LEN bytes) and then the data
         path.header = bytearray(pack_header(dst, port.mac, self.shelf, self.slot, AOECMD_ATA, 0)
-                                + bytes(12))
+                                + bytes(ETH_ZLEN - AOE_HDR_LEN))
+        path.head = memoryview(path.header)[:ATA_HDR_LEN]
         self.paths.append(path)
         self.poller.register(port.fileno(), select.POLLIN)
         return len(self.paths) - 1
@@ -1158,14 +1161,18 @@ class PyPump:
         req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count,
                           aflags, ata_opcode(op, self.lba48, self.flush_cmd))
         self.requests[req_id] = req
-        for i in range(count):
-            first = i * self.spf
-            n = 0 if op == OP_FLUSH else min(self.spf, nsect - first)
-            at = 0 if op == OP_FLUSH else lba + first
-            fr = PumpFrame(self.free.popleft(), req, at, lba_bytes(at, self.lba48), n,
-                           first * SECTOR_SIZE)
-            self.frames[fr.slot] = fr
-            self.pending.append(fr)
+        frames, pending, free, spf, ext = self.frames, self.pending, self.free, self.spf, self.lba48
+        if op == OP_FLUSH:
+            fr = PumpFrame(free.popleft(), req, 0, lba_bytes(0, ext), 0, 0)
+            frames[fr.slot] = fr
+            pending.append(fr)
+            return 0
+        for first in range(0, nsect, spf):        # this runs per frame
+            at, n = lba + first, nsect - first
+            raw = (at & 0xFFFFFFFFFFFF).to_bytes(6, "little") if ext else lba_bytes(at, False)
+            fr = PumpFrame(free.popleft(), req, at, raw, spf if n > spf else n, first * SECTOR_SIZE)
+            frames[fr.slot] = fr
+            pending.append(fr)
         return 0
 
     def _pick_path(self):
@@ -1176,8 +1183,6 @@ class PyPump:
                 self.rr = (self.rr + i + 1) % n
                 return p
         return None
-
-    _PAD = bytes(ETH_ZLEN - ATA_HDR_LEN)         # a read request's padding to the minimum
 
     def _send_pending(self):
         sent, t = 0, now_us()                     # one time for the batch, as the helper does
@@ -1203,12 +1208,13 @@ class PyPump:
                 tag = TAG_USER | TAG_ENGINE | gen << 16 | slot << 1
                 tag |= bin(tag).count("1") & 1
                 pack(path.header, 20, tag, req.aflags, 0, fr.nsect, req.command, fr.raw_lba)
-                if req.op == OP_WRITE:
-                    parts = [path.header, req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE]]
-                else:
-                    parts = [path.header, self._PAD]
                 try:
-                    path.port.sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
+                    if req.op == OP_WRITE:
+                        path.port.sock.sendmsg(
+                            [path.head, req.buf[fr.offset:fr.offset + fr.nsect * SECTOR_SIZE]],
+                            [], socket.MSG_DONTWAIT)
+                    else:
+                        path.port.sock.send(path.header, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     self.stats["send_eagain"] += 1
                     return
@@ -1618,7 +1624,7 @@ def helper_mismatch(helper):
         path_fields, counters = fields("struct aoe_path"), fields("struct aoe_counters")
     except (helper.ffi.error, KeyError) as e:
         return problems + [str(e)]
-    shared = set(PumpPath.__slots__) - {"index", "port", "header"}
+    shared = set(PumpPath.__slots__) - {"index", "port", "header", "head"}
     problems += ["struct aoe_path lacks " + f for f in sorted(shared - path_fields)]
     problems += ["struct aoe_path has %s, PumpPath not" % f
                  for f in sorted(path_fields - shared - {"fd"})]
