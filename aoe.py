@@ -2597,6 +2597,8 @@ NLMSG_ERROR = 2
 GENL_ID_CTRL, CTRL_CMD_GETFAMILY, CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME = 0x10, 3, 1, 2
 NBD_TIMEOUT_MARGIN = 30           # seconds the kernel's per-request timeout exceeds deadsecs
 NBD_MAX_READ = 64                 # requests read from the kernel and not yet answered
+NBD_IN_CHUNK = 65536              # bytes of the request stream read at once in Python
+IOV_MAX = 1024                    # pieces one sendmsg takes (<limits.h>)
 
 
 class NetlinkError(OSError):
@@ -3005,17 +3007,20 @@ class NbdBackend:
 
 class NbdStream:
     """The NBD protocol served in Python (the pure-Python pump): each request becomes an
-    engine request on its own buffer (write data read straight into it, read data sent
-    straight from it), many at once, answered as they complete; FUA is a write followed
-    by a flush."""
+    engine request on its own buffer, many at once.  The stream is read in chunks, many
+    headers a system call (a large write's data then straight into its buffer); a round's
+    answers leave in one sendmsg, read data sent straight from its buffer.  FUA is a write
+    followed by a flush."""
 
     def __init__(self, backend):
         self.backend, self.sock = backend, backend.sock
         self.engine, self.log = backend.engine, backend.log
-        self.header = bytearray(NBD_REQUEST.size)
-        self.header_got = 0
+        self.inbuf = bytearray(NBD_IN_CHUNK)
+        self.inview = memoryview(self.inbuf)
+        self.at = self.have = 0                   # inbuf[at:have]: read, not yet taken
         self.reading = None                       # the write request whose data is arriving
         self.requests = {}                        # engine request id -> NbdRequest
+        self.answers = []                         # this round's, not sent yet
         self.next_id = 0
         self.ended = False
 
@@ -3031,13 +3036,44 @@ class NbdStream:
         pass                                      # each request looks at the daemon's state
 
     def intake(self):
+        """New requests in while there is room for them; then the round's answers out."""
         while not self.ended and len(self.requests) < NBD_MAX_READ:
-            if not self._read_some():
+            if self.reading is None and self._take_request():
+                continue
+            if self.ended or not self._read_some():
                 break
+        self._send_answers()
         return not self.ended
 
+    def _take_request(self):
+        """One request from the bytes read, with what of its write data came along; False
+        when they hold no whole header."""
+        if self.have - self.at < NBD_REQUEST.size:
+            return False
+        magic, kind, handle, offset, length = NBD_REQUEST.unpack_from(self.inbuf, self.at)
+        self.at += NBD_REQUEST.size
+        if magic != NBD_REQUEST_MAGIC:
+            self.log("nbd: a request without the request magic (%#x): closing the socket" % magic)
+            self.ended = True
+            return False
+        r = NbdRequest(handle, kind & 0xFFFF, kind & ~0xFFFF, offset, length)
+        if r.command == NBD_CMD_DISC:
+            self.ended = True
+            return False
+        if r.command == NBD_CMD_WRITE:
+            r.buf = bytearray(length)
+            r.got = min(length, self.have - self.at)
+            r.buf[:r.got] = self.inview[self.at:self.at + r.got]
+            self.at += r.got
+            if r.got < length:                    # the rest is read straight into r.buf
+                self.reading = r
+                return True
+        self._submit(r)
+        return True
+
     def _read_some(self):
-        """Read one header or some write data; False when there is nothing more now."""
+        """More of the stream: the arriving write's data into its buffer, else a chunk into
+        ours; False when nothing more came now."""
         try:
             if self.reading is not None:
                 r = self.reading
@@ -3048,12 +3084,12 @@ class NbdStream:
                         self.reading = None
                         self._submit(r)
             else:
-                n = self.sock.recv_into(memoryview(self.header)[self.header_got:])
-                if n:
-                    self.header_got += n
-                    if self.header_got == NBD_REQUEST.size:
-                        self.header_got = 0
-                        self._parse_header()
+                if self.at:                       # less than a header is left: to the front
+                    rest = self.have - self.at
+                    self.inbuf[:rest] = bytes(self.inview[self.at:self.have])
+                    self.at, self.have = 0, rest
+                n = self.sock.recv_into(self.inview[self.have:])
+                self.have += n
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
@@ -3063,23 +3099,6 @@ class NbdStream:
             self.ended = True                     # the kernel shut the socket: disconnected
             return False
         return True
-
-    def _parse_header(self):
-        magic, kind, handle, offset, length = NBD_REQUEST.unpack(self.header)
-        if magic != NBD_REQUEST_MAGIC:
-            self.log("nbd: a request without the request magic (%#x): closing the socket" % magic)
-            self.ended = True
-            return
-        r = NbdRequest(handle, kind & 0xFFFF, kind & ~0xFFFF, offset, length)
-        if r.command == NBD_CMD_DISC:
-            self.ended = True
-            return
-        if r.command == NBD_CMD_WRITE:
-            r.buf = bytearray(length)
-            if length:
-                self.reading = r
-                return
-        self._submit(r)
 
     def _submit(self, r):
         """Into the engine, or answered at once when it cannot be."""
@@ -3116,9 +3135,15 @@ class NbdStream:
         self._reply(r, 0)
 
     def _reply(self, r, error):
-        parts = [NBD_REPLY.pack(NBD_REPLY_MAGIC, error, r.handle)]
+        """Answered at the end of the round (intake), with the round's other answers."""
+        self.answers.append(NBD_REPLY.pack(NBD_REPLY_MAGIC, error, r.handle))
         if not error and r.command == NBD_CMD_READ:
-            parts.append(r.buf)
+            self.answers.append(r.buf)
+
+    def _send_answers(self):
+        if not self.answers:
+            return
+        parts, self.answers = self.answers, []
         try:
             send_all(self.sock, parts)
         except OSError as e:
@@ -3127,7 +3152,7 @@ class NbdStream:
             self.ended = True
 
     def close(self):
-        pass
+        pass                                      # each round's answers left in its intake
 
 
 class NbdBridged:
@@ -3208,7 +3233,7 @@ def send_all(sock, parts):
     views = [memoryview(p).cast("B") for p in parts]
     while views:
         try:
-            n = sock.sendmsg(views)
+            n = sock.sendmsg(views[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             select.select([], [sock], [], 1.0)
             continue

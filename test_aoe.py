@@ -726,7 +726,10 @@ def nbd_requests(rng, count=1000):
     return sent, expected
 
 
-def play_nbd_kernel(rng, kernel, sent, expected, serve_round):
+NBD_CUTS = (1, 7, 28, 100, 4096, 70000, 300000)
+
+
+def play_nbd_kernel(rng, kernel, sent, expected, serve_round, cuts=NBD_CUTS):
     """Send the stream cut anywhere (headers too), serving a round after each piece, and
     read the answers as the kernel's receiving side does; returns the answers' bytes."""
     answers = bytearray()
@@ -746,7 +749,7 @@ def play_nbd_kernel(rng, kernel, sent, expected, serve_round):
     sender.setblocking(False)
     at, deadline = 0, time.monotonic() + 60
     while (at < len(sent) or len(answers) < total) and time.monotonic() < deadline:
-        cut = rng.choice([1, 7, 28, 100, 4096, 70000, 300000])
+        cut = rng.choice(cuts)
         if at < len(sent):
             with contextlib.suppress(BlockingIOError):  # full while requests pile up
                 at += sender.send(sent[at:at + cut])
@@ -788,10 +791,15 @@ def nbd_daemon(engine):
 
 
 @pytest.mark.engine
-def test_nbd_server_takes_requests_however_the_stream_is_cut():
+@pytest.mark.parametrize("answer_chance, cuts, count", [(0.3, NBD_CUTS, 1000),
+                                                        (1.0, (1, 7, 13, 28, 100, 4096), 300)])
+def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts, count):
     """The NBD backend's side of the protocol in Python over a socketpair, the kernel's side
     played here: requests sent whole, many at once and cut anywhere (headers too) all reach
-    the engine with their data, and every one is answered once, read data with its answer."""
+    the engine with their data, and every one is answered once, read data with its answer.
+    Answered now and then, requests pile up to the limit and the stream waits; answered
+    every round and sent in small pieces, the stream is read as it comes, headers cut between
+    two reads."""
     rng = random.Random(11)
     kernel, ours = socket.socketpair()
     original = rng.randbytes(NBD_DISK_SECTORS * 512)
@@ -814,17 +822,17 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut():
     nbd.sock = ours
     nbd.serve_socket()
     assert isinstance(nbd.server, aoe.NbdStream)
-    sent, expected = nbd_requests(rng)
+    sent, expected = nbd_requests(rng, count)
     done = [0]
 
     def serve_round(all_sent):
         assert nbd.intake()
-        if rng.random() < 0.3 or all_sent:       # else requests pile up, and the stream
+        if rng.random() < answer_chance or all_sent:   # else requests pile up, and the stream
             for req_id, op, lba, count in submitted[done[0]:]:
                 nbd.completed(req_id, 0)
                 done[0] += 1
             nbd.intake()
-    answers = play_nbd_kernel(rng, kernel, sent, expected, serve_round)
+    answers = play_nbd_kernel(rng, kernel, sent, expected, serve_round, cuts)
     check_nbd_answers(answers, expected, original, disk)
     ops = collections.Counter(op for _, op, _, _ in submitted)
     good = [k for k, _, _, error in expected.values() if not error]
