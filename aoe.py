@@ -5736,7 +5736,9 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line and exit status 2."""
 
     def error(self, message):
-        raise usage_error("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+        command = self.prog[len(PROG):].strip()   # main() puts PROG before every error
+        raise usage_error("%s%s (see '%s --help')"
+                          % (command + ": " if command else "", message, self.prog))
 
 
 def build_parser():

@@ -1214,11 +1214,14 @@ def test_bad_input_gives_one_line_and_exit_code(vblades):
         (("read", "e9.9", "-"), 1, "e9.9: no answer"),
         (("cfg", "-c", "fset", "e3.7"), 2, "needs the new string"),
         (("bench", "e0.1", "--qd", "0"), 2, "must be greater than 0"),
+        (("read", "--bogus", "e0.1", "-"), 2, "unrecognized arguments: --bogus"),
+        (("read",), 2, "read: the following arguments are required"),
     ]
     for args, code, text in cases:
         r = vblades.aoe(*args)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert r.stderr.count("\n") == 1 and text in r.stderr, (args, r.stderr)
+        assert not r.stderr.startswith("aoe.py: aoe.py"), r.stderr   # the name said once
     r = vblades.run(vblades.ini_ns,
                     ["ip", "link", "add", "down0", "type", "veth", "peer", "name", "down1"])
     assert r.returncode == 0, r.stderr
