@@ -11,6 +11,8 @@ AOE_PY=$B
 . "$(dirname "$0")/../vm/lib.sh"
 JOBS=("seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd16 write 1M 16" "rand-read-4k-qd1 randread 4k 1"
       "rand-read-4k-qd32 randread 4k 32" "rand-write-4k-qd32 randwrite 4k 32")
+# AB_JOBS="NAME RW BS QD;..." runs those jobs instead (e.g. one row that a change is about)
+[ -z "${AB_JOBS:-}" ] || IFS=';' read -r -a JOBS <<< "$AB_JOBS"
 dd if=/dev/zero of="$IMG" bs=1M count=512 status=none   # allocated: no round reads holes
 start_vblade
 : > "$WORK/results"

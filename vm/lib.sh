@@ -2,6 +2,7 @@
 # target's end of a veth pair, a work directory with aoe.py's records and links in it, removed on exit,
 # and the helpers the checks share.  vblade serves $IMG as e0.0 (start_vblade); OTHER_PIDS are killed
 # on exit too.
+command -v vblade > /dev/null || { echo "FAIL: vblade is not installed (apt-get install vblade)"; exit 1; }
 NS=aoechk$$; INI=aoeci$$; TGT=aoect$$
 WORK=$(mktemp -d /tmp/aoe-attach-check.XXXXXX)
 export AOE_IFLIST=$INI AOE_RUN_DIR=$WORK/run AOE_LINK_DIR=$WORK/etherd
