@@ -2302,6 +2302,18 @@ VM_SUITES = {"6.12": "bookworm-backports", "7.3": "trixie-backports"}
 BOTH_KERNELS = pytest.mark.parametrize("kernel", list(VM_SUITES))
 
 
+KERNEL_TRACE = re.compile(r"\] (-+\[ cut here \]|Oops|BUG:|WARNING:|rcu: INFO:|general protection)")
+
+
+def first_kernel_trace(console_lines, length=40):
+    """The console's first kernel warning or oops, whole (a failure's last lines may not reach
+    back to it): the lines from its start, or nothing."""
+    for i, line in enumerate(console_lines):
+        if KERNEL_TRACE.search(line):
+            return ["the kernel's first trace:"] + console_lines[i:i + length] + ["..."]
+    return []
+
+
 def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel="6.12"):
     """Run one of vm/'s scripts inside the VM booted with `kernel` (after the shell words
     `before`); returns its output (asserting it succeeded)."""
@@ -2311,8 +2323,10 @@ def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel=
     command = before + " ".join([os.path.join("vm", script), python] + [str(a) for a in args])
     r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
-    steps = [line for line in r.stdout.splitlines() if line.startswith(("== ", "FAIL"))]
+    lines = r.stdout.splitlines()
+    steps = [line for line in lines if line.startswith(("== ", "FAIL"))]
     assert r.returncode == 0, "\n".join(["exit %d" % r.returncode] + steps[-4:]
+                                        + first_kernel_trace(lines)
                                         + [r.stdout[-3000:], r.stderr[-2000:]])
     # Only the boot that ran the script: vm/run retries boots that die before it (see there).
     return r.stdout.rsplit("vm/run: the VM died before running the command", 1)[-1]

@@ -10,14 +10,28 @@ ip link add aoeini type veth peer name aoetgt netns tgt
 ip link set aoeini mtu "$MTU" up
 ip -n tgt link set aoetgt mtu "$MTU" up
 truncate -s 256M /tmp/export.img
-ip netns exec tgt "$PY" aoe.py serve 0 1 aoetgt /tmp/export.img > /tmp/serve.log 2>&1 &
+ip netns exec tgt "$PY" aoe.py serve -v 0 1 aoetgt /tmp/export.img > /tmp/serve.log 2>&1 &
 . vm/kernel-aoe.sh
-# If I/O hangs, say why before the harness's timeout: is serve alive, what it logged, what the driver holds.
-( sleep 300; echo "KERNEL-AOE-VS-SERVE STUCK after 300 s"; pgrep -af "aoe.py serve" || echo "serve is not running"
-  tail -20 /tmp/serve.log; mount -t debugfs none /sys/kernel/debug 2>/dev/null
-  cat /sys/kernel/debug/aoe/e0.1 2>/dev/null; dmesg | tail -30 ) &
+# When something fails or hangs, say why: what the driver holds, is serve alive and where its
+# threads wait, what it answered and dropped (the kernel's own messages are on the console).
+diagnose() {
+    echo "--- diagnosis: $1"
+    mount -t debugfs none /sys/kernel/debug 2>/dev/null || true
+    cat /sys/kernel/debug/aoe/e0.1 2>/dev/null || true
+    echo "state $(cat /sys/block/etherd!e0.1/state 2>/dev/null) inflight $(cat /sys/block/etherd!e0.1/inflight 2>/dev/null)"
+    for f in /sys/kernel/debug/block/etherd!e0.1/state /sys/kernel/debug/block/etherd!e0.1/hctx0/{state,dispatch,busy}; do
+        [ -r "$f" ] && echo "$f: $(cat "$f" 2>/dev/null | head -5)"; done
+    for pid in $(ps -eo pid=,stat= | awk '$2 ~ /D/ {print $1}'); do
+        echo "blocked: $(cat /proc/$pid/cmdline | tr '\0' ' ')"; cat /proc/$pid/stack 2>/dev/null; done
+    for pid in $(pgrep -f "aoe.py serve"); do
+        echo "serve pid $pid:"; grep -H . /proc/$pid/task/*/wchan 2>/dev/null; echo; done
+    pgrep -f "aoe.py serve" > /dev/null || echo "serve is not running"
+    pkill -TERM -f "aoe.py serve" && sleep 2     # serve -v reports what it answered and dropped
+    tail -20 /tmp/serve.log
+}
+( sleep 300; diagnose "KERNEL-AOE-VS-SERVE STUCK after 300 s" ) &
 watchdog=$!
-trap 'kill $watchdog 2>/dev/null; ip netns del tgt 2>/dev/null || true' EXIT
+trap 'rc=$?; kill $watchdog 2>/dev/null; [ $rc = 0 ] || diagnose "exit $rc"; ip netns del tgt 2>/dev/null || true' EXIT
 kernel_aoe_attach aoeini e0.1 || { echo "e0.1 did not appear"; cat /tmp/serve.log; exit 1; }
 echo "kernel aoe sees: $(cat /sys/block/etherd!e0.1/size) sectors, payload $(cat /sys/block/etherd!e0.1/payload)"
 mkfs.ext4 -q -F /dev/etherd/e0.1

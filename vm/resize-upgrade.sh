@@ -59,26 +59,33 @@ fi
 
 step "attach --upgrade while a reader runs"
 OLD=$(daemon_pid)
+# The reader reads the file through the device, uncached, until told to stop (at most 40 times):
+# once the stop file appears it reads once more, all of it through whoever serves then.
 ( for i in $(seq 40); do
+      [ -e "$WORK/stop" ] && stopping=1
       echo 3 > /proc/sys/vm/drop_caches
       sha256sum -c --quiet "$WORK/sums" || exit 1
+      echo "read $i"
+      [ -n "${stopping:-}" ] && break
   done ) > "$WORK/reader.log" 2>&1 &
 READER=$!; OTHER_PIDS=$READER
-sleep 1
+for _ in $(seq 100); do grep -q "read 1" "$WORK/reader.log" && break; sleep 0.2; done
 if [[ " $FEATURES " == *" quiesce "* ]]; then
     aoe attach --upgrade e0.0 | tee "$WORK/upgrade.txt" || fail "attach --upgrade"
     NEW=$(daemon_pid)
     [ "$NEW" != "$OLD" ] || fail "the same daemon still serves e0.0"
     ! kill -0 "$OLD" 2>/dev/null || fail "the old daemon $OLD is still running"
+    touch "$WORK/stop"
     wait "$READER" || { cat "$WORK/reader.log"; fail "the reader saw an error across the upgrade"; }
-    echo "pid $OLD handed e0.0 to pid $NEW; the reader read $(grep -c . "$WORK/sums") file 40 times, no error"
+    echo "pid $OLD handed e0.0 to pid $NEW; the reader read the file $(grep -c "^read" "$WORK/reader.log") times, no error"
     [ "$(state)" = up ] || fail "e0.0 is $(state) after the upgrade"
 else
     if aoe attach --upgrade e0.0 2> "$WORK/upgrade.err"; then fail "attach --upgrade claimed to work"; fi
     cat "$WORK/upgrade.err"
     grep -q "QUIESCE (Linux 6.16 or later)" "$WORK/upgrade.err" || fail "no clear message"
     [ "$(daemon_pid)" = "$OLD" ] || fail "the daemon changed"
-    wait "$READER" || fail "the reader saw an error"
+    touch "$WORK/stop"
+    wait "$READER" || { cat "$WORK/reader.log"; fail "the reader saw an error"; }
 fi
 (cd "$WORK/mnt" && sha256sum -c --quiet "$WORK/sums") || fail "the data changed"
 umount "$WORK/mnt"
