@@ -11,6 +11,10 @@ IMG=$WORK/e0.0.img
 DEADSECS=8
 
 step() { echo "== $* (at $SECONDS s, $(date +%T))"; }
+wanted() {  # wanted NAME: the step NAME is not in $SKIP (else say so)
+    [[ " ${SKIP:-} " != *" $1 "* ]] && return 0
+    echo "== $1: skipped (SKIP=$SKIP)"; return 1
+}
 fail() {
     echo "FAIL: $* ($(date +%T))"
     for f in "$RUN"/*.json; do [ -e "$f" ] && { echo "--- $f"; cat "$f"; echo; }; done
