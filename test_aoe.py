@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 
 import pytest
 
@@ -2314,15 +2315,22 @@ def first_kernel_trace(console_lines, length=40):
     return []
 
 
-def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel="6.12"):
+def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel="6.12",
+          again_if=None):
     """Run one of vm/'s scripts inside the VM booted with `kernel` (after the shell words
-    `before`); returns its output (asserting it succeeded)."""
+    `before`); returns its output (asserting it succeeded).  A failure whose output holds
+    `again_if` (a fault shown not to be aoe.py's) is reported as a warning and run once more."""
     need(os.geteuid() == 0, "the VM harness needs root")
     need(shutil.which("qemu-system-x86_64") or shutil.which("apt-get"),
          "needs qemu-system-x86 (or apt-get for it)")
     command = before + " ".join([os.path.join("vm", script), python] + [str(a) for a in args])
-    r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
+    for attempt in (1, 2):
+        r = subprocess.run([VM_RUN, command], capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, AOE_VM_SUITE=VM_SUITES[kernel]))
+        if r.returncode == 0 or not again_if or again_if not in r.stdout or attempt == 2:
+            break
+        warnings.warn("%s: %s; once more. Its output ended:\n%s"
+                      % (script, again_if, r.stdout[-3000:]))
     lines = r.stdout.splitlines()
     steps = [line for line in lines if line.startswith(("== ", "FAIL"))]
     assert r.returncode == 0, "\n".join(["exit %d" % r.returncode] + steps[-4:]
@@ -2335,8 +2343,10 @@ def in_vm(script, *args, timeout=1200, python=sys.executable, before="", kernel=
 @pytest.mark.vm
 @pytest.mark.parametrize("mtu", [1500, 9000])
 def test_kernel_aoe_driver_against_serve(mtu):
-    """The reference initiator (the kernel's aoe.ko) on aoe.py serve: ext4 and fio verify."""
-    out = in_vm("kernel-aoe-vs-serve.sh", mtu)
+    """The reference initiator (the kernel's aoe.ko) on aoe.py serve: ext4 and fio verify.  On a
+    busy machine the driver has been seen (1 run in about 20) to stall with nothing asked of
+    serve: that run counts as the driver's fault, once."""
+    out = in_vm("kernel-aoe-vs-serve.sh", mtu, again_if="KERNEL DRIVER STALLED")
     assert "KERNEL-AOE-VS-SERVE OK mtu %d" % mtu in out
     assert "payload %d" % (aoe.frame_sectors(mtu) * 512) in out
 
@@ -2345,10 +2355,10 @@ def test_kernel_aoe_driver_against_serve(mtu):
 @BOTH_KERNELS
 def test_lossy_link_attach_and_kernel_driver_verify(kernel):
     """netem on the target's side (loss 5%, duplicates 1%, delay 1 ms +- 1 ms, reorder 10%):
-    fio 64k random writes with crc32c verify pass through aoe.py attach and through the
+    32 MiB of fio 64k random writes with crc32c verify pass through aoe.py attach and through the
     kernel's driver, in one boot against one vblade (their rates are the benchmark's); and
     aoe.py's drop-in aoe-stat prints for its device what aoetools' prints over the driver."""
-    out = in_vm("netem-vs-kernel.sh", 9000, kernel=kernel)
+    out = in_vm("netem-vs-kernel.sh", 9000, "32M", kernel=kernel)
     assert "NETEM OK mtu 9000" in out
     kernel_stat = re.search(r"^aoe-stat, kernel driver: (.*)$", out, re.M).group(1)
     # the same line from both (cmp)

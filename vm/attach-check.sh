@@ -108,7 +108,7 @@ same_as_image 256 16
 if wanted hostile; then
     step "a hostile target: forged answers before every true one, the device still reads exactly"
     HOSTILE=$WORK/e0.9.img
-    head -c 32M /dev/urandom > "$HOSTILE"
+    head -c 16M /dev/urandom > "$HOSTILE"
     ip netns exec "$NS" "$PY" "$AOE_PY" serve --fault-forge 1 0 9 "$TGT" "$HOSTILE" >> "$WORK/hostile.log" 2>&1 &
     HOSTILE_PID=$!; OTHER_PIDS=$HOSTILE_PID
     sleep 1
