@@ -2417,8 +2417,9 @@ def test_attach_block_device(kernel, mtu, backend, alone):
     """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during
     a read and --recover, a hostile target, detach under load, flush.  Each backend at both MTUs
     and on both kernels; NBD also with aoe.py copied alone into an empty directory and run by
-    Python 3.8: no helper, the standard library only.  The hostile target tests the engine, not
-    the kernel: the 6.12 runs cover it with the helper (ublk) and in pure Python (alone)."""
+    Python 3.8: no helper, the standard library only.  The hostile target and the idle time
+    before an outage test the engine, not the kernel: the 6.12 runs cover them with the helper
+    (ublk) and in pure Python (alone)."""
     if backend == "ublk" or not alone:
         need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
     python, before = sys.executable, ""
@@ -2426,7 +2427,7 @@ def test_attach_block_device(kernel, mtu, backend, alone):
         python = python38()
         before = 'd=$(mktemp -d) && cp aoe.py "$d" && AOE_PY="$d/aoe.py" '
     if kernel != min(VM_SUITES):
-        before += "SKIP=hostile "
+        before += "SKIP='hostile idle' "
     native = (os.path.exists("/dev/ublk-control") if backend == "ublk"
               else os.path.isdir("/sys/module/nbd"))
     # this machine's kernel runs it once, not per VM kernel
@@ -2443,7 +2444,8 @@ def test_attach_block_device(kernel, mtu, backend, alone):
         out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500,
                     kernel=kernel)
     assert "ATTACH-CHECK OK mtu %d backend %s" % (mtu, backend) in out
-    assert ("== hostile: skipped" in out) == ("SKIP=hostile" in before), out[-3000:]
+    for step in ("hostile", "idle"):
+        assert ("== %s: skipped" % step in out) == ("SKIP=" in before), out[-3000:]
     if alone:
         assert re.search(r"aoe\.py \S+ \(python 3\.8\.\d+, helper not built", out), out[:2000]
     # e2fsck -fn clean

@@ -9,7 +9,8 @@
 # vm/attach-check.sh PYTHON MTU [BACKEND] (then everything it makes is its own: namespace, veth pair,
 # work directory, aoe.py's records and links).  BACKEND: ublk (default) or nbd.  $AOE_PY: the aoe.py to
 # run (default: this checkout's), e.g. one copied alone into an empty directory.  $SKIP: steps to leave
-# out because another run covers them (hostile: the engine's, not the kernel's, part).
+# out because another run covers them, the engine's parts, not the kernel's: hostile (the hostile target),
+# idle (the idle time before the outage within deadsecs does not count towards it).
 set -euo pipefail
 PY=${1:?python interpreter}; MTU=${2:-1500}; BACKEND=${3:-ublk}
 AOE_PY=${AOE_PY:-aoe.py}
@@ -63,7 +64,9 @@ gone
 
 step "target restarted within deadsecs: I/O waits and completes"
 attach --deadsecs "$DEADSECS" e0.0
-sleep $((DEADSECS + 1))         # idle for longer than deadsecs: the silence that counts starts with the I/O
+if wanted idle; then              # idle for longer than deadsecs: the silence that counts starts with the I/O
+    sleep $((DEADSECS + 1))
+fi
 dd if="$DEV" of=$WORK/during.bin bs=1M skip=256 count=32 iflag=direct status=none &
 READER=$!
 stop_vblade
