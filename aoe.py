@@ -3246,6 +3246,31 @@ def send_all(sock, parts):
 
 BACKEND_CLASSES = {"ublk": UblkBackend, "nbd": NbdBackend}
 
+# The kernel gives a one-queue device mq-deadline, which holds requests back to sort them and
+# hands them to the daemon from a kernel worker: one more wake-up per batch.  The target orders
+# its own disk's work, so "none" is the default (measured in the VM on Linux 7.3: random 4k at
+# queue depth 32 1.4-1.9x as fast); "kernel" keeps the kernel's choice.
+IO_SCHEDULERS = ("none", "mq-deadline", "kyber", "bfq", "kernel")
+
+
+def set_io_scheduler(dev, name):
+    """Give block device `dev` the I/O scheduler `name`; returns what was done, or raises."""
+    path = "/sys/block/%s/queue/scheduler" % dev
+    try:
+        with open(path) as f:
+            text = f.read()
+        current = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "none"
+        if name in ("kernel", current):
+            return "I/O scheduler %s" % current
+        if name not in text.replace("[", " ").replace("]", " ").split():
+            raise AoeError("%s: the kernel has no I/O scheduler %s here (it offers: %s)"
+                           % (dev, name, text.strip()))
+        with open(path, "w") as f:
+            f.write(name)
+    except OSError as e:
+        raise AoeError("%s: cannot set the I/O scheduler to %s: %s" % (dev, name, e.strerror))
+    return "I/O scheduler %s (the kernel chose %s)" % (name, current)
+
 
 def choose_backend(wanted, helper):
     """The backend to attach with and why: ublk where the kernel and the helper allow it,
@@ -3276,6 +3301,7 @@ class AttachDaemon:
         self.target, self.log = target, log
         self.readonly = args.ro
         self.deadsecs = args.deadsecs
+        self.io_scheduler = args.scheduler
         self.start = start                        # create, recover or upgrade the device
         for port in {p.port for p in target.paths}:
             port.keep_only(target.shelf, target.slot)
@@ -3305,6 +3331,16 @@ class AttachDaemon:
 
     def create(self):
         self.backend.create()
+        # In a thread of its own: a change of scheduler waits for the requests in flight (udev's
+        # first look at a new device, say), which only this daemon can answer.
+        threading.Thread(target=self._set_io_scheduler, name="io-scheduler", daemon=True).start()
+
+    def _set_io_scheduler(self):
+        try:
+            self.log("%s: %s" % (self.backend.dev, set_io_scheduler(self.backend.dev,
+                                                                    self.io_scheduler)))
+        except AoeError as e:                     # the device works either way
+            self.log("warning: %s" % e)
 
     def recover(self, attachment):
         if attachment.sectors != self.engine.sectors:
@@ -5895,6 +5931,9 @@ def build_parser():
     p.add_argument("--backend", choices=BACKENDS,
                    help="the kernel driver to attach with (default: ublk where it works, else nbd)")
     p.add_argument("--ro", action="store_true", help="read-only block device")
+    p.add_argument("--scheduler", choices=IO_SCHEDULERS, default=IO_SCHEDULERS[0],
+                   help="the block device's I/O scheduler (default %(default)s: the target orders "
+                        "its own disk's work; kernel: keep the kernel's choice)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process; logs to standard error")
     p.add_argument("--recover", action="store_true",

@@ -26,6 +26,10 @@ attach e0.0
 [ "$(blockdev --getsize64 "$DEV")" = $((512 << 20)) ] || fail "$DEV has the wrong size"
 aoe stat | tee $WORK/stat.txt
 grep -q "e0.0 .* up .*$DEV ($BACKEND) pid" $WORK/stat.txt || fail "stat does not show $DEV"
+SCHED=/sys/block/${DEV#/dev/}/queue/scheduler     # attach's default: none
+for _ in $(seq 50); do grep -q '\[none\]' $SCHED && break; sleep 0.1; done
+grep -q '\[none\]' $SCHED || fail "$DEV's I/O scheduler: $(cat $SCHED)"
+grep "I/O scheduler" "$RUN/e0.0.log" || fail "the log does not say which I/O scheduler"
 
 step "ext4: mkfs, files, e2fsck -fn"
 mkfs.ext4 -q -F $LINK
