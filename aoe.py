@@ -3258,13 +3258,13 @@ def set_io_scheduler(dev, name):
     path = "/sys/block/%s/queue/scheduler" % dev
     try:
         with open(path) as f:
-            text = f.read()
-        current = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "none"
+            offered = f.read().split()           # e.g. "none [mq-deadline] kyber"
+        current = next((n[1:-1] for n in offered if n.startswith("[")), "none")
         if name in ("kernel", current):
             return "I/O scheduler %s" % current
-        if name not in text.replace("[", " ").replace("]", " ").split():
+        if name not in [n.strip("[]") for n in offered]:
             raise AoeError("%s: the kernel has no I/O scheduler %s here (it offers: %s)"
-                           % (dev, name, text.strip()))
+                           % (dev, name, " ".join(offered)))
         with open(path, "w") as f:
             f.write(name)
     except OSError as e:
@@ -5932,8 +5932,8 @@ def build_parser():
                    help="the kernel driver to attach with (default: ublk where it works, else nbd)")
     p.add_argument("--ro", action="store_true", help="read-only block device")
     p.add_argument("--scheduler", choices=IO_SCHEDULERS, default=IO_SCHEDULERS[0],
-                   help="the block device's I/O scheduler (default %(default)s: the target orders "
-                        "its own disk's work; kernel: keep the kernel's choice)")
+                   help="the I/O scheduler of a device it makes (default %(default)s: the target "
+                        "orders its own disk's work; kernel: keep the kernel's choice)")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process; logs to standard error")
     p.add_argument("--recover", action="store_true",
