@@ -186,9 +186,12 @@ struct aoe_eng {
     int nbd_open;                           /* requests read from the socket, not yet answered */
     int spin_us;                            /* waiting for answers with no extra_fd: poll the
                                              * sockets this long before sleeping (aoe.py sets it) */
+    int lone_spin_us;                       /* a bridge with at most one request in hand: poll
+                                             * the sockets and extra_fd this long (aoe.py sets it) */
 
     /* private */
     uint32_t max_frames;
+    int64_t last_event_us;                  /* when aoe_pump's last poll found something */
     struct aoe_frame *frames;
     struct aoe_request *reqs;
     uint32_t free_frame, free_tail, nfree_frames, free_req;   /* free slots rest FIFO: late answers
@@ -1033,7 +1036,9 @@ static int64_t next_expiry(const struct aoe_eng *e)
  * Window slots freed by answers are refilled inside the loop, so the target's
  * queue stays full without a round trip through Python per answer.  With
  * e->spin_us set (answers due within microseconds) and no extra_fd, the
- * sockets are polled that long before the pump sleeps.
+ * sockets are polled that long before the pump sleeps; with e->lone_spin_us
+ * set and a bridge (ublk or nbd) holding at most one request, the sockets and
+ * extra_fd are.
  */
 int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
 {
@@ -1106,31 +1111,36 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
         if (until > deadline)
             until = deadline;
         int64_t wait = until > now ? until - now : 0;
-        if (e->spin_us > 0 && extra_fd < 0 && e->inflight_frames > 0 && wait > 0) {
-            /* Answers are due within microseconds: a sleep and a wake-up cost more than
-             * that, and the target's queue runs dry meanwhile. */
-            int64_t spin_end = now + (e->spin_us < wait ? e->spin_us : wait);
-            int got = 0;
-            do {
-                for (int fi = 0; fi < e->nfds; fi++)
-                    got += drain_socket(e, fi, RX_ROUNDS);
-            } while (!got && aoe_now_us() < spin_end);
-            polled = 1;
-            if (got) {
-                send_pending(e);
-                continue;
-            }
+        /* Answers are due within microseconds: a sleep and a wake-up cost more than that,
+         * and the target's queue runs dry meanwhile.  A lone bridged request (qd1) waits
+         * for its answer, then the next request follows: polling for a while after the
+         * last event saves two wake-ups per request, and an idle device still sleeps.
+         * Each poll's return also runs the ring's task work, which posts ublk's requests. */
+        int64_t spin_end = extra_fd < 0 ? (e->inflight_frames > 0 ? now + e->spin_us : 0)
+                         : (e->bq || e->nb) && e->active_requests <= 1
+                               ? e->last_event_us + e->lone_spin_us : 0;
+        if (spin_end > until)
+            spin_end = until;
+        int n = 0;
+        if (spin_end > now) {
+            static const struct timespec now_only;
+            while ((n = ppoll(pfd, (nfds_t)npfd, &now_only, NULL)) == 0 && aoe_now_us() < spin_end)
+                ;
             now = aoe_now_us();
-            wait = until > now ? until - now : 0;
+            wait = n == 0 && until > now ? until - now : 0;
         }
-        struct timespec ts = { wait / 1000000, (wait % 1000000) * 1000 };
-        int n = ppoll(pfd, (nfds_t)npfd, &ts, NULL);
+        if (n == 0) {
+            struct timespec ts = { wait / 1000000, (wait % 1000000) * 1000 };
+            n = ppoll(pfd, (nfds_t)npfd, &ts, NULL);
+        }
         polled = 1;
         if (n < 0) {
             if (errno == EINTR)
                 break;                      /* let Python see its signal */
             return -errno;
         }
+        if (n > 0)
+            e->last_event_us = aoe_now_us();
         if (n == 0) {                       /* a frame is due: what arrived just now counts */
             for (int fi = 0; fi < e->nfds; fi++)
                 drain_socket(e, fi, 1);

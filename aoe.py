@@ -1030,6 +1030,8 @@ REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round
 REORDER_SHRINK_AFTER = 16        # rounds with resends needed and none spurious before it shrinks
 SPIN_US = 30                     # the helper's pump polls this long for answers before it
 SPIN_RTT_US = 200                # ... sleeps, while a path's smoothed round trip is this short
+LONE_SPIN_RTTS = 2               # a lone bridged request (qd1): poll for its answer and the next
+LONE_SPIN_MAX_US = 1000          # ... request this many round trips, at most this long
 LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
 LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
                                  # window is halved
@@ -1443,7 +1445,7 @@ class HelperPump:
         self.eng.lba48 = 1 if lba48 else 0
         self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.eng.sectors_per_frame = spf
-        self.eng.spin_us = 0
+        self.eng.spin_us = self.eng.lone_spin_us = 0
         self.paths = []
         # req_id -> cdata keeping the caller's buffer pinned
         self.buffers = {}
@@ -1474,6 +1476,14 @@ class HelperPump:
     @spin_us.setter
     def spin_us(self, value):
         self.eng.spin_us = value
+
+    @property
+    def lone_spin_us(self):
+        return self.eng.lone_spin_us
+
+    @lone_spin_us.setter
+    def lone_spin_us(self, value):
+        self.eng.lone_spin_us = value
 
     @property
     def active_requests(self):
@@ -1869,7 +1879,7 @@ class Engine:
             self._apply(pol, path)
         self._set_aside_silent(t, lost)
         if self.helper_used:
-            self.pump.spin_us = self.spin_for()
+            self.pump.spin_us, self.pump.lone_spin_us = self.spin_for()
         for slot in reversed(expired):            # each goes to the head: keep them in order
             self.pump.resend(slot)
         self._revive_paths(t)
@@ -1880,12 +1890,18 @@ class Engine:
         return done
 
     def spin_for(self):
-        """How long the helper's pump polls for answers before it sleeps: SPIN_US while some
-        path answers within SPIN_RTT_US (a fast target nearby, whose queue would run dry
-        during a sleep and a wake-up), else 0.  The pure-Python pump does not spin."""
-        fast = any(path.enabled and 0 < pol.srtt <= SPIN_RTT_US
-                   for pol, path in zip(self.policy, self.pump.paths))
-        return SPIN_US if fast else 0
+        """How long the helper's pump polls before it sleeps, (while answers are due, while a
+        bridged queue holds one request): SPIN_US while some path answers within SPIN_RTT_US
+        (a fast target nearby, whose queue would run dry during a sleep and a wake-up);
+        LONE_SPIN_RTTS of the fastest path's round trips, at most LONE_SPIN_MAX_US (a request
+        at qd1 would otherwise sleep and wake twice: for its answer, then for the next
+        request; the cap bounds what a slow target costs).  The pure-Python pump does not
+        spin."""
+        rtts = [pol.srtt for pol, path in zip(self.policy, self.pump.paths)
+                if path.enabled and pol.srtt > 0]
+        fastest = min(rtts, default=0)
+        return (SPIN_US if 0 < fastest <= SPIN_RTT_US else 0,
+                int(min(LONE_SPIN_MAX_US, LONE_SPIN_RTTS * fastest)))
 
     def _set_aside_silent(self, t, lost):
         """A path whose frames keep expiring unanswered rests while others work."""

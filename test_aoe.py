@@ -571,7 +571,7 @@ def test_pumps_agree_and_take_only_true_answers():
 @pytest.mark.engine
 def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers():
     """The engine has the helper's pump poll before sleeping only while a path answers
-    within SPIN_RTT_US; a spinning pump still takes only true answers, and gives up its
+    within SPIN_RTT_US (a lone bridged request: a capped few round trips); a spinning pump still takes only true answers, and gives up its
     wait at the timeout when nothing comes."""
     helper = aoe.load_helper()
     need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
@@ -579,13 +579,15 @@ def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers
     with ours, theirs:
         engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T]), helper=helper)
         pol, path = engine.policy[0], engine.pump.paths[0]
-        assert engine.spin_for() == 0                     # no round trip known yet
+        assert engine.spin_for() == (0, 0)                # no round trip known yet
         pol.srtt = aoe.SPIN_RTT_US
-        assert engine.spin_for() == aoe.SPIN_US
+        assert engine.spin_for() == (aoe.SPIN_US, aoe.LONE_SPIN_RTTS * aoe.SPIN_RTT_US)
         path.enabled = 0
-        assert engine.spin_for() == 0                     # only paths in use count
+        assert engine.spin_for() == (0, 0)                # only paths in use count
         path.enabled, pol.srtt = 1, aoe.SPIN_RTT_US + 1
-        assert engine.spin_for() == 0
+        assert engine.spin_for() == (0, aoe.LONE_SPIN_RTTS * (aoe.SPIN_RTT_US + 1))
+        pol.srtt = 100 * aoe.LONE_SPIN_MAX_US
+        assert engine.spin_for() == (0, aoe.LONE_SPIN_MAX_US)   # a slow target: capped
 
         pump, target = engine.pump, ScriptedTarget(theirs)
         pump.spin_us = aoe.SPIN_US
