@@ -1445,7 +1445,6 @@ class HelperPump:
         self.eng.lba48 = 1 if lba48 else 0
         self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.eng.sectors_per_frame = spf
-        self.eng.spin_us = self.eng.lone_spin_us = 0
         self.paths = []
         # req_id -> cdata keeping the caller's buffer pinned
         self.buffers = {}
@@ -1469,21 +1468,9 @@ class HelperPump:
     def busy(self):
         return self.eng.active_requests > 0
 
-    @property
-    def spin_us(self):
-        return self.eng.spin_us
-
-    @spin_us.setter
-    def spin_us(self, value):
-        self.eng.spin_us = value
-
-    @property
-    def lone_spin_us(self):
-        return self.eng.lone_spin_us
-
-    @lone_spin_us.setter
-    def lone_spin_us(self, value):
-        self.eng.lone_spin_us = value
+    def set_spin(self, spin_us, lone_spin_us):
+        """How long the pump polls before it sleeps (see Engine.spin_for)."""
+        self.eng.spin_us, self.eng.lone_spin_us = spin_us, lone_spin_us
 
     @property
     def active_requests(self):
@@ -1879,7 +1866,7 @@ class Engine:
             self._apply(pol, path)
         self._set_aside_silent(t, lost)
         if self.helper_used:
-            self.pump.spin_us, self.pump.lone_spin_us = self.spin_for()
+            self.pump.set_spin(*self.spin_for())
         for slot in reversed(expired):            # each goes to the head: keep them in order
             self.pump.resend(slot)
         self._revive_paths(t)
@@ -1890,8 +1877,8 @@ class Engine:
         return done
 
     def spin_for(self):
-        """How long the helper's pump polls before it sleeps, (while answers are due, while a
-        bridged queue holds one request): SPIN_US while some path answers within SPIN_RTT_US
+        """How long the helper's pump polls before it sleeps, as (while answers are due, while
+        a bridge holds at most one request): SPIN_US while some path answers within SPIN_RTT_US
         (a fast target nearby, whose queue would run dry during a sleep and a wake-up);
         LONE_SPIN_RTTS of the fastest path's round trips, at most LONE_SPIN_MAX_US (a request
         at qd1 would otherwise sleep and wake twice: for its answer, then for the next

@@ -571,8 +571,9 @@ def test_pumps_agree_and_take_only_true_answers():
 @pytest.mark.engine
 def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers():
     """The engine has the helper's pump poll before sleeping only while a path answers
-    within SPIN_RTT_US (a lone bridged request: a capped few round trips); a spinning pump still takes only true answers, and gives up its
-    wait at the timeout when nothing comes."""
+    within SPIN_RTT_US (for a lone bridged request: a few round trips, capped); a spinning
+    pump still takes only true answers, and gives up its wait at the timeout when nothing
+    comes."""
     helper = aoe.load_helper()
     need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -590,7 +591,7 @@ def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers
         assert engine.spin_for() == (0, aoe.LONE_SPIN_MAX_US)   # a slow target: capped
 
         pump, target = engine.pump, ScriptedTarget(theirs)
-        pump.spin_us = aoe.SPIN_US
+        pump.set_spin(aoe.SPIN_US, 0)
         path.rto_us = path.reorder_us = 60000000
         buf = bytearray(4 * 512)
         pump.submit(1, aoe.OP_READ, 40, 4, buf)
