@@ -136,6 +136,8 @@ struct aoe_counters {
     uint64_t drop_echo;             /* the ATA header does not echo the frame's: misdirected */
     uint64_t errors;
     uint64_t send_eagain;
+    uint64_t frames_in_place;       /* read answers received straight into their request's
+                                     * buffer, no copy */
 };
 
 struct aoe_path {
@@ -209,7 +211,8 @@ struct aoe_eng {
                                              * sectors_per_frame */
     uint8_t *rx_buf;
     struct mmsghdr rx_msg[RX_BATCH];
-    struct iovec rx_iov[RX_BATCH];
+    struct iovec rx_iov[RX_BATCH][3];       /* header, the aimed-at frame's data, the rest */
+    uint32_t rx_aim[RX_BATCH];              /* the frame each receive slot is aimed at, or NONE */
     struct nbd_bridge *nb;                  /* the bridged nbd socket, or NULL */
     struct ublk_queue *bq;                  /* the bridged queue, or NULL */
     int bq_readonly;
@@ -423,11 +426,8 @@ static int rx_reserve(struct aoe_eng *e, int spf)
     e->rx_buf = buf;
     e->rx_slot_size = need;
     for (int i = 0; i < RX_BATCH; i++) {
-        e->rx_iov[i].iov_base = buf + i * need;
-        e->rx_iov[i].iov_len = need;
         memset(&e->rx_msg[i].msg_hdr, 0, sizeof(e->rx_msg[i].msg_hdr));
-        e->rx_msg[i].msg_hdr.msg_iov = &e->rx_iov[i];
-        e->rx_msg[i].msg_hdr.msg_iovlen = 1;
+        e->rx_msg[i].msg_hdr.msg_iov = e->rx_iov[i];
     }
     return 0;
 }
@@ -851,7 +851,8 @@ static uint64_t echoed_lba(const uint8_t *h, int lba48)
 
 /* Check one received frame; only a frame proven to answer a transmission of
  * ours that is still waiting may touch the caller's buffer. */
-static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64_t now)
+static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const uint8_t *data,
+                          int64_t now)
 {
     struct aoe_counters *c = &e->c;
     if (len < ATA_HDR_LEN) {
@@ -926,7 +927,10 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
             c->drop_short++;                /* still waiting; expiry will resend it */
             return;
         }
-        memcpy(f->data, h + ATA_HDR_LEN, bytes);
+        if (data == f->data)
+            c->frames_in_place++;
+        else
+            memcpy(f->data, data, bytes);
     }
     if (status)
         c->errors++;
@@ -954,19 +958,109 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, int64
     frame_finish(e, s, status, (uint16_t)back);
 }
 
+/* ---- receiving ------------------------------------------------------------ */
+/*
+ * Answers mostly come in the order their frames went out, so each receive slot
+ * is aimed at the read frame expected next (the oldest first, passing over
+ * frames already reported lost or sent before one that was answered): its
+ * iovecs are the slot's header, that frame's data in the request's buffer, and
+ * the rest of the slot.  A read answer that hits its aim needs no copy.
+ * Why a miss is harmless: aims are distinct frames in flight, whose buffers
+ * nobody reads before their own answer fills them, and every miss is moved
+ * back into its slot before any answer of the batch is handled, so a true
+ * answer handled later is copied over whatever the miss wrote.  Write frames
+ * are never aimed at (their buffers hold the data to send) but take their
+ * place in the order, as their answers do.
+ */
+
+/* The frames socket fi's next answers are expected for, one per receive slot. */
+static void rx_aim(struct aoe_eng *e, int fi)
+{
+    int paths[AOE_MAX_PATHS], np = 0;
+    uint32_t next[AOE_MAX_PATHS];
+    for (int p = 0; p < e->npaths; p++)
+        if (e->path_fd[p] == fi) {
+            paths[np] = p;
+            next[np++] = e->fly_head[p];
+        }
+    for (int i = 0; i < RX_BATCH; i++) {
+        int best = -1;                      /* the path whose next frame went out first */
+        for (int k = 0; k < np; k++) {
+            const struct aoe_path *pa = &e->paths[paths[k]];
+            uint32_t s = next[k];
+            while (s != NONE && (e->frames[s].reported ||
+                                 e->frames[s].last.sent_us < pa->newest_answered_us))
+                s = e->frames[s].next;
+            next[k] = s;
+            if (s != NONE && (best < 0 ||
+                              e->frames[s].last.sent_us < e->frames[next[best]].last.sent_us))
+                best = k;
+        }
+        uint32_t s = best < 0 ? NONE : next[best];
+        uint8_t *slot = e->rx_buf + i * e->rx_slot_size;
+        struct iovec *v = e->rx_iov[i];
+        e->rx_aim[i] = NONE;
+        if (s == NONE || e->reqs[e->frames[s].req].op != OP_READ) {
+            v[0] = (struct iovec){ slot, e->rx_slot_size };
+            e->rx_msg[i].msg_hdr.msg_iovlen = 1;
+        } else {
+            v[0] = (struct iovec){ slot, ATA_HDR_LEN };
+            v[1] = (struct iovec){ e->frames[s].data, (size_t)e->frames[s].nsect * SECTOR_SIZE };
+            v[2] = (struct iovec){ slot + ATA_HDR_LEN, e->rx_slot_size - ATA_HDR_LEN };
+            e->rx_msg[i].msg_hdr.msg_iovlen = 3;
+            e->rx_aim[i] = s;
+        }
+        if (best >= 0)
+            next[best] = e->frames[s].next;
+    }
+}
+
+/* Receive slot i missed its aim: its data back into the slot after the header,
+ * as if received there (cut at the slot's end, as a receive there would be). */
+static void rx_unaim(struct aoe_eng *e, int i)
+{
+    const struct aoe_frame *f = &e->frames[e->rx_aim[i]];
+    uint8_t *body = e->rx_buf + i * e->rx_slot_size + ATA_HDR_LEN;
+    size_t room = e->rx_slot_size - ATA_HDR_LEN;
+    size_t len = e->rx_msg[i].msg_len;
+    if (len > ATA_HDR_LEN) {
+        size_t got = len - ATA_HDR_LEN;
+        size_t aimed = (size_t)f->nsect * SECTOR_SIZE;          /* never more than room */
+        size_t first = got < aimed ? got : aimed;               /* in the frame's buffer */
+        size_t rest = got - first;                              /* at body */
+        if (rest > room - first)
+            rest = room - first;
+        memmove(body + first, body, rest);
+        memcpy(body, f->data, first);
+        e->rx_msg[i].msg_len = (unsigned)(ATA_HDR_LEN + first + rest);
+    }
+    e->rx_aim[i] = NONE;
+}
+
 /* Read what socket fi holds, in batches, for at most `rounds` batches; returns the
  * number of frames read. */
 static int drain_socket(struct aoe_eng *e, int fi, int rounds)
 {
     int got = 0;
     for (int round = 0; round < rounds; round++) {
+        rx_aim(e, fi);
         int n = recvmmsg(e->fds[fi], e->rx_msg, RX_BATCH, MSG_DONTWAIT, NULL);
         if (n <= 0)
             break;
         got += n;
+        for (int i = 0; i < n; i++) {
+            const uint8_t *h = e->rx_buf + i * e->rx_slot_size;
+            if (e->rx_aim[i] != NONE &&
+                (e->rx_msg[i].msg_len < ATA_HDR_LEN || (be32(h + 20) >> 1 & (SLOT_MAX - 1)) != e->rx_aim[i]))
+                rx_unaim(e, i);
+        }
         int64_t now = aoe_now_us();
-        for (int i = 0; i < n; i++)
-            handle_answer(e, e->rx_buf + i * e->rx_slot_size, e->rx_msg[i].msg_len, now);
+        for (int i = 0; i < n; i++) {
+            const uint8_t *h = e->rx_buf + i * e->rx_slot_size;
+            const uint8_t *data = e->rx_aim[i] != NONE ? e->frames[e->rx_aim[i]].data
+                                                         : h + ATA_HDR_LEN;
+            handle_answer(e, h, e->rx_msg[i].msg_len, data, now);
+        }
         if (n < RX_BATCH)
             break;
     }

@@ -1036,7 +1036,7 @@ LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
 LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
                                  # window is halved
 PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
-                 "resent_spurious", "send_eagain", "errors")
+                 "resent_spurious", "send_eagain", "errors", "frames_in_place")
 PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac",
               "echo")
 
@@ -1981,11 +1981,13 @@ class Engine:
                             else ""))
         s = self.pump.stats
         late = self.pump.drops["late"]
-        lines.append("frames: sent %d, answered %d, resent %d: %d lost (the resend was answered, "
+        in_place = (" (%d read answers received straight into their buffer)" % s["frames_in_place"]
+                    if s["frames_in_place"] else "")
+        lines.append("frames: sent %d, answered %d%s, resent %d: %d lost (the resend was answered, "
                      "the earlier transmission never), %d late (the resend was answered first, the "
                      "earlier one after), %d spurious (the earlier one was answered first), "
                      "the rest unanswered\n"
-                     % (s["frames_sent"], s["frames_recv"], s["frames_resent"],
+                     % (s["frames_sent"], s["frames_recv"], in_place, s["frames_resent"],
                         s["resent_needed"] - late, late, s["resent_spurious"]))
         lines.append("dropped: %s\n" % self.pump.drops.describe())
         return "".join(lines)
