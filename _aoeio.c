@@ -408,6 +408,12 @@ static uint32_t frame_tag(uint16_t gen, uint32_t s)
     return t | (uint32_t)(__builtin_popcount(t) & 1);
 }
 
+/* The frame slot a tag names (valid only if the tag is the engine's). */
+static uint32_t tag_slot(uint32_t tag)
+{
+    return tag >> 1 & (SLOT_MAX - 1);
+}
+
 /* ---- engine life ---------------------------------------------------------- */
 
 /* Receive slots must hold the header and the largest read answer asked for;
@@ -876,7 +882,7 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const
         c->drop_bad_tag++;
         return;
     }
-    uint32_t s = tag >> 1 & (SLOT_MAX - 1);
+    uint32_t s = tag_slot(tag);
     if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames) {     /* no slot of ours */
         c->drop_stale++;
         return;
@@ -1051,7 +1057,7 @@ static int drain_socket(struct aoe_eng *e, int fi, int rounds)
         for (int i = 0; i < n; i++) {
             const uint8_t *h = e->rx_buf + i * e->rx_slot_size;
             if (e->rx_aim[i] != NONE &&
-                (e->rx_msg[i].msg_len < ATA_HDR_LEN || (be32(h + 20) >> 1 & (SLOT_MAX - 1)) != e->rx_aim[i]))
+                (e->rx_msg[i].msg_len < ATA_HDR_LEN || tag_slot(be32(h + 20)) != e->rx_aim[i]))
                 rx_unaim(e, i);
         }
         int64_t now = aoe_now_us();
