@@ -1780,6 +1780,7 @@ _Static_assert(UBLK_U_CMD_ADD_DEV == 0xc0207504u && UBLK_U_CMD_GET_FEATURES == 0
 struct ublk_ring {
     int fd;
     unsigned sqe_size, sq_entries;
+    unsigned setup_flags;           /* IORING_SETUP_* the ring was made with */
     unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_cqe *cqes;
@@ -1822,6 +1823,7 @@ static int ublk_ring_init(struct ublk_ring *r, unsigned entries, unsigned cq_ent
         r->fd = -1;
         return -errno;
     }
+    r->setup_flags = flags;
     r->sqe_size = (flags & IORING_SETUP_SQE128) ? 128 : 64;
     r->sq_entries = p.sq_entries;
     r->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
@@ -2180,6 +2182,7 @@ int ublk_ctrl_cmd(struct ublk_ctrl *c, unsigned nr, int dev_id, uint64_t data0);
 int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, unsigned buf_size);
 void ublk_queue_close(struct ublk_queue *q);
 int ublk_queue_ring_fd(struct ublk_queue *q);
+unsigned ublk_queue_ring_flags(struct ublk_queue *q);
 int ublk_queue_cdev_fd(struct ublk_queue *q);
 void *ublk_queue_bufs(struct ublk_queue *q);
 unsigned ublk_queue_buf_size(struct ublk_queue *q);
@@ -2259,7 +2262,12 @@ int ublk_queue_open(struct ublk_queue **out, int dev_id, int q_id, int depth, un
          * resident: an idle device would cost megabytes.  Small pages cost it what it used. */
         madvise(bufs, q->bufs_len, MADV_NOHUGEPAGE);
     }
-    ret = ublk_ring_init(&q->ring, (unsigned)depth, 2 * (unsigned)depth, 0);
+    /* COOP_TASKRUN (5.19): a request that reaches the daemon while it runs waits for its
+     * next system call instead of interrupting it; one asleep in ppoll is woken as before. */
+    ret = ublk_ring_init(&q->ring, (unsigned)depth, 2 * (unsigned)depth,
+                         IORING_SETUP_COOP_TASKRUN);
+    if (ret == -EINVAL)
+        ret = ublk_ring_init(&q->ring, (unsigned)depth, 2 * (unsigned)depth, 0);
     if (ret < 0)
         goto fail;
     *out = q;
@@ -2273,6 +2281,12 @@ fail:
 int ublk_queue_ring_fd(struct ublk_queue *q)
 {
     return q->ring.fd;
+}
+
+/* The IORING_SETUP_* flags the queue's ring was made with (what this kernel took). */
+unsigned ublk_queue_ring_flags(struct ublk_queue *q)
+{
+    return q->ring.setup_flags;
 }
 
 int ublk_queue_cdev_fd(struct ublk_queue *q)

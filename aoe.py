@@ -193,6 +193,7 @@ UBLK_F_USER_RECOVERY_REISSUE = 1 << 4
 UBLK_F_CMD_IOCTL_ENCODE = 1 << 6
 UBLK_F_UPDATE_SIZE = 1 << 10
 UBLK_F_QUIESCE = 1 << 12
+IORING_SETUP_COOP_TASKRUN = 1 << 8
 UBLK_ATTR_READ_ONLY = 1 << 0
 UBLK_ATTR_VOLATILE_CACHE = 1 << 2
 UBLK_S_DEV_DEAD = 0
@@ -2035,6 +2036,11 @@ UBLK_FEATURES = (
     # attach --upgrade hands the device to a new daemon (6.16)
     (UBLK_F_QUIESCE, "quiesce"),
 )
+# what the helper asks of the queue's io_uring where the kernel has it, named likewise
+RING_FEATURES = (
+    # a request reaching a running daemon waits for its next system call (5.19)
+    (IORING_SETUP_COOP_TASKRUN, "coop-taskrun"),
+)
 QUIESCE_TIMEOUT_MS = 10000        # how long QUIESCE_DEV may wait for a tag the daemon is not using
 PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
 PROBE_INTERVAL = 1.0              # seconds between probes of a down target
@@ -2311,6 +2317,7 @@ class UblkBackend:
         self.inflight = {}                        # tag -> (ublk op, bytes on success)
         self.results = []                         # (tag, result) to commit
         self.flags = 0                            # the device's UBLK_F_* of UBLK_FEATURES
+        self.ring_flags = 0                       # the queue ring's IORING_SETUP_* (once open)
 
     @property
     def can_recover(self):
@@ -2318,10 +2325,13 @@ class UblkBackend:
 
     @property
     def features(self):
-        return [name for flag, name in UBLK_FEATURES if self.flags & flag == flag]
+        return ([name for flag, name in UBLK_FEATURES if self.flags & flag == flag] +
+                [name for flag, name in RING_FEATURES if self.ring_flags & flag])
 
     def lacking(self):
-        return [name for flag, name in UBLK_FEATURES if self.control.features & flag != flag]
+        return ([name for flag, name in UBLK_FEATURES if self.control.features & flag != flag] +
+                [name for flag, name in RING_FEATURES
+                 if self.queue is not None and not self.ring_flags & flag])
 
     @staticmethod
     def frames_needed(target):
@@ -2456,6 +2466,7 @@ class UblkBackend:
         ublk_check(ret, "/dev/ublkc%d" % self.dev_id)
         self.queue = out[0]
         self.ring_fd = self.lib.ublk_queue_ring_fd(self.queue)
+        self.ring_flags = self.lib.ublk_queue_ring_flags(self.queue)
         bufs = self.ffi.cast("char *", self.lib.ublk_queue_bufs(self.queue))
         size = self.lib.ublk_queue_buf_size(self.queue)
         self.tag_buf = [bufs + t * size for t in range(self.depth)]

@@ -2495,10 +2495,11 @@ def test_attach_block_device(kernel, mtu, backend, alone):
 @pytest.mark.vm
 @BOTH_KERNELS
 def test_revalidate_resizes_and_upgrade_hands_over(kernel):
-    """Where ublk has UPDATE_SIZE and QUIESCE (Linux 6.16+): revalidate grows the attached device
-    under a mounted ext4 (resize2fs sees it), refuses a shrink below it, and attach --upgrade hands
-    the device to a new daemon under a reader that sees no error.  Where it lacks them: one clear
-    line each, nothing changed."""
+    """The queue's ring takes COOP_TASKRUN on both kernels.  Where ublk has UPDATE_SIZE and
+    QUIESCE (Linux 6.16+): revalidate grows the attached device under a mounted ext4 (resize2fs
+    sees it), refuses a shrink below it, and attach --upgrade hands the device to a new daemon
+    under a reader that sees no error.  Where it lacks them: one clear line each, nothing
+    changed."""
     need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
     out = in_vm("resize-upgrade.sh", kernel=kernel)
     m = re.search(r"^RESIZE-UPGRADE OK (\d+)\.(\d+)\S* features: (.*)$", out, re.M)
@@ -2506,6 +2507,7 @@ def test_revalidate_resizes_and_upgrade_hands_over(kernel):
     features = m.group(3).split()
     newer = (int(m.group(1)), int(m.group(2))) >= (6, 16)
     assert ("update-size" in features and "quiesce" in features) == newer, (m.group(0), newer)
+    assert "coop-taskrun" in features, m.group(0)                   # both kernels are 5.19+
     if newer:
         assert "resized from 262144 to 393216 sectors" in out and "handed e0.0 to pid" in out
         assert "refusing to cut what it holds" in out
