@@ -9,19 +9,13 @@ PY=${1:?python interpreter}; SECS=${2:-5}; MTU=${3:-9000}
 ROUNDS=${ROUNDS:-2}
 IMG=/tmp/bench.img
 . vm/kernel-aoe.sh
+. bench/vm-target.sh
 JOBS=("rand-read-4k-qd32 randread 4k 32" "rand-write-4k-qd32 randwrite 4k 32"
       "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd16 write 1M 16")
 HZ=$(getconf CLK_TCK)
 
-ip netns add tgt
-ip link add aoeini type veth peer name aoetgt netns tgt
-ip link set aoeini mtu "$MTU" up
-ip -n tgt link set aoetgt mtu "$MTU" up
-truncate -s 512M "$IMG"
-ip netns exec tgt vblade 0 0 aoetgt "$IMG" > /tmp/vblade.log 2>&1 &
-VB=$!
-trap 'kill $VB 2>/dev/null || true; ip netns del tgt 2>/dev/null || true; rm -f "$IMG"' EXIT
-sleep 0.5
+start_target "$MTU"
+trap stop_target EXIT
 
 ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" || echo 0; }  # utime + stime
 busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }              # all vCPUs

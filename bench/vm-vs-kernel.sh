@@ -15,6 +15,7 @@ MTUS=("$@"); [ ${#MTUS[@]} -gt 0 ] || MTUS=(1500 9000)
 ROUNDS=${ROUNDS:-1}
 IMG=/tmp/bench.img
 . vm/kernel-aoe.sh
+. bench/vm-target.sh
 JOBS=("seq-read-1M-qd1 read 1M 1" "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd1 write 1M 1"
       "seq-write-1M-qd16 write 1M 16" "rand-read-4k-qd1 randread 4k 1" "rand-read-4k-qd32 randread 4k 32"
       "rand-write-4k-qd1 randwrite 4k 1" "rand-write-4k-qd32 randwrite 4k 32" "rand-write-64k-qd16 randwrite 64k 16")
@@ -38,13 +39,7 @@ print(json.dumps({"who": sys.argv[1], "mtu": int(sys.argv[3]), "job": sys.argv[4
 
 : > /tmp/results
 for MTU in "${MTUS[@]}"; do
-    ip netns add tgt
-    ip link add aoeini type veth peer name aoetgt netns tgt
-    ip link set aoeini mtu "$MTU" up
-    ip -n tgt link set aoetgt mtu "$MTU" up
-    truncate -s 512M "$IMG"
-    ip netns exec tgt vblade 0 0 aoetgt "$IMG" > /tmp/vblade.log 2>&1 &
-    VB=$!
+    start_target "$MTU"
 
     all_jobs() {  # the clean jobs, then the netem ones under netem
         run_jobs "${JOBS[@]}"
@@ -71,9 +66,7 @@ for MTU in "${MTUS[@]}"; do
         if [ $((ROUND % 2)) = 1 ]; then kernel_jobs; aoepy_jobs; else aoepy_jobs; kernel_jobs; fi
     done
 
-    kill $VB; wait $VB 2>/dev/null || true
-    ip netns del tgt
-    rm -f "$IMG"
+    stop_target
 done
 
 "$PY" - "$AOE_VM_KVER" <<'EOF'
