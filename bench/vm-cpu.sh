@@ -11,7 +11,7 @@ IMG=/tmp/bench.img
 . vm/kernel-aoe.sh
 . bench/vm-target.sh
 JOBS=("rand-read-4k-qd32 randread 4k 32" "rand-write-4k-qd32 randwrite 4k 32"
-      "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd16 write 1M 16")
+      "seq-read-1M-qd16 read 1M 16" "seq-write-1M-qd16 write 1M 16" "rand-write-64k-qd16 randwrite 64k 16")
 HZ=$(getconf CLK_TCK)
 
 start_target "$MTU"
