@@ -2613,6 +2613,8 @@ struct nbd_slot {
     uint64_t offset;
     uint32_t length, got;           /* write data read so far */
     uint8_t *big;                   /* malloc'ed when the request exceeds buf_size */
+    uint8_t discard;                /* a write too large for its slot and outside the device:
+                                     * its data is read and dropped */
     uint8_t reply[NBD_REPLY_LEN];
     uint32_t reply_len;             /* header and, for a good read, the data */
     uint32_t next;                  /* free list or answer queue */
@@ -2844,6 +2846,14 @@ static void nbd_start(struct aoe_eng *e, uint32_t i)
     }
 }
 
+/* A request's bytes lie inside the device (NbdBackend.inside): only then does a length
+ * read from the stream get a buffer of its own. */
+static int nbd_inside(const struct aoe_eng *e, const struct nbd_slot *s)
+{
+    uint64_t size = e->bq_sectors * SECTOR_SIZE;
+    return s->length <= size && s->offset <= size - s->length;
+}
+
 /* Parse one request header from in[]; 0, or -1 when the bridge is finished. */
 static int nbd_parse(struct aoe_eng *e)
 {
@@ -2871,7 +2881,9 @@ static int nbd_parse(struct aoe_eng *e)
     s->fua = s->command == NBD_CMD_WRITE && (s->flags & NBD_CMD_FLAG_FUA);
     s->got = 0;
     int moves_data = s->command == NBD_CMD_READ || s->command == NBD_CMD_WRITE;
-    if (moves_data && s->length > b->buf_size && !(s->big = malloc(s->length))) {
+    int too_big = moves_data && s->length > b->buf_size;
+    s->discard = too_big && !nbd_inside(e, s);      /* refused in any case: no buffer */
+    if (too_big && !s->discard && !(s->big = malloc(s->length))) {
         nbd_finish(e, -ENOMEM);
         return -1;
     }
@@ -2914,12 +2926,19 @@ static void nbd_take(struct aoe_eng *e)
         if (b->reading != NONE) {
             struct nbd_slot *s = &b->slots[b->reading];
             uint32_t want = s->length - s->got, have = b->in_end - b->in_start;
+            uint8_t *to = s->discard ? NULL : nbd_data(b, b->reading) + s->got;
             ssize_t n;
             if (have) {                     /* what came with the header */
                 n = have < want ? have : want;
-                memcpy(nbd_data(b, b->reading) + s->got, b->in + b->in_start, (size_t)n);
+                if (to)
+                    memcpy(to, b->in + b->in_start, (size_t)n);
                 b->in_start += (uint32_t)n;
-            } else if ((n = nbd_recv(e, nbd_data(b, b->reading) + s->got, want, &drained)) <= 0) {
+            } else if (!to) {               /* dropped: in[] is empty, a scratch area */
+                b->in_start = b->in_end = 0;
+                if ((n = nbd_recv(e, b->in, want < NBD_IN_SIZE ? want : NBD_IN_SIZE,
+                                  &drained)) <= 0)
+                    return;
+            } else if ((n = nbd_recv(e, to, want, &drained)) <= 0) {
                 return;                     /* the rest straight into the slot */
             }
             s->got += (uint32_t)n;

@@ -2947,6 +2947,11 @@ class NbdBackend:
         pump = self.engine.pump
         self.server = NbdBridged(self, pump) if isinstance(pump, HelperPump) else NbdStream(self)
 
+    def inside(self, offset, length):
+        """The request's bytes lie inside the device: only then does a length read from the
+        stream get a buffer (the helper's nbd_inside)."""
+        return offset + length <= self.engine.sectors * SECTOR_SIZE
+
     def refusal(self, command, offset, length):
         """The errno a request gets without going to the target, or 0."""
         if self.daemon.state != "up":
@@ -2954,7 +2959,7 @@ class NbdBackend:
         if command == NBD_CMD_FLUSH:
             return 0
         if command not in (NBD_CMD_READ, NBD_CMD_WRITE) or offset % SECTOR_SIZE \
-                or length % SECTOR_SIZE or not length:
+                or length % SECTOR_SIZE or not length or not self.inside(offset, length):
             return errno.EINVAL
         if command == NBD_CMD_WRITE and self.daemon.readonly:
             return errno.EPERM
@@ -3077,9 +3082,11 @@ class NbdStream:
             self.ended = True
             return False
         if r.command == NBD_CMD_WRITE:
-            r.buf = bytearray(length)
+            # refused outside the device: its data is read and dropped (r.buf None)
+            r.buf = bytearray(length) if self.backend.inside(offset, length) else None
             r.got = min(length, self.have - self.at)
-            r.buf[:r.got] = self.inview[self.at:self.at + r.got]
+            if r.buf is not None:
+                r.buf[:r.got] = self.inview[self.at:self.at + r.got]
             self.at += r.got
             if r.got < length:                    # the rest is read straight into r.buf
                 self.reading = r
@@ -3093,7 +3100,11 @@ class NbdStream:
         try:
             if self.reading is not None:
                 r = self.reading
-                n = self.sock.recv_into(memoryview(r.buf)[r.got:])
+                if r.buf is None:                 # dropped: inbuf is empty, a scratch area
+                    self.at = self.have = 0
+                    n = self.sock.recv_into(self.inview[:r.length - r.got])
+                else:
+                    n = self.sock.recv_into(memoryview(r.buf)[r.got:])
                 if n:
                     r.got += n
                     if r.got == r.length:

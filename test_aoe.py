@@ -748,14 +748,17 @@ def nbd_requests(rng, count=1000):
         length = 0 if kind == aoe.NBD_CMD_FLUSH else count * 512
         offset, error = lba * 512, 0
         if rng.random() < 0.03:
-            kind, error = rng.choice([(aoe.NBD_CMD_READ, errno.EINVAL),
-                                      (aoe.NBD_CMD_WRITE, errno.EINVAL), (4, errno.EINVAL),
-                                      (aoe.NBD_CMD_READ, errno.EIO)])
-            length = count * 512
-            if error == errno.EIO:                # past the end
+            kind, where = rng.choice([(aoe.NBD_CMD_READ, "unaligned"),
+                                      (aoe.NBD_CMD_WRITE, "unaligned"), (4, "unknown"),
+                                      (aoe.NBD_CMD_READ, "past the end"),
+                                      (aoe.NBD_CMD_WRITE, "past the end, 1 MiB")])
+            length, error = count * 512, errno.EINVAL
+            if where == "past the end":
                 offset = NBD_DISK_SECTORS * 512
-            elif kind != 4:
-                offset += 100                     # unaligned
+            elif where == "past the end, 1 MiB":
+                offset, length = (NBD_DISK_SECTORS - 8) * 512, 1 << 20
+            elif where == "unaligned":
+                offset += 100
         sent += aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, kind, handle, offset, length)
         if kind & 0xFFFF == aoe.NBD_CMD_WRITE:
             data = rng.randbytes(length)
@@ -848,6 +851,7 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts
 
     class Engine:
         dead = pump = None
+        sectors = NBD_DISK_SECTORS
 
         def submit(self, op, lba, count, buf, req_id):
             if op != aoe.OP_FLUSH and lba + count > NBD_DISK_SECTORS:
