@@ -2578,6 +2578,8 @@ static void bridge_settle(struct aoe_eng *e)
 #define NBD_REPLY_LEN       16
 #define NBD_IN_SIZE         16384   /* headers are read in pieces of up to this */
 #define NBD_OUT_BATCH       32      /* answers per sendmsg */
+#define NBD_OUT_IOV         (2 * NBD_OUT_BATCH)     /* an answer takes one iovec or two (its
+                                                     * header, then a read's data) */
 
 enum { NBD_SLOT_FREE, NBD_SLOT_DATA, NBD_SLOT_ENGINE, NBD_SLOT_HANDED, NBD_SLOT_REPLY };
 
@@ -2734,10 +2736,11 @@ static void nbd_flush_out(struct aoe_eng *e)
 {
     struct nbd_bridge *b = e->nb;
     while (b->out_head != NONE) {
-        struct iovec iov[2 * NBD_OUT_BATCH];
+        struct iovec iov[NBD_OUT_IOV];
         int n = 0;
         uint32_t skip = b->out_sent;
-        for (uint32_t i = b->out_head; i != NONE && n < 2 * NBD_OUT_BATCH; i = b->slots[i].next) {
+        /* room for an answer's two iovecs, whatever the answers before it took */
+        for (uint32_t i = b->out_head; i != NONE && n + 2 <= NBD_OUT_IOV; i = b->slots[i].next) {
             struct nbd_slot *s = &b->slots[i];
             uint32_t data_len = s->reply_len - NBD_REPLY_LEN;
             if (skip < NBD_REPLY_LEN)
