@@ -888,9 +888,11 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const
         return;
     }
     struct aoe_frame *f = &e->frames[s];
-    /* Which transmission it answers: 0 the latest, 1 the one before, ... */
-    unsigned back = (unsigned)(f->last.gen + GEN_MAX - (tag >> 16 & GEN_MAX)) % GEN_MAX;
-    if (back >= f->ntx) {
+    /* Which transmission it answers: 0 the latest, 1 the one before, ...; generations run
+     * 1..GEN_MAX, so 0 names none (else it would pass for GEN_MAX) */
+    unsigned gen = tag >> 16 & GEN_MAX;
+    unsigned back = (unsigned)(f->last.gen + GEN_MAX - gen) % GEN_MAX;
+    if (!gen || back >= f->ntx) {
         c->drop_stale++;
         return;
     }

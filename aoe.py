@@ -1350,8 +1350,9 @@ class PyPump:
         if fr is None or tag & (TAG_USER | TAG_ENGINE) != TAG_USER | TAG_ENGINE or not fr.ntx:
             drops["stale"] += 1
             return None
-        back = (fr.gen - (tag >> 16 & GEN_MAX)) % GEN_MAX
-        if back >= fr.ntx:
+        gen = tag >> 16 & GEN_MAX                 # 1..GEN_MAX: 0 would pass for GEN_MAX
+        back = (fr.gen - gen) % GEN_MAX
+        if not gen or back >= fr.ntx:
             drops["stale"] += 1               # names no transmission of this frame
             return None
         if fr.state == FRAME_DONE:

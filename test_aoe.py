@@ -587,6 +587,30 @@ def test_helper_and_aoe_py_share_one_definition(monkeypatch):
 
 
 @pytest.mark.engine
+@pytest.mark.parametrize("kind", ["python", "helper"])
+def test_a_tag_of_generation_0_answers_nothing(kind):
+    """Generations run 1..GEN_MAX and wrap: a tag whose generation field is 0 names no
+    transmission, even for a frame last sent as generation GEN_MAX (which 0 would pass for in
+    arithmetic modulo GEN_MAX)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        pump, target = pump_for(kind, ours, seed=aoe.GEN_MAX - 2), ScriptedTarget(theirs)
+        buf = bytearray(512)
+        pump.submit(1, aoe.OP_READ, 100, 1, buf)
+        pump.pump(0)
+        request, = target.requests()
+        tag = aoe.parse_frame(request).tag
+        assert tag >> 16 & aoe.GEN_MAX == aoe.GEN_MAX              # the first transmission
+        target.send(target.answer(request, tag=retag(tag & ~(aoe.GEN_MAX << 16)),
+                                  data=b"\xee" * 512))
+        done, _ = pump.pump(0)
+        assert done == [] and pump.drops["stale"] == 1
+        target.send(target.answer(request))
+        done, _ = pump.pump(0)
+        assert done == [(1, 0)] and bytes(buf) == sector_data(100, 1)
+
+
+@pytest.mark.engine
 def test_pumps_agree_and_take_only_true_answers():
     """PyPump and HelperPump, fed the same requests and the same hostile answers
     (corrupted, stale, duplicate, late, misdirected, short, another MAC or target),
