@@ -30,6 +30,7 @@ import io
 import json
 import mmap
 import os
+import pwd
 import queue
 import random
 import re
@@ -5419,8 +5420,88 @@ def warn_if_buffers_overflow(ports, ifc, bufcnt):
                          % (ifc.name, room, frame, bufcnt, room))
 
 
+def serve_account(name):
+    """Whom serve becomes once it listens (a pwd entry), or None to stay as it is: --user,
+    a name or a numeric uid, default nobody when started as root.  Only root can switch,
+    so without root --user may name nobody but the current user."""
+    root = os.geteuid() == 0
+    if name is None and not root:
+        return None
+    name = "nobody" if name is None else name
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        try:
+            account = pwd.getpwuid(int(name))
+        except (KeyError, ValueError):
+            raise usage_error("--user %s: no such user" % name)
+    if not root and account.pw_uid != os.geteuid():
+        raise usage_error("--user %s: only root can switch users, and this is uid %d"
+                          % (name, os.geteuid()))
+    return account if root and account.pw_uid != 0 else None
+
+
+PR_SET_NO_NEW_PRIVS = 38         # <linux/prctl.h>
+
+
+def privileges_left(uid, gid):
+    """What some thread holds beyond uid and gid (from /proc/self/task/*/status), or None."""
+    wanted = {"Uid": [str(uid)] * 4, "Gid": [str(gid)] * 4, "Groups": [], "NoNewPrivs": ["1"]}
+    tasks = os.listdir("/proc/self/task")
+    for tid in tasks:
+        with open("/proc/self/task/%s/status" % tid) as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        for key, value in sorted(fields.items()):
+            words = value.split()
+            if (key in wanted and words != wanted[key]
+                    or key in ("CapPrm", "CapEff", "CapAmb") and int(words[0], 16)):
+                return "thread %s has %s %s" % (tid, key, " ".join(words) or "(none)")
+    return None if tasks else "no thread in /proc/self/task"
+
+
+def become(account):
+    """Switch to `account` for good: no supplementary groups, its group, then its uid
+    (setgid needs the privilege setuid gives up), and no way back, not even through a
+    set-user-ID program; raises unless every thread is so.  The C library switches all
+    threads, but no_new_privs is per thread: call this before starting any."""
+    uid, gid = account.pw_uid, account.pw_gid
+    where = "--user %s" % account.pw_name
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, *map(ctypes.c_ulong, (1, 0, 0, 0))):
+            code = ctypes.get_errno()
+            raise OSError(code, "PR_SET_NO_NEW_PRIVS: " + os.strerror(code))
+    except OSError as e:
+        raise AoeError("%s: cannot switch to it: %s: refusing to serve" % (where, e.strerror))
+    try:
+        os.setuid(0)
+    except PermissionError:
+        try:
+            left = privileges_left(uid, gid)
+        except OSError as e:
+            left = "%s: %s" % (e.filename, e.strerror)
+    else:
+        left = "setuid(0) still works"
+    if left:
+        raise AoeError("%s: still privileged after the switch (%s): refusing to serve"
+                       % (where, left))
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def cmd_serve(args):
+    """Everything serve needs privilege for (its sockets with their buffer sizes and
+    fan-out group, the export, the helper) is opened first; then it becomes --user."""
     shelf, slot = parse_device("%s.%s" % (args.shelf, args.slot))
+    account = serve_account(args.user)
     ifc = Interface(args.interface)
     if not ifc.up:
         raise usage_error("%s is down: bring it up with 'ip link set %s up'" % (ifc.name, ifc.name))
@@ -5441,11 +5522,14 @@ def cmd_serve(args):
             fast = FastServe(helper, target, ports, max(ETH_ZLEN, ifc.mtu + ETH_HLEN))
         path = ("helper, %d thread%s" % (len(ports), "" if len(ports) == 1 else "s") if fast
                 else "pure-Python: %s" % why_python)
+        if account:
+            become(account)
         print("pid %d: %s, %d sectors %s on %s (%s), %d buffers, %d sectors per "
-              "frame, %s data path%s"
+              "frame, %s data path%s, as user %s (uid %d, gid %d)"
               % (os.getpid(), device_name(shelf, slot), export.sectors,
                  "O_RDONLY" if args.readonly else "O_RDWR", ifc.name, mac_str(ifc.mac), args.bufcnt,
-                 target.scnt, path, ", FAULT INJECTION ON" if faults.active else ""), flush=True)
+                 target.scnt, path, ", FAULT INJECTION ON" if faults.active else "",
+                 user_name(os.geteuid()), os.geteuid(), os.getegid()), flush=True)
         if why_fewer:
             sys.stderr.write("serve: one thread only: %s\n" % why_fewer)
         warn_if_buffers_overflow(ports, ifc, args.bufcnt)
@@ -5926,6 +6010,11 @@ def build_parser():
     p.add_argument("-m", dest="mask", metavar="MAC[,MAC...]", help="answer only these initiators")
     p.add_argument("-o", dest="offset", help="start of the export in the file (bytes)")
     p.add_argument("-l", dest="length", help="length of the export (bytes)")
+    p.add_argument("--user", metavar="NAME|UID",
+                   help="once its sockets and FILE are open, run as this user, without "
+                        "capabilities or supplementary groups (default when started as root: "
+                        "nobody; '--user root' keeps root); started without root, it may name "
+                        "only the current user")
     t = p.add_argument_group("testing aids (fault injection; never for production)")
     t.add_argument("--fault-drop", type=fraction, default=0.0, metavar="P",
                    help="drop this fraction of responses")

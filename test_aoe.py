@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import pwd
 import random
 import re
 import shlex
@@ -1798,6 +1799,149 @@ def test_serve_block_device_direct_and_sync(tmp_path, serve_path):
     finally:
         bench.close()
         subprocess.run(["losetup", "-d", device])
+
+
+def nobody_account():
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        need(False, "needs a user 'nobody', serve's default --user")
+
+
+def start_serve(bench, argv, env=()):
+    """aoe.py serve in the target namespace: its pid (that of serve itself, not of the
+    wrapper the bench starts it in), its start-up line and its log."""
+    log = os.path.join(str(bench.tmp), "proc%d.log" % len(bench.procs))
+    bench.start(bench.tgt_ns, ["env"] + ["%s=%s" % kv for kv in env]
+                + [sys.executable, AOE_PY, "serve"] + list(argv), ready="pid ")
+    with open(log) as f:
+        line = re.search(r"^pid (\d+): .*$", f.read(), re.M)
+    return int(line.group(1)), line.group(0), log
+
+
+def thread_credentials(pid):
+    """Each thread of process pid: its four uids, its four gids and CapEff."""
+    threads = []
+    for path in sorted(glob.glob("/proc/%d/task/*/status" % pid)):
+        with open(path) as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        threads.append(([int(w) for w in fields["Uid"].split()],
+                        [int(w) for w in fields["Gid"].split()], int(fields["CapEff"], 16)))
+    return threads
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("serve_path", ["helper", "python"])
+def test_serve_gives_up_root_once_it_listens(tmp_path, serve_path):
+    """Started as root with default options, serve runs as nobody, in every thread, without
+    a capability; it still writes and reads an image only root can open (it opened it
+    before), stops on SIGTERM and reports with -v."""
+    nobody = nobody_account()
+    if serve_path == "helper":
+        need(aoe.load_helper() is not None, "needs the compiled helper: python3 build_ffi.py")
+    env = [("AOE_SERVE_THREADS", "2")] if serve_path == "helper" else [("AOE_NO_HELPER", "1")]
+    bench = Bench(9000, tmp_path)
+    try:
+        image = make_file(tmp_path / "root-only", 8 << 20, 8 << 20)
+        os.chmod(image, 0o600)
+        assert os.stat(image).st_uid == 0
+        pid, line, log = start_serve(bench, ["-v", "7", "1", bench.tgt_if, image], env)
+        assert line.endswith(", as user nobody (uid %d, gid %d)" % (nobody.pw_uid, nobody.pw_gid))
+        data_threads = re.search(r"helper, (\d+) threads? data path", line)
+        assert (data_threads is not None) == (serve_path == "helper"), line
+        data = os.urandom(2 << 20)
+        src = tmp_path / "src"
+        src.write_bytes(data)
+        r = bench.aoe("write", "--yes", "--offset", "1M", str(src), "e7.1")
+        assert r.returncode == 0, r.stderr
+        r = bench.aoe("read", "e7.1", "-", "--offset", "1M", "--length", "2M", binary=True)
+        assert r.returncode == 0 and r.stdout == data, r.stderr
+        with open(image, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(2 << 20) == data
+        threads = thread_credentials(pid)
+        assert len(threads) == 1 + (int(data_threads.group(1)) if data_threads else 0)
+        assert threads == [([nobody.pw_uid] * 4, [nobody.pw_gid] * 4, 0)] * len(threads)
+        wrapper = bench.procs[-1]
+        wrapper.terminate()
+        assert wrapper.wait(10) == 0
+        with open(log) as f:
+            said = f.read()
+        written = re.search(r"^served .*'sectors_written': (\d+)", said, re.M)
+        assert written and int(written.group(1)) >= 4096, said
+    finally:
+        bench.close()
+
+
+@pytest.mark.net
+def test_serve_user_root_keeps_root_and_an_unknown_user_is_refused(tmp_path):
+    bench = Bench(1500, tmp_path)
+    try:
+        image = make_file(tmp_path / "image", 1 << 20, 1 << 20)
+        pid, line, _ = start_serve(bench, ["--user", "root", "7", "2", bench.tgt_if, image])
+        assert line.endswith(", as user root (uid 0, gid 0)")
+        threads = thread_credentials(pid)
+        assert threads and all(uids == [0] * 4 and caps for uids, _, caps in threads)
+        r = bench.aoe("read", "e7.2", "-", "--length", "4k", binary=True)
+        with open(image, "rb") as f:
+            assert r.returncode == 0 and r.stdout == f.read(4096)
+        r = bench.run(bench.tgt_ns, [sys.executable, AOE_PY, "serve", "--user", "no-such-user",
+                                     "7", "3", bench.tgt_if, image])
+        assert (r.returncode, r.stdout) == (2, "")
+        assert r.stderr.splitlines() == ["aoe.py: --user no-such-user: no such user"]
+    finally:
+        bench.close()
+
+
+BECOME_NOBODY = r"""
+import ctypes, os, pwd, sys
+sys.path.insert(0, sys.argv[1])
+import aoe
+nobody = pwd.getpwnam("nobody")
+if sys.argv[2] == "saved-uid-kept":
+    switch = os.setuid
+    os.setuid = lambda uid: os.setresuid(uid, uid, 0) if uid else switch(uid)
+elif sys.argv[2] == "capabilities-kept":
+    ctypes.CDLL(None).prctl(8, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0))                     # PR_SET_KEEPCAPS
+try:
+    aoe.become(nobody)
+except aoe.AoeError as e:
+    sys.exit(str(e))
+print(os.getresuid(), os.getresgid(), os.getgroups())
+"""
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("flaw", ["none", "saved-uid-kept", "capabilities-kept"])
+def test_serve_refuses_a_switch_of_user_that_can_be_undone(flaw):
+    """become() as root: a clean switch to nobody, or, when the switch leaves a way back (the
+    saved uid still 0, capabilities kept in the permitted set), a refusal."""
+    need(os.geteuid() == 0, "needs root to switch users")
+    nobody = nobody_account()
+    r = subprocess.run([sys.executable, "-c", BECOME_NOBODY, HERE, flaw], capture_output=True,
+                       text=True, timeout=60)
+    if flaw == "none":
+        ids = "(%d, %d, %d)" % ((nobody.pw_uid,) * 3), "(%d, %d, %d)" % ((nobody.pw_gid,) * 3)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "%s %s []\n" % ids, "")
+    else:
+        said = {"saved-uid-kept": "setuid(0) still works", "capabilities-kept": "has CapPrm"}
+        assert r.returncode == 1 and r.stderr.startswith("--user nobody: still privileged ")
+        assert said[flaw] in r.stderr and r.stderr.endswith("refusing to serve\n")
+
+
+@pytest.mark.codec
+def test_serve_account_switches_only_from_root(monkeypatch):
+    nobody = nobody_account()
+    monkeypatch.setattr(aoe.os, "geteuid", lambda: 0)
+    assert aoe.serve_account(None) == aoe.serve_account(str(nobody.pw_uid)) == nobody
+    assert aoe.serve_account("root") is None and aoe.serve_account("0") is None
+    with pytest.raises(aoe.AoeError, match="^--user no-such-user: no such user$"):
+        aoe.serve_account("no-such-user")
+    monkeypatch.setattr(aoe.os, "geteuid", lambda: nobody.pw_uid)
+    assert aoe.serve_account(None) is None and aoe.serve_account("nobody") is None
+    with pytest.raises(aoe.AoeError, match="^--user root: only root can switch users"):
+        aoe.serve_account("root")
 
 
 @pytest.mark.net
