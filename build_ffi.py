@@ -4,6 +4,14 @@
 Compiles _aoeio.c into the _aoeio extension module (cffi, out-of-line API mode)
 and puts it next to this file, whatever the current directory.  The build runs
 in a temporary directory that is removed afterwards.
+
+`python3 build_ffi.py --sanitize` builds it with AddressSanitizer and
+UndefinedBehaviorSanitizer, stopping at the first report.  The interpreter is
+not built with them, so ASan's runtime must be loaded first:
+    LD_PRELOAD=$(cc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+        python3 -m pytest -m "codec or engine" test_aoe.py
+(leak checking is off: the interpreter keeps memory to the end on purpose).
+Build again without --sanitize for normal use.
 """
 
 import os
@@ -49,13 +57,21 @@ def cdef_from(source):
     return KERNEL_CDEF + text
 
 
-def make_ffi():
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+
+
+def make_ffi(sanitize=False):
     """The cffi builder of the _aoeio module, from _aoeio.c."""
     with open(os.path.join(HERE, "_aoeio.c")) as f:
         source = f.read()
     ffi = cffi.FFI()
     ffi.cdef(cdef_from(source))
-    ffi.set_source("_aoeio", source, extra_compile_args=["-O2", "-Wall"])
+    if sanitize:
+        ffi.set_source("_aoeio", source, extra_link_args=SANITIZE,
+                       extra_compile_args=["-O1", "-g", "-Wall", "-fno-omit-frame-pointer"]
+                       + SANITIZE)
+    else:
+        ffi.set_source("_aoeio", source, extra_compile_args=["-O2", "-Wall"])
     return ffi
 
 
@@ -64,9 +80,9 @@ def extension(tmpdir):
     return make_ffi().distutils_extension(tmpdir=tmpdir)
 
 
-def build():
+def build(sanitize=False):
     """Compile and install the module next to this file; returns its path."""
-    ffi = make_ffi()
+    ffi = make_ffi(sanitize)
     with tempfile.TemporaryDirectory(prefix="aoeio-build-") as tmp:
         built = ffi.compile(tmpdir=tmp)
         dest = os.path.join(HERE, os.path.basename(built))
@@ -77,7 +93,9 @@ def build():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] not in ([], ["--sanitize"]):
+        sys.exit("usage: build_ffi.py [--sanitize]")
     try:
-        print("built", build())
+        print("built", build(sanitize=sys.argv[1:] == ["--sanitize"]))
     except (cffi.CDefError, cffi.VerificationError, OSError) as e:
         sys.exit("build_ffi.py: %s" % e)

@@ -1059,6 +1059,32 @@ def test_nbd_bridge_answers_a_full_window_piled_up(tmp_path, mix):
         nbd.close()
 
 
+@pytest.mark.sanitize
+def test_root_free_groups_pass_with_the_helper_under_asan_and_ubsan(tmp_path):
+    """The codec and engine groups run once more in a copy of the checkout whose helper is
+    built by `build_ffi.py --sanitize`: any read or write out of bounds, use after free or
+    undefined behaviour in the C they drive ends the run with a report, and fails this."""
+    libasan = subprocess.run(["cc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip()
+    need(os.path.isabs(libasan), "needs gcc's AddressSanitizer runtime (libasan)")
+    for name in ("aoe.py", "_aoeio.c", "build_ffi.py", "test_aoe.py", "pytest.ini"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    build = subprocess.run([sys.executable, "build_ffi.py", "--sanitize"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    # --capture=sys: a report is written to file descriptor 2 just before the process ends
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--capture=sys", "-p",
+                        "no:cacheprovider", "-m", "codec or engine", "test_aoe.py"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                       env=dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
+                                UBSAN_OPTIONS="print_stacktrace=1"))
+    report = re.search(r"^.*(runtime error|ERROR: AddressSanitizer).*$", r.stderr + r.stdout,
+                       re.M)
+    assert r.returncode == 0 and not report, (report and report.group(0), r.stdout[-3000:],
+                                              r.stderr[-3000:])
+    assert re.search(r"^\d+ passed", r.stdout.splitlines()[-1]), r.stdout[-2000:]
+
+
 # -----------------------------------------------------------------------------
 # net: namespaces, veth, vblade and aoetools
 # -----------------------------------------------------------------------------
