@@ -165,6 +165,10 @@ struct aoe_path {
 
 struct aoe_event { uint64_t req_id; int32_t status; };
 
+/* A frame the target failed (ATA or AoE error): which sectors of the request were not done.
+ * Its request goes on with its other frames and ends with the first failure's status. */
+struct aoe_frame_failure { uint64_t req_id; uint64_t lba; uint32_t nsect; int32_t status; };
+
 struct aoe_eng {
     uint16_t shelf; uint8_t slot; uint8_t lba48;
     uint8_t flush_cmd;                      /* ATA opcode for OP_FLUSH, chosen by aoe.py */
@@ -173,6 +177,9 @@ struct aoe_eng {
     struct aoe_counters c;
     int ndone;    struct aoe_event *done;
     int nexpired; uint32_t *expired;
+    int nfailed; struct aoe_frame_failure *failed;  /* frames failed during the last aoe_pump, at
+                                                     * most max_frames ... */
+    int failed_unlisted;                            /* ... and how many more there were */
     int inflight_frames; int pending_frames; int active_requests;
     /* ublk bridge (aoe_eng_bridge): aoe_pump takes requests from a ublk queue itself */
     int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
@@ -451,6 +458,7 @@ void aoe_eng_free(struct aoe_eng *e)
     free(e->done_buf);
     free(e->fail_buf);
     free(e->expired);
+    free(e->failed);
     free(e->rx_buf);
     free(e);
 }
@@ -477,7 +485,8 @@ struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16
     e->done_buf = calloc(max_frames, sizeof(*e->done_buf));
     e->fail_buf = calloc(max_frames, sizeof(*e->fail_buf));
     e->expired = calloc(max_frames, sizeof(*e->expired));
-    if (!e->frames || !e->reqs || !e->done_buf || !e->fail_buf || !e->expired) {
+    e->failed = calloc(max_frames, sizeof(*e->failed));
+    if (!e->frames || !e->reqs || !e->done_buf || !e->fail_buf || !e->expired || !e->failed) {
         aoe_eng_free(e);
         errno = ENOMEM;
         return NULL;
@@ -605,6 +614,10 @@ static void frame_finish(struct aoe_eng *e, uint32_t s, int32_t status, uint16_t
         pending_unlink(e, s);               /* answered while waiting to be resent */
     if (status && !rq->status)
         rq->status = status;
+    if (status && e->nfailed < (int)e->max_frames)
+        e->failed[e->nfailed++] = (struct aoe_frame_failure){ rq->id, f->lba, f->nsect, status };
+    else if (status)
+        e->failed_unlisted++;
     if (--rq->frames_left == 0) {
         e->done[e->ndone].req_id = rq->id;
         e->done[e->ndone].status = rq->status;
@@ -1147,7 +1160,7 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     if (!e)
         return -EINVAL;
     e->done = e->done_buf;
-    e->ndone = e->nexpired = e->nhanded = e->nbd_nhanded = 0;
+    e->ndone = e->nexpired = e->nhanded = e->nbd_nhanded = e->nfailed = e->failed_unlisted = 0;
     if (e->bq)
         bridge_take(e);
     if (e->nb)

@@ -1133,6 +1133,7 @@ class PyPump:
         self.pending = collections.deque()        # frames waiting for a window (done ones skipped)
         self.requests = {}                        # req_id -> PumpRequest
         self.done = []
+        self.failed = []                          # (req_id, lba, nsect, status) of failed frames
         self.rxbuf = bytearray(65536)
         self.rxview = memoryview(self.rxbuf)
         self.poller = select.poll()
@@ -1244,8 +1245,10 @@ class PyPump:
         fr.state, fr.done_back = FRAME_DONE, back
         self.free.append(fr.slot)                 # FIFO: late answers find the slot still done
         req, fr.req = fr.req, None
-        if status and not req.status:
-            req.status = status
+        if status:
+            self.failed.append((req.req_id, fr.lba, fr.nsect, status))
+            if not req.status:
+                req.status = status
         req.frames_left -= 1
         if req.frames_left == 0:
             del self.requests[req.req_id]
@@ -1371,8 +1374,9 @@ class PyPump:
     def pump(self, timeout_us, extra_fd=-1):
         """One round: receive what arrived, send, wait up to timeout_us (or until extra_fd
         is readable), receive, send; returns (done, expired), expiry judged only after the
-        sockets were read.  Each path's rtt_*, spurious and needed then describe this round."""
-        self.done = []
+        sockets were read.  Each path's rtt_*, spurious and needed then describe this round;
+        failed lists the frames the target failed in it."""
+        self.done, self.failed = [], []
         for p in self.paths:
             p.rtt_n = p.rtt_sum_us = p.rtt_max_us = p.spurious = p.needed = p.late = 0
         by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
@@ -1497,6 +1501,15 @@ class HelperPump:
         done = self._events()
         expired = self.ffi.unpack(eng.expired, eng.nexpired) if eng.nexpired else []
         return done, expired
+
+    @property
+    def failed(self):
+        """The frames the target failed during the last pump, as PyPump.failed; None when
+        more failed than the engine lists (then none is known)."""
+        eng = self.eng
+        if eng.failed_unlisted:
+            return None
+        return [(f.req_id, f.lba, f.nsect, f.status) for f in eng.failed[0:eng.nfailed]]
 
     def _events(self):
         """The completions in eng.done, releasing their buffers."""
@@ -1827,6 +1840,7 @@ class Engine:
         self.dead = None
         self.next_id = 0
         self.backlog = []                         # completions wait() saw for other requests
+        self.failures = {}                        # req_id -> its failed frames (failed_frames)
 
     def submit(self, op, lba, nsect, buf, req_id=None):
         """Queue a request; returns its id.  Raises AoeError for bad ranges or a dead target."""
@@ -1855,6 +1869,10 @@ class Engine:
         # requests the pump took itself (ublk) start the clock now
         if idle:
             self.last_progress = started
+        kept = {rid for rid, _ in self.backlog}   # the others' were not asked for: gone
+        self.failures = {rid: f for rid, f in self.failures.items() if rid in kept}
+        for rid, lba, nsect, status in self.pump.failed or ():
+            self.failures.setdefault(rid, []).append((lba, nsect, status))
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
         t = self.clock()
@@ -1924,6 +1942,13 @@ class Engine:
     def _apply(pol, path):
         """What the policy decided, into the pump's view of the path."""
         path.maxout, path.rto_us, path.reorder_us = pol.window, pol.rto_us, pol.reorder_us
+
+    def failed_frames(self, req_id):
+        """The frames of a request the last poll() returned as failed that the target failed
+        itself, as [(lba, count, status)] sorted: the rest of it was done.  Empty when nothing
+        was answered for it (a dead target) or more frames failed in one poll than the engine
+        lists: then none of it counts as done."""
+        return sorted(self.failures.pop(req_id, ()))
 
     def fall_back_flush(self, status):
         """After a failed flush: True if the target aborted FLUSH CACHE EXT (vblade does), in

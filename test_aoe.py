@@ -589,6 +589,39 @@ def test_helper_and_aoe_py_share_one_definition(monkeypatch):
 
 @pytest.mark.engine
 @pytest.mark.parametrize("kind", ["python", "helper"])
+def test_engine_names_the_frames_the_target_failed_and_keeps_the_others(kind):
+    """A read of four frames whose second and fourth the target fails (ABRT, then UNC) ends
+    with the first failure's status; failed_frames names exactly those frames with what the
+    target said, and the other two frames' data is in the buffer."""
+    helper = aoe.load_helper() if kind == "helper" else None
+    if kind == "helper":
+        need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T], bufcnt=8),
+                            helper=helper)
+        target, buf = ScriptedTarget(theirs), bytearray(8 * 512)
+        rid = engine.submit(aoe.OP_READ, 100, 8, buf)
+        errors = {102: aoe.ATA_ABORTED, 106: aoe.ATA_UNC}
+        done, deadline = [], time.monotonic() + 10
+        while not done and time.monotonic() < deadline:
+            for request in target.requests():
+                lba = aoe.parse_ata(aoe.parse_frame(request)).lba
+                err = errors.get(lba, 0)
+                target.send(target.answer(request, err=err, data=b"" if err else None,
+                                          status=aoe.ATA_DRDY | (aoe.ATA_ERR if err else 0)))
+            done = engine.poll(2000)
+        bad = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
+        assert done == [(rid, bad)]
+        assert engine.failed_frames(rid) == [
+            (102, 2, bad), (106, 2, -(aoe.STATUS_ATA_ERROR | aoe.ATA_UNC))]
+        assert engine.failed_frames(rid) == []                  # taken
+        assert buf[:1024] == sector_data(100, 2) and buf[2048:3072] == sector_data(104, 2)
+        engine.close()
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("kind", ["python", "helper"])
 def test_a_tag_of_generation_0_answers_nothing(kind):
     """Generations run 1..GEN_MAX and wrap: a tag whose generation field is 0 names no
     transmission, even for a frame last sent as generation GEN_MAX (which 0 would pass for in
