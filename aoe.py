@@ -17,6 +17,7 @@ The file reads top to bottom, each section using only those above it:
 """
 
 import argparse
+import bisect
 import collections
 import contextlib
 import ctypes
@@ -36,8 +37,10 @@ import random
 import re
 import select
 import shutil
+import shlex
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -4359,6 +4362,355 @@ class FastServe:
 
 
 # =============================================================================
+# Rescue: a failing disk imaged as GNU ddrescue does, with its mapfile
+# =============================================================================
+#
+# The map covers the device from byte 0 in contiguous blocks, each with a status
+# from GNU ddrescue's mapfile, from less to more processed.  The phases read only
+# inside the domain (--offset/--length):
+#   copying   the non-tried blocks in clusters, many in flight; a frame the target
+#             fails leaves its sectors non-trimmed (one sector: bad) and the rest of
+#             its request is kept; pass 1 skips ahead after an error, by a skip that
+#             doubles on each error in a row and resets on good data; pass 2 reads
+#             what pass 1 skipped;
+#   trimming  each non-trimmed block read sector by sector from its leading edge
+#             up to the first bad sector, then from its trailing edge back; the
+#             middle left non-scraped;
+#   scraping  every sector of the non-scraped blocks, once (-n: not done);
+#   retrying  every bad sector once per pass (-r N).
+# Data is written to the image before the map says so, and the image is synced
+# before the map is saved: the map never claims bytes the image does not hold.
+
+MAP_NON_TRIED, MAP_NON_TRIMMED, MAP_NON_SCRAPED, MAP_BAD, MAP_FINISHED = "?", "*", "/", "-", "+"
+MAP_STATUSES = "?*/-+"                   # less to more processed
+MAP_PHASES = "?*/-FG+"                   # the status line's: ddrescue's filling, generating too
+PHASE_COPYING, PHASE_TRIMMING, PHASE_SCRAPING, PHASE_RETRYING, PHASE_FINISHED = "?*/-+"
+PHASE_NAMES = {PHASE_COPYING: "copying", PHASE_TRIMMING: "trimming", PHASE_SCRAPING: "scraping",
+               PHASE_RETRYING: "retrying", PHASE_FINISHED: "finished"}
+RESCUE_CLUSTER = 128                     # sectors a copying read asks for (ddrescue's 64 KiB)
+RESCUE_SKIP_MIN = 128                    # sectors skipped after a first error (64 KiB)
+RESCUE_DEPTH = 32                        # copying requests in flight
+RESCUE_SAVE_SECONDS = 5                  # the map is saved at least this often
+
+
+def c_integer(text):
+    """A number as C's strtoll with base 0 reads it (as ddrescue does): 0x hex, a leading
+    0 octal, else decimal."""
+    t = text.lower()
+    if t.startswith("0x"):
+        return int(t[2:], 16)
+    if len(t) > 1 and t.startswith("0"):
+        return int(t[1:], 8)
+    return int(t, 10)
+
+
+class RescueMap:
+    """The blocks of a rescue as GNU ddrescue's mapfile holds them: [pos, size, status] in
+    bytes, contiguous from 0 to `size`, merged where neighbours agree; and the status line's
+    current position, phase and pass."""
+
+    def __init__(self, size, blocks=None, pos=0, phase=PHASE_COPYING, passno=1):
+        self.size = size
+        self.blocks = blocks or [[0, size, MAP_NON_TRIED]]
+        self.pos, self.phase, self.passno = pos, phase, passno
+
+    @classmethod
+    def parse(cls, text, name, size):
+        """A mapfile's text, for a device of `size` bytes; one clear error per fault."""
+        def fault(number, what):
+            return usage_error("%s, line %d: %s" % (name, number, what))
+        status_line, blocks = None, []
+        for number, line in enumerate(text.splitlines(), 1):
+            words = re.split(r"(?:^|\s)#", line, 1)[0].split()
+            if not words:
+                continue
+            try:
+                if status_line is None:
+                    if len(words) not in (2, 3) or len(words[1]) != 1 \
+                            or words[1] not in MAP_PHASES:
+                        raise ValueError("not 'pos status [pass]'")
+                    status_line = (c_integer(words[0]), words[1],
+                                   int(words[2]) if len(words) == 3 else 1)
+                    if status_line[0] < 0 or status_line[2] < 1:
+                        raise ValueError("position below 0 or pass below 1")
+                    continue
+                if len(words) != 3 or len(words[2]) != 1 or words[2] not in MAP_STATUSES:
+                    raise ValueError("not 'pos size status' with a status of %s" % MAP_STATUSES)
+                pos, length = c_integer(words[0]), c_integer(words[1])
+            except ValueError as e:
+                raise fault(number, str(e).split(": ")[-1] if "invalid literal" in str(e)
+                            else str(e))
+            if pos < 0 or length <= 0:
+                raise fault(number, "a block needs pos >= 0 and size > 0")
+            if pos % SECTOR_SIZE or length % SECTOR_SIZE:
+                raise fault(number, "block 0x%X+0x%X is not in whole %d-byte sectors"
+                            % (pos, length, SECTOR_SIZE))
+            end = blocks[-1][0] + blocks[-1][1] if blocks else 0
+            if blocks and pos != end:
+                raise fault(number, "block at 0x%X does not start where the one before ends "
+                                    "(0x%X)" % (pos, end))
+            if not blocks and pos:
+                blocks.append([0, pos, MAP_NON_TRIED])
+            if pos + length > size and (words[2] == MAP_FINISHED or pos >= size):
+                raise fault(number, "block 0x%X+0x%X goes past the end of the device (%d bytes)"
+                            % (pos, length, size))
+            blocks.append([pos, min(length, size - pos), words[2]])
+        if status_line is None:
+            raise usage_error("%s: no status line: not a ddrescue mapfile" % name)
+        end = blocks[-1][0] + blocks[-1][1] if blocks else 0
+        if end < size:
+            blocks.append([end, size - end, MAP_NON_TRIED])
+        rmap = cls(size, blocks, *status_line)
+        rmap.blocks = rmap._merged(rmap.blocks)
+        return rmap
+
+    @staticmethod
+    def _merged(blocks):
+        out = []
+        for b in blocks:
+            if out and out[-1][2] == b[2]:
+                out[-1][1] += b[1]
+            elif b[1]:
+                out.append(list(b))
+        return out
+
+    def set(self, pos, length, status):
+        """Mark [pos, pos + length) with status."""
+        if length <= 0:
+            return
+        end = pos + length
+        starts = [b[0] for b in self.blocks]
+        i = max(0, bisect.bisect_right(starts, pos) - 1)
+        j = bisect.bisect_left(starts, end)
+        first, last = self.blocks[i], self.blocks[j - 1]
+        pieces = [[first[0], pos - first[0], first[2]], [pos, length, status],
+                  [end, last[0] + last[1] - end, last[2]]]
+        lo, hi = max(0, i - 1), min(len(self.blocks), j + 1)
+        self.blocks[lo:hi] = self._merged(self.blocks[lo:i] + pieces + self.blocks[j:hi])
+
+    def areas(self, statuses, start=0, end=None):
+        """[(pos, length, status)] of the blocks with one of `statuses`, cut to [start, end)."""
+        end = self.size if end is None else end
+        out = []
+        for pos, length, status in self.blocks:
+            lo, hi = max(pos, start), min(pos + length, end)
+            if status in statuses and lo < hi:
+                out.append((lo, hi - lo, status))
+        return out
+
+    def totals(self, start=0, end=None):
+        """Bytes per status inside [start, end), and the number of bad areas there."""
+        bytes_in = dict.fromkeys(MAP_STATUSES, 0)
+        areas = self.areas(MAP_STATUSES, start, end)
+        for _, length, status in areas:
+            bytes_in[status] += length
+        return bytes_in, sum(1 for a in areas if a[2] == MAP_BAD)
+
+    def text(self, heading):
+        """The mapfile, exactly as GNU ddrescue lays it out, under comment lines `heading`."""
+        lines = ["# " + h for h in heading]
+        lines.append("# current_pos  current_status  current_pass")
+        lines.append("0x%08X     %s               %d" % (self.pos, self.phase, self.passno))
+        lines.append("#      pos        size  status")
+        lines += ["0x%08X  0x%08X  %s" % tuple(b) for b in self.blocks]
+        return "\n".join(lines) + "\n"
+
+
+def save_durably(path, text):
+    """Replace `path` with `text` so that a crash leaves the old file or the new one."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AreaCursor:
+    """Walks sorted disjoint areas [(lba, count)] in clusters, forwards or backwards, and can
+    jump ahead (a skip after an error)."""
+
+    def __init__(self, areas, reverse):
+        self.areas, self.reverse = list(reversed(areas)) if reverse else list(areas), reverse
+        self.i = 0
+        self.at = (self.areas[0][0] + self.areas[0][1] if reverse else self.areas[0][0]) \
+            if self.areas else 0
+
+    def next(self, cluster):
+        while self.i < len(self.areas):
+            lba, count = self.areas[self.i]
+            if self.reverse and self.at > lba:
+                n = min(cluster, self.at - lba)
+                self.at -= n
+                return self.at, n
+            if not self.reverse and self.at < lba + count:
+                n = min(cluster, lba + count - self.at)
+                self.at += n
+                return self.at - n, n
+            self.i += 1
+            if self.i < len(self.areas):
+                lba, count = self.areas[self.i]
+                self.at = lba + count if self.reverse else lba
+        return None
+
+    def skip(self, sectors):
+        self.at = self.at - sectors if self.reverse else self.at + sectors
+
+
+class Rescuer:
+    """The phases over an engine, into an image (a file descriptor) and a RescueMap whose
+    positions are the image's; `save()` is called at least every RESCUE_SAVE_SECONDS and
+    `report(rescuer)` after every poll."""
+
+    def __init__(self, engine, image_fd, rmap, start, end, save, report=lambda r: None,
+                 reverse=False, scrape=True, retries=0, clock=time.monotonic):
+        self.engine, self.fd, self.map = engine, image_fd, rmap
+        self.start, self.end = start, end                 # the domain, in sectors
+        self.save, self.report, self.clock = save, report, clock
+        self.reverse, self.scrape, self.retries = reverse, scrape, retries
+        self.inflight = {}                                # rid -> (lba, count, buffer)
+        self.saved_at = self.last_good = clock()
+        self.errors_in_a_row = 0
+        self.read_bytes = 0
+
+    def run(self):
+        passes = ((PHASE_COPYING, 1, True), (PHASE_COPYING, 2, False))
+        if self.map.phase == PHASE_COPYING and self.map.passno == 2:
+            passes = passes[1:]                           # resumed in pass 2
+        for phase, passno, skipping in passes:
+            self._copy(passno, skipping)
+        self._trim()
+        if self.scrape:
+            self._each_sector(PHASE_SCRAPING, 1, MAP_NON_SCRAPED)
+        for passno in range(1, self.retries + 1):
+            self._each_sector(PHASE_RETRYING, passno, MAP_BAD)
+        self._enter(PHASE_FINISHED, 1, self.start * SECTOR_SIZE)
+
+    def _enter(self, phase, passno, pos):
+        self.map.phase, self.map.passno, self.map.pos = phase, passno, pos
+
+    def _domain_areas(self, statuses):
+        return [(pos // SECTOR_SIZE, length // SECTOR_SIZE) for pos, length, _ in
+                self.map.areas(statuses, self.start * SECTOR_SIZE, self.end * SECTOR_SIZE)]
+
+    def _copy(self, passno, skipping):
+        areas = self._domain_areas(MAP_NON_TRIED)
+        if not areas:
+            return
+        self._enter(PHASE_COPYING, passno, 0)
+        cursor = AreaCursor(areas, self.reverse)
+        skip, limit = RESCUE_SKIP_MIN, max(RESCUE_SKIP_MIN, (self.end - self.start) // 100)
+        while True:
+            while len(self.inflight) < RESCUE_DEPTH:
+                chunk = cursor.next(RESCUE_CLUSTER)
+                if chunk is None:
+                    break
+                self._submit(*chunk)
+                self.map.pos = chunk[0] * SECTOR_SIZE
+            if not self.inflight:
+                return
+            for lba, count, bad in self._collect():
+                for bad_lba, bad_count, _ in bad:
+                    self.map.set(bad_lba * SECTOR_SIZE, bad_count * SECTOR_SIZE,
+                                 MAP_NON_TRIMMED if bad_count > 1 else MAP_BAD)
+                if bad and skipping:
+                    cursor.skip(skip)                     # the skipped part stays non-tried
+                    skip = min(limit, skip * 2)
+                elif not bad:
+                    skip = RESCUE_SKIP_MIN
+
+    def _trim(self):
+        """Both edges of every non-trimmed block, all blocks at once, a sector at a time each."""
+        blocks = self._domain_areas(MAP_NON_TRIMMED)
+        if not blocks:
+            return
+        self._enter(PHASE_TRIMMING, 1, blocks[0][0] * SECTOR_SIZE)
+        # per block [next sector from the front, next from the back (exclusive), direction]
+        edges = [[lba, lba + count, 1] for lba, count in blocks]
+        asked = {}                                        # lba -> edge
+        while edges or self.inflight:
+            for edge in edges:
+                if edge not in asked.values() and edge[0] < edge[1]:
+                    lba = edge[0] if edge[2] > 0 else edge[1] - 1
+                    asked[lba] = edge
+                    self._submit(lba, 1)
+            if not self.inflight:
+                break
+            for lba, _, bad in self._collect():
+                edge = asked.pop(lba)
+                if edge[2] > 0:
+                    edge[0] += 1
+                    if bad:
+                        edge[2] = -1                      # now from the trailing edge
+                else:
+                    edge[1] -= 1
+                    if bad:
+                        edge[2] = 0                       # done
+                if bad:
+                    self.map.set(lba * SECTOR_SIZE, SECTOR_SIZE, MAP_BAD)
+            for edge in [e for e in edges if e[2] == 0 or e[0] >= e[1]]:
+                if edge not in asked.values():
+                    edges.remove(edge)
+                    self.map.set(edge[0] * SECTOR_SIZE, (edge[1] - edge[0]) * SECTOR_SIZE,
+                                 MAP_NON_SCRAPED)
+
+    def _each_sector(self, phase, passno, status):
+        """Every sector of the blocks with `status` once, many at once (scraping, retrying)."""
+        areas = self._domain_areas(status)
+        if not areas:
+            return
+        self._enter(phase, passno, areas[0][0] * SECTOR_SIZE)
+        cursor = AreaCursor(areas, self.reverse)
+        depth = max(RESCUE_DEPTH, self.engine.window * len(self.engine.policy))
+        while True:
+            while len(self.inflight) < depth:
+                chunk = cursor.next(1)
+                if chunk is None:
+                    break
+                self._submit(*chunk)
+                self.map.pos = chunk[0] * SECTOR_SIZE
+            if not self.inflight:
+                return
+            for lba, _, bad in self._collect():
+                if bad:
+                    self.map.set(lba * SECTOR_SIZE, SECTOR_SIZE, MAP_BAD)
+
+    def _submit(self, lba, count):
+        buf = bytearray(count * SECTOR_SIZE)
+        self.inflight[self.engine.submit(OP_READ, lba, count, buf)] = (lba, count, buf)
+
+    def _collect(self):
+        """Poll once; for each finished read write what it got, mark it rescued, and yield
+        (lba, count, [(lba, count, status) of what failed])."""
+        finished = []
+        for rid, status in self.engine.poll(20000):
+            lba, count, buf = self.inflight.pop(rid)
+            if status and self.engine.dead:
+                raise AoeError(self.engine.dead)
+            bad = (self.engine.failed_frames(rid) or [(lba, count, status)]) if status else []
+            at = lba
+            for bad_lba, bad_count, _ in bad + [(lba + count, 0, 0)]:
+                if bad_lba > at:                          # the good run before it
+                    data = memoryview(buf)[(at - lba) * SECTOR_SIZE:(bad_lba - lba) * SECTOR_SIZE]
+                    os.pwrite(self.fd, data, at * SECTOR_SIZE)
+                    self.map.set(at * SECTOR_SIZE, len(data), MAP_FINISHED)
+                    self.read_bytes += len(data)
+                    self.last_good = self.clock()
+                at = max(at, bad_lba + bad_count)
+            finished.append((lba, count, bad))
+        if self.clock() - self.saved_at >= RESCUE_SAVE_SECONDS:
+            self.save()
+            self.saved_at = self.clock()
+        self.report(self)
+        return finished
+
+
+# =============================================================================
 # Commands: one function per verb; human output, or JSON with --json
 # =============================================================================
 
@@ -4910,12 +5262,23 @@ def stream(engine, op, lba, nsect, file_work, progress=None, fix_tail=None):
             for rid, status in engine.poll(50000):
                 if status:
                     _, view, at = inflight[rid]
-                    raise AoeError(engine.error_text(op, at, len(view) // SECTOR_SIZE, status))
+                    if op != OP_READ or engine.dead:
+                        raise AoeError(engine.error_text(op, at, len(view) // SECTOR_SIZE,
+                                                         status))
+                    failures[rid] = read_failure(engine, at, len(view) // SECTOR_SIZE, status,
+                                                 engine.failed_frames(rid))
+                    end = next_lba                # no more requests; the earlier ones go on
+                    ready.clear()
                 finished.add(rid)
             while order and order[0] in finished:
                 rid = order.popleft()
                 finished.discard(rid)
                 i, view, at = inflight.pop(rid)
+                if rid in failures:               # every request before it is in the file
+                    good, message = failures[rid]
+                    if good:
+                        side.give(i, view[:good * SECTOR_SIZE], at)
+                    raise AoeError(message)
                 if progress is not None:
                     progress.update(len(view))
                 if op == OP_READ:
@@ -4925,6 +5288,15 @@ def stream(engine, op, lba, nsect, file_work, progress=None, fix_tail=None):
                     free.append(i)
     finally:
         side.close()
+
+
+def read_failure(engine, lba, count, status, failed_frames):
+    """(sectors of a failed read that came before its first failed frame, what to say)."""
+    bad_lba, bad_count, status = failed_frames[0] if failed_frames else (lba, count, status)
+    return bad_lba - lba, ("%s: cannot read sectors %d-%d: %s; what came before them is kept; "
+                           "to image past unreadable sectors use 'aoe.py rescue'"
+                           % (engine.target.name, bad_lba, bad_lba + bad_count - 1,
+                              status_text(status)))
 
 
 def make_engine(args, target):
@@ -5004,6 +5376,139 @@ def cmd_read(args):
         line = "%s  %s\n" % (hasher.hexdigest(), target.name)
         (sys.stderr if out is sys.stdout.buffer else sys.stdout).write(line)
     return EXIT_OK
+
+
+def find_target_waiting(control, device, wait, patience):
+    """find_target, asking again for up to `patience` seconds: a target still working off
+    slow reads (a single-threaded vblade on a failing disk) answers nothing meanwhile."""
+    deadline, said = time.monotonic() + patience, False
+    while True:
+        try:
+            return find_target(control, device, wait)
+        except AoeError:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                sys.stderr.write("%s: no answer yet; asking again for up to %d s (--deadsecs)\n"
+                                 % (device, patience))
+                said = True
+
+
+def rescue_progress(rescuer, start_time, enabled):
+    """ddrescue's figures on one line, on a terminal."""
+    t = time.monotonic()
+    if not enabled or t - getattr(rescuer, "shown_at", 0) < 0.5:
+        return
+    rescuer.shown_at = t
+    bytes_in, bad_areas = rescuer.map.totals(rescuer.start * SECTOR_SIZE,
+                                             rescuer.end * SECTOR_SIZE)
+    m = rescuer.map
+    sys.stderr.write("\rrescued %s, non-tried %s, bad areas %d, bad %s, %s pass %d, pos 0x%X, "
+                     "%.1f MB/s, last good read %d s ago   "
+                     % (human_size(bytes_in[MAP_FINISHED]), human_size(bytes_in[MAP_NON_TRIED]),
+                        bad_areas, human_size(bytes_in[MAP_BAD]), PHASE_NAMES[m.phase], m.passno,
+                        m.pos, rescuer.read_bytes / max(t - start_time, 1e-6) / 1e6,
+                        t - rescuer.last_good))
+    sys.stderr.flush()
+
+
+def rescue_phase_text(rmap, reverse):
+    """The status comment ddrescue writes above the status line."""
+    way = "backwards" if reverse else "forwards"
+    return {PHASE_COPYING: "Copying non-tried blocks... Pass %d (%s)" % (rmap.passno, way),
+            PHASE_TRIMMING: "Trimming failed blocks... (forwards)",
+            PHASE_SCRAPING: "Scraping failed blocks... (%s)" % way,
+            PHASE_RETRYING: "Retrying bad sectors... Retry %d (%s)" % (rmap.passno, way),
+            }.get(rmap.phase, "Finished")
+
+
+def open_image(path, end_bytes):
+    """The image: a regular file, made if missing, never truncated (sparse where nothing is
+    written), or a block device at least `end_bytes` long."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise usage_error("%s: cannot open for writing: %s" % (path, e.strerror))
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < end_bytes:
+            os.close(fd)
+            raise usage_error("%s holds %d bytes; the rescue needs %d" % (path, size, end_bytes))
+    elif not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise usage_error("%s is neither a regular file nor a block device" % path)
+    return fd
+
+
+def cmd_rescue(args):
+    try:
+        with open(args.mapfile) as f:
+            map_text = f.read()
+    except FileNotFoundError:
+        map_text = None
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage_error("%s: cannot read: %s" % (args.mapfile, getattr(e, "strerror", e)))
+    control = open_control(args)
+    target = find_target_waiting(control, args.device, args.wait, args.deadsecs)
+    first, count = io_range(args, target)
+    size = target.sectors * SECTOR_SIZE
+    rmap = (RescueMap(size) if map_text is None
+            else RescueMap.parse(map_text, args.mapfile, size))
+    fd = open_image(args.image, (first + count) * SECTOR_SIZE)
+    engine = make_engine(args, target)
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    command_line = " ".join(shlex.quote(a) for a in [PROG] + sys.argv[1:])
+
+    def save():
+        os.fsync(fd)                              # the data first, then the map that claims it
+        save_durably(args.mapfile, rmap.text([
+            "Mapfile. Created by %s version %s" % (PROG, __version__),
+            "Command line: " + command_line, "Start time:   " + started,
+            "Current time: " + time.strftime("%Y-%m-%d %H:%M:%S"),
+            rescue_phase_text(rmap, args.reverse)]))
+
+    t0 = time.monotonic()
+    tty = sys.stderr.isatty() and not args.json
+    rescuer = Rescuer(engine, fd, rmap, first, first + count, save,
+                      lambda r: rescue_progress(r, t0, tty), args.reverse, not args.no_scrape,
+                      args.retry_passes)
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        rescuer.run()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            save()
+        finally:
+            engine.close()
+            os.close(fd)
+    if tty:
+        sys.stderr.write("\n")
+    bytes_in, bad_areas = rmap.totals(first * SECTOR_SIZE, (first + count) * SECTOR_SIZE)
+    report = {"device": target.name, "image": args.image, "mapfile": args.mapfile,
+              "domain": {"offset": first * SECTOR_SIZE, "length": count * SECTOR_SIZE},
+              "rescued": bytes_in[MAP_FINISHED], "non_tried": bytes_in[MAP_NON_TRIED],
+              "non_trimmed": bytes_in[MAP_NON_TRIMMED],
+              "non_scraped": bytes_in[MAP_NON_SCRAPED], "bad": bytes_in[MAP_BAD],
+              "bad_areas": bad_areas, "read": rescuer.read_bytes,
+              "seconds": round(time.monotonic() - t0, 3), "interrupted": interrupted,
+              "finished": rmap.phase == PHASE_FINISHED}
+    if args.json:
+        emit_json(report)
+    else:
+        sys.stderr.write("%s: rescued %s of %s, %d bad areas (%s)%s; map in %s\n"
+                         % (target.name, human_size(report["rescued"]),
+                            human_size(count * SECTOR_SIZE), bad_areas, human_size(report["bad"]),
+                            ", interrupted" if interrupted else "", args.mapfile))
+    if args.verbose:
+        sys.stderr.write(engine.describe())
+    if interrupted:
+        return 130
+    return EXIT_OK if report["rescued"] == count * SECTOR_SIZE else EXIT_FAIL
 
 
 def confirm(question):
@@ -5831,6 +6336,8 @@ EXAMPLES = {
     "sancheck": "aoe.py sancheck\naoe.py sancheck --json",
     "read": "aoe.py read e0.1 disk.img\naoe.py read e0.1 - --offset 1M --length 4k | xxd\n"
             "aoe.py read e0.1 disk.img --resume --checksum sha256",
+    "rescue": "aoe.py rescue e0.1 disk.img disk.map\naoe.py rescue -r 3 e0.1 disk.img disk.map\n"
+              "ddrescuelog -t disk.map",
     "write": "aoe.py write disk.img e0.1\naoe.py write --yes --offset 1M part.img e0.1",
     "bench": "aoe.py bench e0.1\naoe.py bench e0.1 --bs 4k --qd 32 --pattern rand\n"
              "aoe.py bench e0.1 --write --json",
@@ -5993,6 +6500,26 @@ def build_parser():
     p.add_argument("--checksum", choices=["md5", "sha1", "sha256", "sha512"],
                    help="print a checksum of the data")
     add_common(p, json_flag=False)
+    add_wait(p)
+    add_engine(p)
+
+    p = command("rescue", cmd_rescue, "image a failing device past its unreadable sectors, "
+                "keeping GNU ddrescue's mapfile")
+    p.add_argument("device", metavar="eX.Y")
+    p.add_argument("image", metavar="IMAGE", help="a file (made if missing, never truncated; "
+                   "sparse where nothing was read) or a block device")
+    p.add_argument("mapfile", metavar="MAPFILE",
+                   help="GNU ddrescue's mapfile: resumed from if it exists (aoe.py's or "
+                        "ddrescue's), kept up to date every few seconds and at the end")
+    p.add_argument("--offset", help="the domain starts here (bytes; k/M/G suffixes)")
+    p.add_argument("--length", help="the domain's length (default: to the end)")
+    p.add_argument("-n", "--no-scrape", action="store_true",
+                   help="skip the scraping phase (as ddrescue -n)")
+    p.add_argument("-r", "--retry-passes", type=positive(int, zero_too=True), default=0,
+                   metavar="N", help="read the bad sectors again N times (default 0)")
+    p.add_argument("-R", "--reverse", action="store_true",
+                   help="copy, scrape and retry backwards")
+    add_common(p)
     add_wait(p)
     add_engine(p)
 

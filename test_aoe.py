@@ -1119,6 +1119,281 @@ def test_root_free_groups_pass_with_the_helper_under_asan_and_ubsan(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# rescue: GNU ddrescue's mapfile and the phases, against a simulated failing disk
+# -----------------------------------------------------------------------------
+
+MANUAL_MAP = """# Mapfile. Created by GNU ddrescue version 1.25
+# Command line: ddrescue -d -c18 /dev/fd0 fdimage mapfile
+# Start time:   2015-07-21 09:37:44
+# Current time: 2015-07-21 09:38:19
+# Copying non-tried blocks... Pass 1 (forwards)
+# current_pos  current_status  current_pass
+0x00120000     ?               1
+#      pos        size  status
+0x00000000  0x00117000  +
+0x00117000  0x00000200  -
+0x00117200  0x00001000  /
+0x00118200  0x00007E00  *
+0x00120000  0x00048000  ?
+"""
+
+
+@pytest.mark.codec
+def test_mapfile_reads_the_manuals_example_and_writes_it_back_exactly():
+    rmap = aoe.RescueMap.parse(MANUAL_MAP, "mapfile", 0x168000)
+    assert rmap.blocks == [[0, 0x117000, "+"], [0x117000, 0x200, "-"], [0x117200, 0x1000, "/"],
+                           [0x118200, 0x7E00, "*"], [0x120000, 0x48000, "?"]]
+    assert (rmap.pos, rmap.phase, rmap.passno) == (0x120000, "?", 1)
+    heading = MANUAL_MAP.split("# current_pos")[0].replace("# ", "").splitlines()
+    assert rmap.text(heading) == MANUAL_MAP
+    # the device is larger than the map: the rest is non-tried
+    assert aoe.RescueMap.parse(MANUAL_MAP, "m", 0x200000).blocks[-1] == [0x120000, 0xE0000, "?"]
+
+
+@pytest.mark.codec
+def test_mapfile_reads_what_people_and_older_versions_write():
+    """Decimal and octal-looking numbers (a leading 0 is octal, as for ddrescue), comments
+    anywhere, a two-field status line (ddrescue before 1.22), a first block not at 0,
+    neighbours of one status merged."""
+    text = ("  # a comment\n\n4096 *   # two fields\n"
+            "01000 0x200 +\n"            # 01000 octal = 512
+            "1024 512 + # same status: merged\n"
+            "1536 010000 -\n")           # 010000 octal = 4096
+    rmap = aoe.RescueMap.parse(text, "m", 8192)
+    assert (rmap.pos, rmap.phase, rmap.passno) == (4096, "*", 1)
+    assert rmap.blocks == [[0, 512, "?"], [512, 1024, "+"], [1536, 4096, "-"],
+                           [5632, 2560, "?"]]
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("text, said", [
+    ("", "no status line"),
+    ("0 ?\n0 512 x\n", "line 2: not 'pos size status'"),
+    ("0 ? 0\n", "line 1: position below 0 or pass below 1"),
+    ("0 Q\n", "line 1: not 'pos status [pass]'"),
+    ("0 ?\n0 512 +\n1024 512 +\n", "line 3: block at 0x400 does not start where"),
+    ("0 ?\n0 0 +\n", "line 2: a block needs pos >= 0 and size > 0"),
+    ("0 ?\n0 100 +\n", "line 2: block 0x0+0x64 is not in whole 512-byte sectors"),
+    ("0 ?\n0 9000 +\n", "is not in whole"),
+    ("0 ?\n0 0x4000 +\n", "goes past the end of the device"),
+    ("0 ?\n0 12x +\n", "line 2:"),
+    ("0 ?\n0 09 +\n", "line 2:"),                  # not octal
+])
+def test_corrupt_mapfiles_get_one_clear_error(text, said):
+    with pytest.raises(aoe.AoeError) as e:
+        aoe.RescueMap.parse(text, "disk.map", 8192)
+    assert said in str(e.value) and "\n" not in str(e.value) and e.value.code == aoe.EXIT_USAGE
+
+
+@pytest.mark.codec
+def test_map_set_keeps_blocks_contiguous_and_merged():
+    rng = random.Random(5)
+    size = 512 * 300
+    rmap, model = aoe.RescueMap(size), ["?"] * 300
+    for _ in range(2000):
+        a = rng.randrange(300)
+        b = rng.randrange(a + 1, min(300, a + 40) + 1)
+        status = rng.choice(aoe.MAP_STATUSES)
+        rmap.set(a * 512, (b - a) * 512, status)
+        model[a:b] = [status] * (b - a)
+        at = 0
+        for pos, length, st in rmap.blocks:
+            assert pos == at and length > 0 and model[pos // 512:(pos + length) // 512] == \
+                [st] * (length // 512)
+            at = pos + length
+        assert at == size
+        assert all(x[2] != y[2] for x, y in zip(rmap.blocks, rmap.blocks[1:]))
+
+
+class SimulatedDisk:
+    """An engine over a failing disk in memory: a frame (spf sectors) holding a bad sector
+    fails with ABRT and the request goes on with its other frames; a read touching a slow
+    sector answers `slow` polls later; after `silent_after` polls nothing answers and the
+    engine is dead, as Engine is after deadsecs."""
+
+    def __init__(self, data, bad, spf=2, slow=(), slow_polls=5, silent_after=None,
+                 interrupt_at=None):
+        self.data, self.bad, self.spf, self.slow = data, set(bad), spf, set(slow)
+        self.slow_polls, self.silent_after, self.interrupt_at = slow_polls, silent_after, \
+            interrupt_at
+        self.window, self.policy, self.dead = 16, [None], None
+        self.sectors = len(data) // 512
+        self.pending, self.failures, self.polls, self.next_id = [], {}, 0, 0
+        self.reads = collections.Counter()
+
+    def submit(self, op, lba, count, buf):
+        assert op == aoe.OP_READ and 0 <= lba and lba + count <= self.sectors and count > 0
+        if self.dead:
+            raise aoe.AoeError(self.dead)
+        self.next_id += 1
+        delay = self.slow_polls if self.slow & set(range(lba, lba + count)) else 1
+        self.pending.append((self.polls + delay, self.next_id, lba, count, buf))
+        return self.next_id
+
+    def poll(self, timeout_us):
+        self.polls += 1
+        if self.interrupt_at is not None and self.polls >= self.interrupt_at:
+            raise KeyboardInterrupt
+        if self.silent_after is not None and self.polls > self.silent_after:
+            self.dead = "e3.7: no answer for 5 s (deadsecs)"
+            done = [(rid, -errno.ETIMEDOUT) for _, rid, _, _, _ in self.pending]
+            self.pending = []
+            return done
+        done, keep = [], []
+        for item in self.pending:
+            due, rid, lba, count, buf = item
+            if due > self.polls:
+                keep.append(item)
+                continue
+            failed = []
+            for f in range(lba, lba + count, self.spf):
+                n = min(self.spf, lba + count - f)
+                self.reads.update(range(f, f + n))
+                if self.bad & set(range(f, f + n)):
+                    failed.append((f, n, -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)))
+                else:
+                    buf[(f - lba) * 512:(f - lba + n) * 512] = self.data[f * 512:(f + n) * 512]
+            if failed:
+                self.failures[rid] = failed
+            done.append((rid, failed[0][2] if failed else 0))
+        self.pending = keep
+        return done
+
+    def failed_frames(self, rid):
+        return self.failures.pop(rid, [])
+
+    def close(self):
+        pass
+
+
+def rescue_in_memory(disk, image, rmap, start=0, end=None, **options):
+    """One Rescuer run into the file `image`; returns (rmap, interrupted)."""
+    end = disk.sectors if end is None else end
+    fd = os.open(str(image), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        aoe.Rescuer(disk, fd, rmap, start, end, lambda: None, **options).run()
+        return rmap, False
+    except KeyboardInterrupt:
+        return rmap, True
+    finally:
+        os.close(fd)
+
+
+def check_rescue(rmap, image, data, bad, start, end):
+    """Every readable sector of the domain rescued with its bytes, every unreadable one bad,
+    the map contiguous over the device; nothing outside the domain read or claimed."""
+    at = 0
+    for pos, length, status in rmap.blocks:
+        assert pos == at and length > 0
+        at += length
+    assert at == len(data)
+    got = image.read_bytes().ljust(len(data), b"\0")
+    for lba in range(len(data) // 512):
+        status = [st for pos, length, st in rmap.blocks if pos <= lba * 512 < pos + length][0]
+        if not start <= lba < end:
+            assert status == "?", lba
+        elif lba in bad:
+            assert status == "-", lba
+        else:
+            assert status == "+" and got[lba * 512:(lba + 1) * 512] == data[lba * 512:(lba + 1) * 512], \
+                (lba, status)
+
+
+def failing_disk(rng, sectors=4096):
+    data = rng.randbytes(sectors * 512)
+    bad = set(rng.sample(range(sectors), 40))                          # scattered
+    for area in (rng.randrange(sectors - 200) for _ in range(3)):      # bad areas
+        bad.update(range(area, area + rng.choice((17, 64, 128))))
+    bad.update((0, sectors - 1))                                       # the first and last
+    return data, bad
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("spf, reverse, domain", [(2, False, None), (17, False, None),
+                                                  (17, True, None), (2, False, (1000, 3000))])
+def test_rescue_finds_every_bad_sector_and_keeps_every_good_one(tmp_path, spf, reverse, domain):
+    rng = random.Random(spf * 7 + reverse)
+    data, bad = failing_disk(rng)
+    slow = set(rng.sample(sorted(bad), 5))
+    disk = SimulatedDisk(data, bad, spf, slow=slow)
+    start, end = domain or (0, disk.sectors)
+    rmap, interrupted = rescue_in_memory(disk, tmp_path / "img", aoe.RescueMap(len(data)), start,
+                                         end, reverse=reverse)
+    assert not interrupted and rmap.phase == "+"
+    check_rescue(rmap, tmp_path / "img", data, bad, start, end)
+    # a good sector read once, twice if its frame held a bad one (copying, then trimming or
+    # scraping); a bad one at most three times (copying, trimming, scraping)
+    frame_mates = {lba + i for lba in bad for i in range(1 - spf, spf)}
+    assert max(disk.reads[lba] for lba in range(start, end) if lba not in frame_mates) == 1
+    assert max(disk.reads[lba] for lba in range(start, end) if lba not in bad) <= 2
+    assert max(disk.reads[lba] for lba in bad if start <= lba < end) <= 3
+    assert all(disk.reads[lba] == 0 for lba in range(disk.sectors) if not start <= lba < end)
+
+
+@pytest.mark.codec
+def test_rescue_no_scrape_leaves_the_middles_and_retries_read_bad_sectors_again(tmp_path):
+    data, bad = failing_disk(random.Random(3))
+    disk = SimulatedDisk(data, bad, 17)
+    rmap, _ = rescue_in_memory(disk, tmp_path / "img", aoe.RescueMap(len(data)), scrape=False)
+    totals, _ = rmap.totals()
+    assert totals["/"] > 0 and totals["*"] == 0 and totals["?"] == 0
+    rmap, _ = rescue_in_memory(disk, tmp_path / "img", rmap, retries=2)   # scrapes, retries
+    check_rescue(rmap, tmp_path / "img", data, bad, 0, disk.sectors)
+    assert min(disk.reads[lba] for lba in bad) >= 3                     # retried twice
+
+
+@pytest.mark.codec
+def test_rescue_interrupted_anywhere_resumes_to_the_same_image_and_map(tmp_path):
+    """Interrupted at random points, each time resumed from the mapfile as written (text, parsed
+    back), the image and map end as one uninterrupted run's; and at every interruption the map
+    claims no byte the image does not hold."""
+    rng = random.Random(9)
+    data, bad = failing_disk(rng)
+    whole = tmp_path / "whole"
+    reference, _ = rescue_in_memory(SimulatedDisk(data, bad, 17), whole, aoe.RescueMap(len(data)))
+    image, rmap, runs = tmp_path / "img", aoe.RescueMap(len(data)), 0
+    while True:
+        runs += 1
+        assert runs < 100
+        disk = SimulatedDisk(data, bad, 17, interrupt_at=rng.randrange(1, 12))
+        rmap, interrupted = rescue_in_memory(disk, image, rmap)
+        got = image.read_bytes().ljust(len(data), b"\0") if image.exists() else bytes(len(data))
+        for pos, length, status in rmap.blocks:
+            if status == "+":
+                assert got[pos:pos + length] == data[pos:pos + length]
+        rmap = aoe.RescueMap.parse(rmap.text(["resumed"]), "m", len(data))
+        if not interrupted:
+            break
+    assert runs > 3
+    assert rmap.blocks == reference.blocks and image.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.codec
+def test_rescue_stops_when_the_target_goes_silent_and_keeps_what_it_has(tmp_path):
+    data, bad = failing_disk(random.Random(4))
+    disk = SimulatedDisk(data, bad, 17, silent_after=6)
+    with pytest.raises(aoe.AoeError, match="deadsecs"):
+        rescue_in_memory(disk, tmp_path / "img", aoe.RescueMap(len(data)))
+    # what it rescued before is in the image (the map was kept by the caller)
+
+
+@pytest.mark.codec
+def test_ddrescuelog_reads_our_mapfile(tmp_path):
+    """GNU ddrescue's own tool reads a map rescue wrote and finds the same totals."""
+    need(shutil.which("ddrescuelog"), "needs ddrescuelog (Debian's gddrescue)")
+    data, bad = failing_disk(random.Random(6))
+    rmap, _ = rescue_in_memory(SimulatedDisk(data, bad, 17), tmp_path / "img",
+                               aoe.RescueMap(len(data)))
+    path = tmp_path / "map"
+    path.write_text(rmap.text(["Mapfile. Created by aoe.py", "Finished"]))
+    listed = subprocess.run(["ddrescuelog", "-l-", str(path)], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert set(map(int, listed.stdout.split())) == bad
+    done = subprocess.run(["ddrescuelog", "-D", str(path)])
+    assert done.returncode == 1                       # not finished: bad sectors remain
+
+
+# -----------------------------------------------------------------------------
 # net: namespaces, veth, vblade and aoetools
 # -----------------------------------------------------------------------------
 
