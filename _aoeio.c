@@ -17,8 +17,13 @@
  * the same; a test holds each pair equal:
  *   aoe_pump's answer checks and drop reasons = PyPump's
  *       (test_pumps_agree_and_take_only_true_answers: both pumps, scripted answers);
+ *   which frames of a request failed (aoe_eng.failed) = PyPump.failed
+ *       (test_engine_names_the_frames_the_target_failed_and_keeps_the_others);
  *   srv_classify's order of checks and srv_decode's IDNF/ABRT answers =
  *       AoeTarget.handle's (test_serve_fast_path_answers_exactly_like_python);
+ *   srv_classify's unreadable sectors (a READ touching them goes to aoe.py) =
+ *       the reads AoeTarget._ata fails for serve --fault-bad
+ *       (test_serve_fast_path_answers_exactly_like_python[bad]);
  *   bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
  *       which sees every request the bridge declines (the VM's attach checks);
  *   nbd_start's = NbdBackend.refusal and Engine.submit's bounds
@@ -1282,12 +1287,13 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
 /*
  * aoe.py's AoeTarget.handle decides every frame's answer.  This section only
  * answers the frames whose answer follows from the state aoe.py mirrors into
- * struct aoe_srv (export window, read-only, scnt, mask and reservation lists):
- * ATA READ/WRITE SECTORS (EXT) sent to our exact shelf.slot by an initiator
- * the mask and reservation lists admit, asking for at most scnt sectors and,
- * for writes, carrying them all.  It drops and counts, as handle() does,
- * frames that are short, not AoE version 1, responses, for other targets or
- * from masked initiators.  Every other frame goes back to aoe.py: aoe_srv_pump
+ * struct aoe_srv (export window, read-only, scnt, mask and reservation lists,
+ * unreadable sectors): ATA READ/WRITE SECTORS (EXT) sent to our exact
+ * shelf.slot by an initiator the mask and reservation lists admit, asking for
+ * at most scnt sectors and, for writes, carrying them all; but no READ that
+ * touches a sector serve --fault-bad made unreadable.  It drops and counts,
+ * as handle() does, frames that are short, not AoE version 1, responses, for
+ * other targets or from masked initiators.  Every other frame goes back to aoe.py: aoe_srv_pump
  * returns as soon as a batch held one, and aoe.py answers it with handle().
  *
  * Each answer is built in place in its receive slot (the request is at most a
@@ -1297,7 +1303,8 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
  * ATA_HDR_LEN bytes before an SRV_ALIGN boundary, so data is aligned for a
  * file opened O_DIRECT.
  * One struct aoe_srv per socket and thread.  Only the mask and reservation
- * lists change while it runs, through aoe_srv_set_lists, under its lock.
+ * lists and the unreadable sectors change while it runs, through
+ * aoe_srv_set_lists and aoe_srv_set_bad, under its lock.
  */
 
 #include <pthread.h>
@@ -1350,9 +1357,11 @@ struct aoe_srv {
     int nslow; struct aoe_srv_frame *slow;
 
     /* private */
-    pthread_mutex_t lock;           /* guards the lists */
+    pthread_mutex_t lock;           /* guards the lists and the unreadable sectors */
     int nmasks, nreserved;
     uint8_t masks[SRV_MAX_MACS][6], reserved[SRV_MAX_MACS][6];
+    int nbad;                       /* unreadable sectors: [bad_start[i], bad_end[i]), sorted */
+    uint64_t *bad_start, *bad_end;  /* one allocation, bad_start's */
     size_t frame_max;               /* bytes a slot holds from the frame's start */
     size_t slot_size;
     uint8_t *buf;
@@ -1367,6 +1376,7 @@ struct aoe_srv *aoe_srv_new(int frame_max);
 void aoe_srv_free(struct aoe_srv *s);
 int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks,
                       const uint8_t *reserved, int nreserved);
+int aoe_srv_set_bad(struct aoe_srv *s, const uint64_t *starts, const uint64_t *ends, int n);
 int aoe_srv_pump(struct aoe_srv *s, int timeout_us);
 /* ABI-END */
 
@@ -1380,6 +1390,7 @@ void aoe_srv_free(struct aoe_srv *s)
     if (!s)
         return;
     pthread_mutex_destroy(&s->lock);
+    free(s->bad_start);
     free(s->buf);
     free(s);
 }
@@ -1440,6 +1451,69 @@ int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks,
     return 0;
 }
 
+/* Replace the unreadable sectors (serve --fault-bad) with n ranges
+ * [starts[i], ends[i]), sorted, disjoint, none empty; n = 0 clears them.  A
+ * READ touching one goes to aoe.py, which fails it.  Swapped in under the lock
+ * that srv_classify holds anyway, so a pump may run meanwhile at no cost. */
+int aoe_srv_set_bad(struct aoe_srv *s, const uint64_t *starts, const uint64_t *ends, int n)
+{
+    if (!s || n < 0 || (n && (!starts || !ends)))
+        return -EINVAL;
+    for (int i = 0; i < n; i++)
+        if (starts[i] >= ends[i] || (i && starts[i] < ends[i - 1]))
+            return -EINVAL;
+    uint64_t *ranges = NULL;
+    if (n) {
+        ranges = malloc((size_t)n * 2 * sizeof(*ranges));
+        if (!ranges)
+            return -ENOMEM;
+        memcpy(ranges, starts, (size_t)n * sizeof(*ranges));
+        memcpy(ranges + n, ends, (size_t)n * sizeof(*ranges));
+    }
+    pthread_mutex_lock(&s->lock);
+    uint64_t *old = s->bad_start;
+    s->bad_start = ranges;
+    s->bad_end = ranges ? ranges + n : NULL;
+    s->nbad = n;
+    pthread_mutex_unlock(&s->lock);
+    free(old);
+    return 0;
+}
+
+/* Whether sectors lba..lba+count-1 include an unreadable one: the first range
+ * ending after lba (binary search; the ends are sorted too) starts before
+ * lba + count.  Called with s->lock held. */
+static int srv_touches_bad(const struct aoe_srv *s, uint64_t lba, unsigned count)
+{
+    int lo = 0, hi = s->nbad;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (s->bad_end[mid] <= lba)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return count && lo < s->nbad && s->bad_start[lo] < lba + count;
+}
+
+/* A request's LBA as AoeTarget._ata takes it: 48 bits when its aflags say
+ * LBA48, else 28; and 28 at most for the LBA28 commands. */
+static uint64_t srv_lba(const uint8_t *h)
+{
+    uint64_t lba;
+    if (h[24] & AOEAFL_EXT) {
+        lba = 0;
+        for (int i = 5; i >= 0; i--)
+            lba = lba << 8 | h[28 + i];
+    } else {
+        lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 |
+              (uint64_t)(h[31] & 0x0F) << 24;
+    }
+    if (h[27] != ATA_READ_EXT && h[27] != ATA_WRITE_EXT)
+        lba &= LBA28_MASK;
+    return lba;
+}
+
 static int mac_listed(const uint8_t (*list)[6], int n, const uint8_t *mac)
 {
     for (int i = 0; i < n; i++)
@@ -1493,6 +1567,8 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
     int write = cmd == ATA_WRITE || cmd == ATA_WRITE_EXT;
     if (h[26] > s->scnt || (write && len - ATA_HDR_LEN < (size_t)h[26] * SECTOR_SIZE))
         return SRV_SLOW;                    /* aoe.py answers "bad argument" */
+    if (!write && s->nbad && srv_touches_bad(s, srv_lba(h), h[26]))
+        return SRV_SLOW;                    /* aoe.py fails it (or answers IDNF) */
     return SRV_FAST;
 }
 
@@ -1509,20 +1585,11 @@ struct srv_io {
 static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
 {
     uint8_t cmd = h[27];
-    int cmd_ext = cmd == ATA_READ_EXT || cmd == ATA_WRITE_EXT;
-    uint64_t lba;
-    if (h[24] & AOEAFL_EXT) {
-        lba = 0;
-        for (int i = 5; i >= 0; i--)
-            lba = lba << 8 | h[28 + i];
-    } else {
-        lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 |
-              (uint64_t)(h[31] & 0x0F) << 24;
+    uint64_t lba = srv_lba(h);
+    if (!(h[24] & AOEAFL_EXT)) {
         h[31] = 0xE0 | (h[31] & 0x0F);
         h[32] = h[33] = 0;
     }
-    if (!cmd_ext)
-        lba &= LBA28_MASK;
     io->h = h;
     io->lba = lba;
     io->count = h[26];

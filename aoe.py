@@ -27,6 +27,7 @@ import fnmatch
 import gc
 import getopt
 import hashlib
+import heapq
 import io
 import json
 import mmap
@@ -1646,6 +1647,7 @@ def helper_mismatch(helper):
                  for f in sorted(path_fields - shared - {"fd"})]
     wanted = set(PUMP_COUNTERS) | {"drop_" + d for d in PUMP_DROPS}
     problems += ["struct aoe_counters lacks " + f for f in sorted(wanted - counters)]
+    problems += ["it lacks " + f for f in ("aoe_srv_set_bad",) if not hasattr(helper.lib, f)]
     return problems
 
 
@@ -3936,6 +3938,113 @@ class Export:
         os.close(self.fd)
 
 
+SECTOR_ITEM = re.compile(r"(0x[0-9a-f]+|[0-9]+)(?:([-+])(0x[0-9a-f]+|[0-9]+))?$", re.I)
+
+
+class SectorSet:
+    """A set of sectors as sorted [start, end) ranges, overlapping and adjacent ones merged.
+    Iterating gives the (start, end) ranges; len() counts the sectors."""
+
+    def __init__(self, ranges=()):
+        merged = []
+        for start, end in sorted((s, e) for s, e in ranges if s < e):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.starts = [s for s, _ in merged]
+        self.ends = [e for _, e in merged]
+
+    @classmethod
+    def parse(cls, text):
+        """From items separated by commas or white space ('#' comments to the end of the
+        line): N, one sector; A-B, A to B inclusive; A+N, N sectors from A; numbers decimal
+        or 0x hex.  Raises ValueError naming the first wrong item."""
+        ranges = []
+        for item in re.sub(r"#[^\n]*", "", text).replace(",", " ").split():
+            m = SECTOR_ITEM.match(item)
+            if not m:
+                raise ValueError("%r is not N, A-B or A+N (decimal or 0x hex numbers)" % item)
+            start, value = [int(t, 16 if t[:2].lower() == "0x" else 10) if t else 0
+                            for t in m.group(1, 3)]
+            how = m.group(2)
+            if how == "-" and value < start:
+                raise ValueError("%r ends before it starts" % item)
+            if how == "+" and not value:
+                raise ValueError("%r has no sectors" % item)
+            end = value + 1 if how == "-" else start + value if how == "+" else start + 1
+            ranges.append((start, end))
+        if not ranges:
+            raise ValueError("no sectors given")
+        return cls(ranges)
+
+    def __iter__(self):
+        return zip(self.starts, self.ends)
+
+    def __len__(self):
+        return sum(end - start for start, end in self)
+
+    def __eq__(self, other):
+        return isinstance(other, SectorSet) and (self.starts, self.ends) == (other.starts,
+                                                                             other.ends)
+
+    def __repr__(self):
+        return "SectorSet(%r)" % list(self)
+
+    def first_in(self, lba, count):
+        """The first sector of lba..lba+count-1 in the set, or None."""
+        i = bisect.bisect_right(self.ends, lba)   # the first range ending after lba
+        if count > 0 and i < len(self.starts) and self.starts[i] < lba + count:
+            return max(lba, self.starts[i])
+        return None
+
+    def touches(self, lba, count):
+        return self.first_in(lba, count) is not None
+
+    def __contains__(self, lba):
+        return self.touches(lba, 1)
+
+
+class HeldFrames:
+    """Frames to send later, each at its time (time.monotonic()), the soonest first."""
+
+    def __init__(self):
+        self.heap, self.added = [], 0
+
+    def __len__(self):
+        return len(self.heap)
+
+    def add(self, due, frame):
+        self.added += 1                           # ties leave in the order they came
+        heapq.heappush(self.heap, (due, self.added, frame))
+
+    def due(self, now):
+        """The frames whose time has come, taken out."""
+        ready = []
+        while self.heap and self.heap[0][0] <= now:
+            ready.append(heapq.heappop(self.heap)[2])
+        return ready
+
+    def wait(self, now):
+        """Seconds until the next frame is due, or None when none is held."""
+        return max(0.0, self.heap[0][0] - now) if self.heap else None
+
+
+BAD_SECTOR_ERRORS = {"abrt": ATA_ABORTED, "unc": ATA_UNC}
+
+
+class BadSectors:
+    """Testing aid (serve --fault-bad): sectors no READ gets, as on a failing disk.  A READ
+    touching them is answered as vblade answers a pread that stops at the first one: with
+    the sectors before it, status ERR|DRDY, error ABRT (vblade's) or UNC (a disk's), the
+    count of sectors not transferred; `delay_ms` late, as a disk retrying inside, without
+    holding up other answers.  Writes to them succeed as usual and leave them unreadable:
+    the set is fixed for the run."""
+
+    def __init__(self, sectors, error=ATA_ABORTED, delay_ms=0.0):
+        self.sectors, self.error, self.delay = sectors, error, delay_ms / 1000.0
+
+
 class FaultPlan:
     """Testing aid: drop, duplicate, delay (with jitter) or reorder a fraction of
     responses; and, as a hostile target would, send forged answers before the
@@ -3949,7 +4058,7 @@ class FaultPlan:
         self.drop, self.duplicate, self.reorder, self.forge = drop, duplicate, reorder, forge
         self.delay, self.jitter = delay_ms / 1000.0, jitter_ms / 1000.0
         self.rng = random.Random(seed)
-        self.held = []                            # (due time, frame) for delay and reorder
+        self.held = HeldFrames()                  # for delay and reorder
         self.history = collections.deque(maxlen=64)   # recent true answers, to replay late
 
     @property
@@ -3968,7 +4077,8 @@ class FaultPlan:
         if self.delay or self.jitter or r() < self.reorder:
             due = (time.monotonic()
                    + max(0.0, (self.delay or 0.002) + self.rng.uniform(-self.jitter, self.jitter)))
-            self.held.extend((due, f) for f in mine)
+            for f in mine:
+                self.held.add(due, f)
             return out
         return out + mine
 
@@ -4013,18 +4123,17 @@ class FaultPlan:
         return out
 
     def due(self):
-        t = time.monotonic()
-        ready = [f for d, f in self.held if d <= t]
-        self.held = [(d, f) for d, f in self.held if d > t]
-        return ready
+        return self.held.due(time.monotonic())
 
 
 class AoeTarget:
     """The protocol side of a target: one request frame in, one response (or none) out."""
 
     def __init__(self, shelf, slot, export, mac, mtu, bufcnt=SERVE_BUFCNT, masks=(),
-                 model="aoe.py export", serial=None):
+                 model="aoe.py export", serial=None, bad=None):
         self.shelf, self.slot, self.export, self.mac = shelf, slot, export, mac
+        self.bad = bad                            # BadSectors, or None
+        self.later = HeldFrames()                 # answers to send later (bad.delay)
         self.bufcnt = bufcnt
         self.scnt = min(255, frame_sectors(mtu))
         self.config = b""
@@ -4044,7 +4153,8 @@ class AoeTarget:
                         AOEFL_RSP)
 
     def handle(self, data):
-        """Request bytes -> response bytes, or None to stay silent (counted)."""
+        """Request bytes -> response bytes, or None: silent (counted), or answering later
+        (self.later holds the answer)."""
         try:
             f = parse_frame(data)
         except FrameError as e:
@@ -4089,7 +4199,7 @@ class AoeTarget:
         cmd = a.cmd_status
         if cmd != ATA_CMD_ID_ATA and self.reserved and f.src not in self.reserved:
             return self._ata_reply(f, a, AOEFL_ERR, AOEERR_RESERVED)
-        status, err, data = ATA_DRDY, 0, b""
+        status, err, data, unreadable = ATA_DRDY, 0, b"", False
         if cmd == ATA_CMD_ID_ATA:
             if a.count != 1:
                 return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
@@ -4114,10 +4224,15 @@ class AoeTarget:
                         else:
                             self.stats["sectors_written"] += a.count
                     else:
-                        data = self.export.read(lba, a.count)
-                        self.stats["sectors_read"] += a.count
-                        if len(data) != a.count * SECTOR_SIZE:
+                        first_bad = self.bad.sectors.first_in(lba, a.count) if self.bad else None
+                        good = a.count if first_bad is None else first_bad - lba
+                        data = self.export.read(lba, good)
+                        self.stats["sectors_read"] += good
+                        if len(data) != good * SECTOR_SIZE:
                             status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
+                        elif first_bad is not None:
+                            status, err, unreadable = ATA_DRDY | ATA_ERR, self.bad.error, True
+                            self.stats["unreadable"] += 1
                 except OSError:
                     status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
         elif cmd in (ATA_CMD_FLUSH, ATA_CMD_FLUSH_EXT):
@@ -4128,10 +4243,16 @@ class AoeTarget:
                 status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
         elif cmd != ATA_CMD_CHK_POWER:
             status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
-        # The count is what is left to transfer: all of it after an error (as vblade says).
-        count = 0xFF if cmd == ATA_CMD_CHK_POWER else a.count if status & ATA_ERR else 0
-        reply = AtaFields(a.aflags, err, count, status, a.lba, data)
-        return pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag, reply, AOEFL_RSP)
+        # The count is what is left to transfer after an error (as vblade says): all of it,
+        # but the sectors before an unreadable one.
+        count = (0xFF if cmd == ATA_CMD_CHK_POWER
+                 else a.count - len(data) // SECTOR_SIZE if status & ATA_ERR else 0)
+        reply = pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag,
+                         AtaFields(a.aflags, err, count, status, a.lba, data), AOEFL_RSP)
+        if unreadable and self.bad.delay:
+            self.later.add(time.monotonic() + self.bad.delay, reply)
+            return None
+        return reply
 
     def _ata_reply(self, f, a, flags, error):
         reply = AtaFields(a.aflags, a.err_feature, a.count, a.cmd_status, a.lba)
@@ -4205,6 +4326,9 @@ def serve_loop(target, port, faults=None, stop=lambda: False):
     view = memoryview(buf)
     while not stop():
         timeout = 2 if faults and faults.held else 200
+        later = target.later.wait(time.monotonic())
+        if later is not None:
+            timeout = min(timeout, int(later * 1000) + 1)
         poller.poll(timeout)
         for _ in range(256):
             try:
@@ -4219,6 +4343,8 @@ def serve_loop(target, port, faults=None, stop=lambda: False):
         if faults and faults.held:
             for frame in faults.due():
                 port.send(frame)
+        for frame in target.later.due(time.monotonic()):
+            port.send(frame)
 
 
 # The helper's "Target fast path" answers ATA READ/WRITE in C; AoeTarget.handle
@@ -4265,9 +4391,10 @@ def fanout_ports(ifc, count):
 
 class FastServe:
     """serve's data path in the helper: per port a thread loops in aoe_srv_pump, which
-    answers READ/WRITE itself and returns the other frames; those go through
-    AoeTarget.handle under one lock, after which the mask and reservation lists
-    are mirrored into every struct aoe_srv again."""
+    answers READ/WRITE itself and returns the other frames (and READs of unreadable
+    sectors); those go through AoeTarget.handle under one lock, after which the mask
+    and reservation lists are mirrored into every struct aoe_srv again.  Answers the
+    target holds for later leave from whichever thread finds them due."""
 
     _STATS = ("batches", "sectors_read", "sectors_written", "io_errors", "send_lost")
     _DROPS = ("short", "not_aoe", "version", "response", "other_target", "masked", "oversize")
@@ -4291,6 +4418,14 @@ class FastServe:
             srv.shelf, srv.slot, srv.readonly = (target.shelf, target.slot,
                                                  1 if export.readonly else 0)
             srv.base, srv.sectors, srv.scnt = export.base, export.sectors, target.scnt
+            if target.bad:
+                bad = target.bad.sectors
+                rc = self.lib.aoe_srv_set_bad(srv, self.ffi.new("uint64_t[]", bad.starts),
+                                              self.ffi.new("uint64_t[]", bad.ends),
+                                              len(bad.starts))
+                if rc < 0:
+                    raise AoeError("serve fast path: cannot take the unreadable sectors: %s"
+                                   % os.strerror(-rc))
             self.srvs.append(srv)
         self.mirror()
 
@@ -4316,15 +4451,30 @@ class FastServe:
                     port.send(reply)
             self.mirror()
 
+    def send_due(self, port):
+        """Send the held answers that are due; returns how long the next pump may wait
+        (microseconds): SERVE_SLICE_US, or less, until the next held answer is due."""
+        later = self.target.later
+        if not later:       # unlocked: a thread that holds an answer sees it here after all
+            return SERVE_SLICE_US
+        with self.lock:
+            now = time.monotonic()
+            frames, wait = later.due(now), later.wait(now)
+        for frame in frames:
+            port.send(frame)
+        return SERVE_SLICE_US if wait is None else min(SERVE_SLICE_US, int(wait * 1000000) + 1)
+
     def _work(self, srv, port):
         lib = self.lib
+        timeout = SERVE_SLICE_US
         try:
             while not self.stopping:
-                n = lib.aoe_srv_pump(srv, SERVE_SLICE_US)
+                n = lib.aoe_srv_pump(srv, timeout)
                 if n < 0:
                     raise AoeError("%s: serve fast path: %s" % (port.name, os.strerror(-n)))
                 if n:
                     self.answer_slow(srv, port, n)
+                timeout = self.send_due(port)
         except BaseException as e:                # ends serve, reported by run()
             self.failure = self.failure or e
             self.stopping = True
@@ -6041,11 +6191,18 @@ def cmd_serve(args):
     masks = [parse_mac(m) for m in (args.mask or "").replace(",", " ").split()]
     faults = FaultPlan(args.fault_drop, args.fault_duplicate, args.fault_delay, args.fault_jitter,
                        args.fault_reorder, args.fault_forge, args.fault_seed)
+    bad = None
+    if args.fault_bad:
+        bad = BadSectors(args.fault_bad, BAD_SECTOR_ERRORS[args.fault_bad_error],
+                         args.fault_bad_delay)
+        if bad.sectors.ends[-1] > export.sectors:
+            raise usage_error("--fault-bad: sector %d is past the end of the export (%d sectors)"
+                              % (bad.sectors.ends[-1] - 1, export.sectors))
     helper = load_helper()
     why_python = ("fault injection" if faults.active else "no helper" if helper is None
                   else "over %d masks" % SERVE_MASK_MAX if len(masks) > SERVE_MASK_MAX else None)
     ports, why_fewer = fanout_ports(ifc, 1 if why_python else serve_threads())
-    target = AoeTarget(shelf, slot, export, ifc.mac, ifc.mtu, args.bufcnt, masks)
+    target = AoeTarget(shelf, slot, export, ifc.mac, ifc.mtu, args.bufcnt, masks, bad=bad)
     fast = None
     try:
         if not why_python:
@@ -6058,7 +6215,10 @@ def cmd_serve(args):
               "frame, %s data path%s, as user %s (uid %d, gid %d)"
               % (os.getpid(), device_name(shelf, slot), export.sectors,
                  "O_RDONLY" if args.readonly else "O_RDWR", ifc.name, mac_str(ifc.mac), args.bufcnt,
-                 target.scnt, path, ", FAULT INJECTION ON" if faults.active else "",
+                 target.scnt, path,
+                 (", FAULT INJECTION ON" if faults.active else "")
+                 + (", %d UNREADABLE SECTORS (%s)"
+                    % (len(bad.sectors), args.fault_bad_error.upper()) if bad else ""),
                  user_name(os.geteuid()), os.geteuid(), os.getegid()), flush=True)
         if why_fewer:
             sys.stderr.write("serve: one thread only: %s\n" % why_fewer)
@@ -6405,6 +6565,21 @@ def positive(kind, zero_too=False):
     return check
 
 
+def sector_set_arg(text):
+    """RANGES, or @FILE holding them: a SectorSet (see SectorSet.parse)."""
+    where = ""
+    try:
+        if text.startswith("@"):
+            where = text + ": "
+            with open(text[1:]) as f:
+                text = f.read()
+        return SectorSet.parse(text)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(where + e.strerror)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(where + str(e))
+
+
 def fraction(text):
     value = float(text)
     if not 0 <= value <= 1:
@@ -6582,6 +6757,14 @@ def build_parser():
                    help="send forged answers before the true one to this fraction of "
                         "READs (a hostile target)")
     t.add_argument("--fault-seed", type=int, help="random seed for repeatable faults")
+    t.add_argument("--fault-bad", type=sector_set_arg, metavar="RANGES|@FILE",
+                   help="READs of these sectors fail (N, A-B, A+N, comma-separated; @FILE: "
+                        "the same, '#' comments); writes succeed but leave them unreadable")
+    t.add_argument("--fault-bad-error", choices=sorted(BAD_SECTOR_ERRORS), default="abrt",
+                   help="the ATA error of such a READ (default %(default)s, vblade's; a disk "
+                        "says unc)")
+    t.add_argument("--fault-bad-delay", type=positive(float, zero_too=True), default=0.0,
+                   metavar="MS", help="answer such a READ this much later, others meanwhile")
     add_common(p, json_flag=False, iface=False)
 
     p = command("attach", cmd_attach, "make eX.Y a block device (/dev/ublkbN or /dev/nbdN, linked "

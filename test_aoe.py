@@ -2322,6 +2322,152 @@ def test_engine_survives_faulty_target(served, data_path):
         assert a.read(4 << 20) == b.read()
 
 
+ENGINE_REQUESTS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import aoe
+# argv: aoe.py's directory, interface, device, file for the data read; stdin: JSON
+# [[op, lba, count], ...], op "read" or "write" (written sectors hold bytes 0xA5).  At
+# most 64 requests in flight, each next one submitted as one finishes.  Prints JSON
+# [[index, status], ...] in the order they finished; the reads' buffers, in the order
+# asked, go to the file.
+plan = json.load(sys.stdin)
+control = aoe.Control(aoe.open_ports([sys.argv[2]]))
+engine = aoe.Engine(aoe.find_target(control, sys.argv[3]), helper=aoe.load_helper())
+bufs = [bytearray(b"\xa5" * 512 * count if op == "write" else 512 * count)
+        for op, _, count in plan]
+ids, finished, sent = {}, [], 0
+while len(finished) < len(plan):
+    while sent < len(plan) and len(ids) < 64:
+        op, lba, count = plan[sent]
+        rid = engine.submit(aoe.OP_WRITE if op == "write" else aoe.OP_READ, lba, count, bufs[sent])
+        ids[rid], sent = sent, sent + 1
+    finished += [[ids.pop(rid), status] for rid, status in engine.poll(20000)]
+with open(sys.argv[4], "wb") as f:
+    for (op, _, _), buf in zip(plan, bufs):
+        if op == "read":
+            f.write(buf)
+print(json.dumps(finished))
+"""
+
+
+def engine_requests(bench, device, plan):
+    """Requests through aoe.py's Engine in the initiator namespace: [[index, status], ...]
+    in the order they finished, and the data read."""
+    out = os.path.join(str(bench.tmp), "engine-%s.data" % device)
+    r = subprocess.run(bench.argv(bench.ini_ns, [sys.executable, "-c", ENGINE_REQUESTS, HERE,
+                                                 bench.ini_if, device, out]),
+                       input=json.dumps(plan), capture_output=True, text=True, env=bench.env(),
+                       timeout=180)
+    assert r.returncode == 0, r.stderr
+    with open(out, "rb") as f:
+        return json.loads(r.stdout), f.read()
+
+
+def stop_serve(pid, log):
+    """SIGTERM to a serve started with -v; the statistics it prints on its way out."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(log) as f:
+            said = re.search(r"^served \{(.*)\}; dropped", f.read(), re.M)
+        if said:
+            return {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", said.group(1))}
+        time.sleep(0.05)
+    pytest.fail("serve %d did not stop and report" % pid)
+
+
+def serve_with_unreadable_sectors(served, serve_path, slot, options, size):
+    """serve --fault-bad ... -v as e6.SLOT on the given data path: (pid, log, export)."""
+    if serve_path == "helper":
+        need(aoe.load_helper() is not None, "needs the compiled helper: python3 build_ffi.py")
+    path = make_file(os.path.join(str(served.tmp), "unreadable%d" % slot), size, size)
+    pid, line, log = start_serve(served, ["-v"] + options + ["6", str(slot), served.tgt_if, path],
+                                 env=[("AOE_NO_HELPER", "1")] if serve_path == "python" else [])
+    assert ("helper, " in line) == (serve_path == "helper"), line     # not turned off by it
+    assert "UNREADABLE SECTORS" in line and "FAULT INJECTION" not in line, line
+    return pid, log, path
+
+
+# of a 4 MiB export (8192 sectors): the first and last, single ones, a 64 KiB area
+UNREADABLE = "0, 100, 0x801, 3000+128, 5000-5001, 8191"
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("serve_path, error", [("helper", "abrt"), ("python", "unc")])
+def test_serve_fault_bad_fails_exactly_the_unreadable_sectors(served, serve_path, error):
+    """serve --fault-bad (on the command line to the helper's fast path, from a file to the
+    pure-Python one): every other sector reads back right through the engine, every one of
+    the set fails with the ATA error asked for; a frame whose first unreadable sector is k
+    sectors in is answered, on the wire, with exactly the k sectors before it, status
+    ERR|DRDY and the count of sectors not transferred (as vblade answers a short pread)."""
+    listed = os.path.join(str(served.tmp), "unreadable-%s.txt" % serve_path)
+    with open(listed, "w") as f:
+        f.write("# sectors to fail\n" + UNREADABLE.replace(", ", "\n") + "  # the last\n")
+    slot = 1 if serve_path == "helper" else 2
+    pid, log, path = serve_with_unreadable_sectors(
+        served, serve_path, slot, ["--fault-bad", UNREADABLE if serve_path == "helper"
+                                   else "@" + listed, "--fault-bad-error", error], 4 << 20)
+    device, bad = "e6.%d" % slot, aoe.SectorSet.parse(UNREADABLE)
+    err = aoe.BAD_SECTOR_ERRORS[error]
+    with open(path, "rb") as f:
+        content = f.read()
+    assert served.aoe("read", device, "/dev/null").returncode != aoe.EXIT_OK
+    finished, data = engine_requests(served, device, [["read", lba, 1] for lba in range(8192)])
+    status = dict(finished)
+    assert sorted(status) == list(range(8192))
+    assert {status[lba] for lba in range(8192) if lba in bad} == {-(aoe.STATUS_ATA_ERROR | err)}
+    assert aoe.status_text(status[0]) == "ATA error: " + aoe.ATA_ERROR_NAMES[err]
+    wrong = [lba for lba in range(8192) if lba not in bad and
+             (status[lba] or data[lba * 512:(lba + 1) * 512] != content[lba * 512:(lba + 1) * 512])]
+    assert not wrong, (len(wrong), wrong[:10])
+
+    me, them = aoe.parse_mac(served.mac("ini")), aoe.parse_mac(served.mac("tgt"))
+    scnt = aoe.frame_sectors(served.mtu)
+    requests = [aoe.pack_ata(them, me, 6, slot, 0x5000 + k,
+                             aoe.AtaFields(aoe.AOEAFL_EXT, 0, scnt, aoe.ATA_CMD_PIO_READ_EXT,
+                                           3000 - k))
+                for k in range(scnt)]
+    for k, answer in enumerate(wire_answers(served, requests)):
+        assert answer is not None, k
+        a = aoe.parse_ata(aoe.parse_frame(answer))
+        assert (a.cmd_status, a.err_feature, a.count, a.lba) == \
+            (aoe.ATA_DRDY | aoe.ATA_ERR, err, scnt - k, 3000 - k)
+        assert len(answer) == max(aoe.ETH_ZLEN, aoe.ATA_HDR_LEN + k * 512), k
+        assert bytes(a.data[:k * 512]) == content[(3000 - k) * 512:3000 * 512], k
+    stats = stop_serve(pid, log)
+    assert stats["unreadable"] >= len(bad) + scnt, stats
+    if serve_path == "helper":            # the good sectors' READs, answered in C
+        assert stats["fast_path"] >= 8192 - len(bad), stats
+    else:
+        assert "fast_path" not in stats, stats
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("serve_path", ["helper", "python"])
+def test_serve_fault_bad_delay_holds_up_only_the_unreadable(served, serve_path):
+    """With --fault-bad-delay 1000 a READ of unreadable sectors is answered a second late,
+    and what comes after it first: a READ of a good sector, WRITEs (one to an unreadable
+    sector: it succeeds and the sector stays unreadable); another unreadable READ is held
+    on its own.  Only the order counts, not times."""
+    slot = 3 if serve_path == "helper" else 4
+    pid, log, path = serve_with_unreadable_sectors(
+        served, serve_path, slot, ["--fault-bad", "10, 20", "--fault-bad-delay", "1000"], 1 << 20)
+    device = "e6.%d" % slot
+    finished, _ = engine_requests(served, device, [["read", 10, 1], ["read", 11, 1],
+                                                   ["write", 20, 1], ["write", 30, 1],
+                                                   ["read", 8, 3]])
+    aborted = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
+    assert sorted(i for i, _ in finished[:3]) == [1, 2, 3] and \
+        sorted(finished[3:]) == [[0, aborted], [4, aborted]], finished
+    assert all(status == 0 for _, status in finished[:3]), finished
+    finished, data = engine_requests(served, device, [["read", 20, 1], ["read", 30, 1]])
+    assert sorted(finished) == [[0, aborted], [1, 0]] and data[512:] == b"\xa5" * 512
+    with open(path, "rb") as f:
+        assert f.read()[20 * 512:21 * 512] == b"\xa5" * 512
+    assert stop_serve(pid, log)["unreadable"] >= 3
+
+
 def drop_counts(stderr):
     """The counts on the 'dropped: ...' line aoe.py -v prints."""
     line = stderr.split("dropped: ", 1)[1].splitlines()[0]
@@ -2671,44 +2817,122 @@ def test_serve_warns_when_its_sockets_cannot_hold_the_buffer_count(capsys):
 
 
 @pytest.mark.codec
-@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
-def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly):
+def test_sector_set_parses_merges_and_finds_the_first_in_a_range(tmp_path):
+    s = aoe.SectorSet.parse("9, 0x10-0x13,3+2, 4 ,20+1,21-0X16")
+    assert list(s) == [(3, 5), (9, 10), (16, 23)] and len(s) == 10
+    assert s == aoe.SectorSet([(20, 23), (3, 4), (16, 20), (9, 10), (4, 5), (7, 7)])
+    assert s != aoe.SectorSet([(3, 5), (9, 10), (16, 22)])
+    assert [s.touches(lba, n) for lba, n in ((0, 3), (0, 4), (5, 4), (5, 5), (10, 6), (22, 1),
+                                             (23, 99), (4, 0))] == \
+        [False, True, False, True, False, True, False, False]
+    assert [s.first_in(lba, n) for lba, n in ((0, 99), (4, 9), (10, 9), (10, 6), (4, 0))] == \
+        [3, 4, 16, None, None]
+    assert 9 in s and 10 not in s
+    rng = random.Random(3)                   # against a plain set of sector numbers
+    for _ in range(200):
+        ranges = [(a, a + rng.randrange(4)) for a in (rng.randrange(60) for _ in range(5))]
+        s, plain = aoe.SectorSet(ranges), {x for a, b in ranges for x in range(a, b)}
+        assert len(s) == len(plain) and {x for a, b in s for x in range(a, b)} == plain
+        assert all(b1 < a2 for (_, b1), (a2, _) in zip(list(s), list(s)[1:]))   # merged
+        for lba, n in ((rng.randrange(70), rng.randrange(6)) for _ in range(20)):
+            inside = sorted(plain & set(range(lba, lba + n)))
+            assert s.first_in(lba, n) == (inside[0] if inside else None)
+            assert s.touches(lba, n) == bool(inside)
+    listed = tmp_path / "bad.txt"
+    listed.write_text("# unreadable\n0x100+8   # one 4 KiB block\n7,\n\n  300-301 1\n")
+    assert list(aoe.sector_set_arg("@%s" % listed)) == [(1, 2), (7, 8), (256, 264), (300, 302)]
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("value, said", [
+    ("9-3", "'9-3' ends before it starts"),
+    ("4+0", "'4+0' has no sectors"),
+    ("1,x", "'x' is not N, A-B or A+N"),
+    ("010x", "'010x' is not N, A-B or A+N"),
+    (" , ", "no sectors given"),
+    ("@/nonexistent/bad.txt", "@/nonexistent/bad.txt: No such file or directory"),
+    ("8", "sector 8 is past the end of the export (8 sectors)")])
+def test_serve_fault_bad_refuses_bad_ranges_in_one_line(value, said, capsys, tmp_path):
+    export = make_file(tmp_path / "eight", 8 * 512)
+    assert aoe.main(["serve", "--fault-bad", value, "1", "1", "lo", export]) == aoe.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--fault-bad" in err and said in err and len(err.splitlines()) == 1, err
+
+
+def read_touching(frame, sectors):
+    """Whether a frame is an ATA READ of sectors that touch `sectors` (a SectorSet)."""
+    try:
+        f = aoe.parse_frame(frame)
+        a = aoe.parse_ata(f)
+    except aoe.FrameError:
+        return False
+    if f.command != aoe.AOECMD_ATA or \
+            a.cmd_status not in (aoe.ATA_CMD_PIO_READ, aoe.ATA_CMD_PIO_READ_EXT):
+        return False
+    lba = a.lba if a.cmd_status == aoe.ATA_CMD_PIO_READ_EXT else a.lba & aoe.LBA28_MAX
+    return sectors.touches(lba, a.count)
+
+
+def received(sock):
+    try:
+        return sock.recv(70000, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+
+
+@pytest.mark.codec
+@pytest.mark.parametrize("readonly,bad", [(False, None), (True, None),
+                                          (False, "0, 5, 64-79, 700+600, 1999")],
+                         ids=["rw", "ro", "bad"])
+def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly, bad):
     """Frame by frame, the C fast path's answers (or silence) equal AoeTarget.handle's,
-    including after mask and reservation edits handed to Python."""
+    including after mask and reservation edits handed to Python.  With unreadable sectors
+    (serve --fault-bad, sector 5 also reached by LBA28 requests past 2^28), the READs
+    that touch them are handed to Python, and only those: a second struct aoe_srv without
+    them hands over exactly the other frames."""
     helper = aoe.load_helper()
     need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
     rng = random.Random(5)
     mac = bytes.fromhex("020000000001")
     initiators = [bytes.fromhex("02000000000%d" % i) for i in range(2, 5)]
     image = make_file(tmp_path / "img", 1 << 20, 1 << 20)
-    fast_side = aoe.AoeTarget(3, 7, aoe.Export(image, readonly, offset=8, length=2000), mac, 1500)
-    twin = aoe.AoeTarget(3, 7, aoe.Export(image, readonly, offset=8, length=2000), mac, 1500)
+    unreadable = aoe.BadSectors(aoe.SectorSet.parse(bad)) if bad else None
+    fast_side, twin = [aoe.AoeTarget(3, 7, aoe.Export(image, readonly, offset=8, length=2000),
+                                     mac, 1500, bad=unreadable) for _ in range(2)]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    plain_ours, plain_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     port = DatagramPort(ours)
-    fast = aoe.FastServe(helper, fast_side, [port], 1514)
-    srv = fast.srvs[0]
+    fast = aoe.FastServe(helper, fast_side, [port, DatagramPort(plain_ours)], 1514)
+    srv, plain = fast.srvs              # plain: the same lists (mirrored), no unreadable sectors
+    assert helper.lib.aoe_srv_set_bad(plain, helper.ffi.NULL, helper.ffi.NULL, 0) == 0
     edits = [aoe.pack_reserve(mac, initiators[0], 3, 7, 1,
                               aoe.ReserveInfo(aoe.RCMD_FORCE, [initiators[1]])),
              aoe.pack_mask(mac, initiators[0], 3, 7, 2,
                            aoe.MaskInfo(aoe.MCMD_EDIT, 0, [(aoe.DCMD_ADD, initiators[1])]))]
-    answered = 0
+    answered = handed_for_bad = 0
     for i in range(3000):
         frame = (edits[i // 1000 - 1] if i % 1000 == 0 and i
                  else random_request(rng, fast_side.scnt, mac, initiators))
         theirs.send(frame)
+        plain_theirs.send(frame)
         n = helper.lib.aoe_srv_pump(srv, 0)
-        assert n >= 0
+        plain_n = helper.lib.aoe_srv_pump(plain, 0)      # writes the same bytes again
+        assert n >= 0 and plain_n >= 0
         if n:
             fast.answer_slow(srv, port, n)
-        try:
-            reply = theirs.recv(70000, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            reply = None
+        reply, plain_fast = received(theirs), received(plain_theirs) is not None
         expect = twin.handle(frame)
         assert reply == expect, (frame[:40].hex(), (reply or b"")[:40].hex(),
                                  (expect or b"")[:40].hex())
+        for_bad = plain_fast and bool(unreadable) and read_touching(frame, unreadable.sectors)
+        assert bool(n) == (bool(plain_n) or for_bad), frame[:40].hex()
         answered += reply is not None
+        handed_for_bad += for_bad
     assert answered > 500 and srv.c.drop_masked > 0
+    if bad:       # more handed over than failed: READs past the end are answered IDNF
+        assert handed_for_bad >= fast_side.stats["unreadable"] == twin.stats["unreadable"] > 25
+    else:
+        assert handed_for_bad == 0
 
 
 @pytest.mark.codec
