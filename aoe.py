@@ -1846,6 +1846,7 @@ class Engine:
         self.next_id = 0
         self.backlog = []                         # completions wait() saw for other requests
         self.failures = {}                        # req_id -> its failed frames (failed_frames)
+        self.returned_failed = []                 # requests the last poll returned as failed
 
     def submit(self, op, lba, nsect, buf, req_id=None):
         """Queue a request; returns its id.  Raises AoeError for bad ranges or a dead target."""
@@ -1874,10 +1875,17 @@ class Engine:
         # requests the pump took itself (ublk) start the clock now
         if idle:
             self.last_progress = started
-        kept = {rid for rid, _ in self.backlog}   # the others' were not asked for: gone
-        self.failures = {rid: f for rid, f in self.failures.items() if rid in kept}
-        for rid, lba, nsect, status in self.pump.failed or ():
+        # a request's frames fail over several polls; once it was returned, what was not asked
+        # for is gone (but for completions wait() keeps for later)
+        kept = {rid for rid, _ in self.backlog}
+        for rid in self.returned_failed:
+            if rid not in kept:
+                self.failures.pop(rid, None)
+        failed = self.pump.failed
+        for rid, lba, nsect, status in failed or ():
             self.failures.setdefault(rid, []).append((lba, nsect, status))
+        if failed is None:                        # more than the engine lists: none is known
+            self.failures.clear()
         if self.backlog:
             done, self.backlog = self.backlog + list(done), []
         t = self.clock()
@@ -1900,6 +1908,7 @@ class Engine:
             self.dead = ("%s: no answer for %d s (deadsecs); the target is down or unreachable"
                          % (self.target.name, self.deadsecs))
             done = list(done) + self.pump.fail_all(-errno.ETIMEDOUT)
+        self.returned_failed = [rid for rid, status in done if status]
         return done
 
     def spin_for(self):
@@ -5573,8 +5582,8 @@ def rescue_phase_text(rmap, reverse):
 
 
 def open_image(path, end_bytes):
-    """The image: a regular file, made if missing, never truncated (sparse where nothing is
-    written), or a block device at least `end_bytes` long."""
+    """The image: a regular file, made if missing, never truncated, as long as the domain's
+    end at least (sparse where nothing is written), or a block device at least that long."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -5588,6 +5597,8 @@ def open_image(path, end_bytes):
     elif not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise usage_error("%s is neither a regular file nor a block device" % path)
+    elif st.st_size < end_bytes:
+        os.ftruncate(fd, end_bytes)              # a hole: unreadable sectors at the end too
     return fd
 
 
@@ -6682,7 +6693,8 @@ def build_parser():
                 "keeping GNU ddrescue's mapfile")
     p.add_argument("device", metavar="eX.Y")
     p.add_argument("image", metavar="IMAGE", help="a file (made if missing, never truncated; "
-                   "sparse where nothing was read) or a block device")
+                   "sparse where nothing was read; extended to the domain's end) or a block "
+                   "device")
     p.add_argument("mapfile", metavar="MAPFILE",
                    help="GNU ddrescue's mapfile: resumed from if it exists (aoe.py's or "
                         "ddrescue's), kept up to date every few seconds and at the end")

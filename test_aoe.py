@@ -604,8 +604,13 @@ def test_engine_names_the_frames_the_target_failed_and_keeps_the_others(kind):
         rid = engine.submit(aoe.OP_READ, 100, 8, buf)
         errors = {102: aoe.ATA_ABORTED, 106: aoe.ATA_UNC}
         done, deadline = [], time.monotonic() + 10
+        requests = []
         while not done and time.monotonic() < deadline:
-            for request in target.requests():
+            requests += target.requests()
+            if requests:                          # the failures first, one answer a poll
+                request = max(requests, key=lambda r: aoe.parse_ata(aoe.parse_frame(r)).lba
+                              in errors)
+                requests.remove(request)
                 lba = aoe.parse_ata(aoe.parse_frame(request)).lba
                 err = errors.get(lba, 0)
                 target.send(target.answer(request, err=err, data=b"" if err else None,
@@ -2441,6 +2446,63 @@ def test_serve_fault_bad_fails_exactly_the_unreadable_sectors(served, serve_path
         assert stats["fast_path"] >= 8192 - len(bad), stats
     else:
         assert "fast_path" not in stats, stats
+
+
+def mapped(path, status):
+    """The sectors a mapfile gives `status`, as a SectorSet (ddrescuelog -l does the same)."""
+    with open(path) as f:
+        rmap = aoe.RescueMap.parse(f.read(), path, 1 << 40)
+    return aoe.SectorSet((pos // 512, (pos + length) // 512)
+                         for pos, length, _ in rmap.areas(status))
+
+
+@pytest.mark.net
+@pytest.mark.parametrize("serve_path, initiator", [("helper", "helper"), ("python", "python")])
+def test_rescue_through_serve_with_unreadable_sectors(served, serve_path, initiator):
+    """rescue against serve --fault-bad: the image equals the export outside the unreadable
+    set, the map's bad sectors are exactly that set, GNU ddrescuelog reads the map with the
+    same totals; and a map GNU ddrescue wrote (its first MiB copied) is taken up and finished
+    to the same image and bad set."""
+    need(shutil.which("ddrescue") and shutil.which("ddrescuelog"),
+         "needs GNU ddrescue (Debian's gddrescue)")
+    slot = 3 if serve_path == "helper" else 4
+    rng = random.Random(slot * served.mtu)
+    unreadable = UNREADABLE + "".join(", %d" % rng.randrange(8192) for _ in range(30))
+    pid, log, path = serve_with_unreadable_sectors(served, serve_path, slot,
+                                                   ["--fault-bad", unreadable], 4 << 20)
+    device, bad = "e6.%d" % slot, aoe.SectorSet.parse(unreadable)
+    with open(path, "rb") as f:
+        content = f.read()
+    tmp, extra = str(served.tmp), ["--no-helper"] if initiator == "python" else []
+    image, mapfile = os.path.join(tmp, "rescued-%d.img" % slot), os.path.join(tmp, "r%d.map" % slot)
+    r = served.aoe("rescue", device, image, mapfile, "--json", *extra)
+    assert r.returncode == aoe.EXIT_FAIL, r.stderr                 # bad sectors remain
+    report = json.loads(r.stdout)
+    assert (report["bad"], report["rescued"], report["finished"]) == \
+        (len(bad) * 512, (8192 - len(bad)) * 512, True)
+    assert mapped(mapfile, "-") == bad and len(mapped(mapfile, "+")) == 8192 - len(bad)
+    with open(image, "rb") as f:
+        got = f.read()
+    assert len(got) == len(content)
+    assert all(got[lba * 512:(lba + 1) * 512] == content[lba * 512:(lba + 1) * 512]
+               for lba in range(8192) if lba not in bad)
+    shown = subprocess.run(["ddrescuelog", "-t", mapfile], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    listed = subprocess.run(["ddrescuelog", "-l-", mapfile], capture_output=True, text=True)
+    assert set(map(int, listed.stdout.split())) == set(lba for lba in range(8192) if lba in bad)
+    # GNU ddrescue copies the first MiB of the export's file; rescue takes its map up
+    image2, map2 = image + ".2", mapfile + ".2"
+    copied = subprocess.run(["ddrescue", "-s", str(1 << 20), path, image2, map2],
+                            capture_output=True, text=True)
+    assert copied.returncode == 0, copied.stderr
+    assert mapped(map2, "+") == aoe.SectorSet([(0, 2048)])
+    r = served.aoe("rescue", device, image2, map2, "--json", *extra)
+    assert r.returncode == aoe.EXIT_FAIL, r.stderr
+    assert json.loads(r.stdout)["read"] < len(content) - (1 << 20)     # not read again
+    assert mapped(map2, "-") == aoe.SectorSet((max(a, 2048), e) for a, e in bad if e > 2048)
+    with open(image2, "rb") as f:
+        assert f.read()[2048 * 512:] == got[2048 * 512:]
+    stop_serve(pid, log)
 
 
 @pytest.mark.net
