@@ -1695,17 +1695,18 @@ static void srv_send(struct aoe_srv *s, int n)
 
 /* Sort one batch: drop, answer, or keep for aoe.py (s->slow).  Every frame
  * after the first one for aoe.py goes to aoe.py too, in order, as that one
- * may change the lists the later ones are judged by (a mask or reservation). */
+ * may change the lists the later ones are judged by (a mask or reservation);
+ * but not one cut short by its slot, which aoe.py would take for whole. */
 static void srv_batch(struct aoe_srv *s, int n)
 {
     uint8_t kind[SRV_BATCH];
     int slow = 0;
     pthread_mutex_lock(&s->lock);
     for (int i = 0; i < n; i++) {
-        struct msghdr *m = &s->rx_msg[i].msg_hdr;
-        kind[i] = slow ? SRV_SLOW
-                       : (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len,
-                                               (m->msg_flags & MSG_TRUNC) != 0);
+        int truncated = (s->rx_msg[i].msg_hdr.msg_flags & MSG_TRUNC) != 0;
+        kind[i] = slow && !truncated
+                      ? SRV_SLOW
+                      : (uint8_t)srv_classify(s, srv_frame(s, i), s->rx_msg[i].msg_len, truncated);
         slow |= kind[i] == SRV_SLOW;
     }
     pthread_mutex_unlock(&s->lock);
