@@ -2850,6 +2850,7 @@ static void nbd_flush_out(struct aoe_eng *e)
                 nbd_free_slot(b, i);
                 e->nbd_open--;
             }
+            b->out_tail = NONE;             /* else the next answer is linked to a free slot */
             b->out_sent = 0;
             return;
         }
