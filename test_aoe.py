@@ -3405,3 +3405,40 @@ def test_attach_all_watch_and_units_as_systemd_runs_them():
     assert re.search(r"^e3\.1 started later: attached after \d+ s$", out, re.M)
     assert re.search(r"^e1\.2's target stopped: detached after \d+ s$", out, re.M)
     assert "Oops" not in out and "BUG:" not in out
+
+
+# -----------------------------------------------------------------------------
+# fuzz: the libFuzzer targets of the C helper (fuzz/), built with clang
+# -----------------------------------------------------------------------------
+
+FUZZ_DIR = os.path.join(HERE, "fuzz")
+FUZZ_TARGETS = sorted(os.path.basename(c)[:-2] for c in glob.glob(os.path.join(FUZZ_DIR, "*.c")))
+# Below this many inputs a second a target has stopped working as a fuzzer (each input
+# waiting 50 ms on a timeout, say): the slowest, nbd, runs some 300 a second on two busy
+# cores, and still 70 on two overloaded ones while it loads a large corpus.
+FUZZ_EXECS_PER_SECOND = 20
+# ... and below this many edges of coverage it never gets far into the helper (setup
+# failing, say): each target reaches several hundred within seconds.
+FUZZ_COVERAGE = 100
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("target", FUZZ_TARGETS)
+def test_fuzz_target_finds_nothing(target):
+    """fuzz/run: the target's checked-in corpus (seeds and every past finding) passes, then
+    AOE_FUZZ_SECONDS (60) of fuzzing find no crash, sanitizer report, broken invariant, leak,
+    timeout or excessive allocation, at a pace and a coverage that show the target works."""
+    need(shutil.which("clang"), "needs clang with its fuzzer and sanitizer runtimes "
+                                "(Debian: clang, libclang-rt-dev)")
+    seconds = int(os.environ.get("AOE_FUZZ_SECONDS", "60"))
+    run = subprocess.run([os.path.join(FUZZ_DIR, "run"), target, str(seconds)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=seconds + 600)
+    summary = re.search(r"^FUZZ (\S+) execs (\d+) cov (\d+) ft (\d+) corpus (\d+) seconds (\d+) "
+                        r"(\w+)$", run.stdout, re.M)
+    assert run.returncode == 0 and summary and summary.group(7) == "OK", \
+        run.stdout + run.stderr[-3000:]
+    assert summary.group(1) == target
+    execs, cov = int(summary.group(2)), int(summary.group(3))
+    assert execs >= FUZZ_EXECS_PER_SECOND * seconds, summary.group(0)
+    assert cov >= FUZZ_COVERAGE, summary.group(0)
