@@ -4789,34 +4789,33 @@ class Rescuer:
         if not blocks:
             return
         self._enter(PHASE_TRIMMING, 1, blocks[0][0] * SECTOR_SIZE)
-        # per block [next sector from the front, next from the back (exclusive), direction]
+        # per block [next sector from the front, next from the back (exclusive), direction:
+        # 1 forwards, -1 backwards, 0 done]; one read in flight at a time per block
         edges = [[lba, lba + count, 1] for lba, count in blocks]
-        asked = {}                                        # lba -> edge
-        while edges or self.inflight:
+        asked, busy = {}, set()                           # lba -> its block's edge; their ids
+        while edges:
             for edge in edges:
-                if edge not in asked.values() and edge[0] < edge[1]:
+                if edge[2] and edge[0] < edge[1] and id(edge) not in busy:
                     lba = edge[0] if edge[2] > 0 else edge[1] - 1
                     asked[lba] = edge
+                    busy.add(id(edge))
                     self._submit(lba, 1)
-            if not self.inflight:
-                break
-            for lba, _, bad in self._collect():
+            for lba, _, bad in self._collect() if self.inflight else ():
                 edge = asked.pop(lba)
+                busy.discard(id(edge))
                 if edge[2] > 0:
                     edge[0] += 1
-                    if bad:
-                        edge[2] = -1                      # now from the trailing edge
+                    edge[2] = -1 if bad else 1            # then from the trailing edge
                 else:
                     edge[1] -= 1
-                    if bad:
-                        edge[2] = 0                       # done
+                    edge[2] = 0 if bad else -1
                 if bad:
                     self.map.set(lba * SECTOR_SIZE, SECTOR_SIZE, MAP_BAD)
-            for edge in [e for e in edges if e[2] == 0 or e[0] >= e[1]]:
-                if edge not in asked.values():
-                    edges.remove(edge)
-                    self.map.set(edge[0] * SECTOR_SIZE, (edge[1] - edge[0]) * SECTOR_SIZE,
-                                 MAP_NON_SCRAPED)
+            for edge in [e for e in edges if (e[2] == 0 or e[0] >= e[1])
+                         and id(e) not in busy]:
+                edges.remove(edge)                        # the middle is left for scraping
+                self.map.set(edge[0] * SECTOR_SIZE, (edge[1] - edge[0]) * SECTOR_SIZE,
+                             MAP_NON_SCRAPED)
 
     def _each_sector(self, phase, passno, status):
         """Every sector of the blocks with `status` once, many at once (scraping, retrying)."""
