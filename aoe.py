@@ -2014,10 +2014,10 @@ class Engine:
         """Per-path and engine counters, for -v: every resend explained, every drop counted."""
         lines = []
         for path, p, pol in zip(self.target.paths, self.pump.paths, self.policy):
-            lines.append("path %s: sent %d, answered %d, window %d of %d, rto %.1f ms, "
-                         "srtt %.2f ms; window cut %d times (%d undone)%s%s\n"
-                         % (path, p.sent, p.recv, p.maxout, pol.limit, p.rto_us / 1000.0,
-                            pol.srtt / 1000.0, pol.cuts, pol.undone,
+            lines.append("path %s: sent %d, answered %d, window %d of %d, %d frames in flight, "
+                         "rto %.1f ms, srtt %.2f ms; window cut %d times (%d undone)%s%s\n"
+                         % (path, p.sent, p.recv, p.maxout, pol.limit, p.outstanding,
+                            p.rto_us / 1000.0, pol.srtt / 1000.0, pol.cuts, pol.undone,
                             "" if p.enabled else ", set aside now",
                             ", set aside %d times" % pol.times_set_aside if pol.times_set_aside
                             else ""))

@@ -3318,9 +3318,9 @@ def test_attach_block_device(kernel, mtu, backend, alone):
     """attach against vblade: ext4, fio verify, partitions, ro, outages, SIGTERM, SIGKILL during
     a read and --recover, a hostile target, detach under load, flush.  Each backend at both MTUs
     and on both kernels; NBD also with aoe.py copied alone into an empty directory and run by
-    Python 3.8: no helper, the standard library only.  The hostile target and the idle time
-    before an outage test the engine, not the kernel: the 6.12 runs cover them with the helper
-    (ublk) and in pure Python (alone)."""
+    Python 3.8: no helper, the standard library only.  The hostile target runs in all four
+    (both kernels, both backends); the idle time before an outage tests the engine, not the
+    kernel: the 6.12 runs cover it with the helper (ublk) and in pure Python (alone)."""
     if backend == "ublk" or not alone:
         need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
     python, before = sys.executable, ""
@@ -3328,7 +3328,7 @@ def test_attach_block_device(kernel, mtu, backend, alone):
         python = python38()
         before = 'd=$(mktemp -d) && cp aoe.py "$d" && AOE_PY="$d/aoe.py" '
     if kernel != min(VM_SUITES):
-        before += "SKIP='hostile idle' "
+        before += "SKIP=idle "
     native = (os.path.exists("/dev/ublk-control") if backend == "ublk"
               else os.path.isdir("/sys/module/nbd"))
     # this machine's kernel runs it once, not per VM kernel
@@ -3345,12 +3345,51 @@ def test_attach_block_device(kernel, mtu, backend, alone):
         out = in_vm("attach-check.sh", mtu, backend, python=python, before=before, timeout=1500,
                     kernel=kernel)
     assert "ATTACH-CHECK OK mtu %d backend %s" % (mtu, backend) in out
-    for step in ("hostile", "idle"):
-        assert ("== %s: skipped" % step in out) == ("SKIP=" in before), out[-3000:]
+    assert "== a hostile target" in out and "== hostile: skipped" not in out, out[-3000:]
+    assert ("== idle: skipped" in out) == ("SKIP=idle" in before), out[-3000:]
     if alone:
         assert re.search(r"aoe\.py \S+ \(python 3\.8\.\d+, helper not built", out), out[:2000]
     # e2fsck -fn clean
     assert "Pass 5: Checking group summary information" in out and "Fix?" not in out
+    assert "Oops" not in out and "BUG:" not in out, out[-3000:]
+
+
+# kernel -> (MTU, vm/depth-check.sh's cases: backend:target:data path)
+DEPTH_CASES = {"6.12": (9000, ("nbd:vblade:helper", "ublk:serve:helper", "nbd:vblade:python")),
+               "7.3": (1500, ("ublk:vblade:helper", "nbd:serve:helper"))}
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("kernel", list(DEPTH_CASES))
+def test_attach_at_depth_against_64_buffers(kernel):
+    """attach against targets with 64 buffers (vblade -b 64; serve, its fast path), reads and
+    writes mixed at depth 64 (4k) and 32 (64k), each read and each write checked by fio (crc32c
+    and offset), the written region against the target's file; the daemon alive and up
+    afterwards, the kernel silent, and the window at 64: its limit the target's buffer count,
+    64 frames in flight at 64k.  Each backend against each target with the helper once, split
+    over the two kernels: 6.12 at MTU 9000 (nbd with vblade, ublk with serve, nbd in pure
+    Python: ublk has no pure-Python path), 7.3 at MTU 1500 (ublk with vblade, nbd with serve).
+    With vblade's default of 16 buffers no more than 16 answers waited for the kernel at once;
+    33 overflowed the nbd bridge's batch."""
+    pairs = {case.rsplit(":", 1)[0] for _, cases in DEPTH_CASES.values() for case in cases
+             if case.endswith(":helper")}
+    assert pairs == {"ublk:vblade", "ublk:serve", "nbd:vblade", "nbd:serve"}
+    need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    mtu, cases = DEPTH_CASES[kernel]
+    out = in_vm("depth-check.sh", mtu, *cases, kernel=kernel)
+    assert "DEPTH-CHECK OK mtu %d %s" % (mtu, " ".join(cases)) in out, out[-3000:]
+    for case in cases:
+        for size, depth in (("4k", 64), ("64k", 32)):
+            line = re.search(r"^%s %s qd%d: read \d+ IOPS .*, verify errors (\d+); frames in "
+                             r"flight at most (\d+), window limit (\d+) " % (case, size, depth),
+                             out, re.M)
+            assert line, (case, size, out[-3000:])
+            errors, most, limit = map(int, line.groups())
+            assert errors == 0 and limit == 64, line.group(0)
+            if size == "64k":
+                assert most == 64, line.group(0)
+        assert "%s: daemon alive, up, no kernel message, the writer's region equals the " \
+               "target's file" % case in out, out[-3000:]
     assert "Oops" not in out and "BUG:" not in out, out[-3000:]
 
 
