@@ -2271,6 +2271,7 @@ void *ublk_queue_bufs(struct ublk_queue *q);
 unsigned ublk_queue_buf_size(struct ublk_queue *q);
 int ublk_queue_in_kernel(struct ublk_queue *q);
 int ublk_queue_last_error(struct ublk_queue *q);
+uint64_t ublk_queue_start_sector(struct ublk_queue *q, int tag);
 int ublk_queue_fetch_all(struct ublk_queue *q);
 int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long long timeout_us);
 int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const int32_t *results);
@@ -2397,6 +2398,15 @@ int ublk_queue_in_kernel(struct ublk_queue *q)
 int ublk_queue_last_error(struct ublk_queue *q)
 {
     return q->last_error;
+}
+
+/* The first sector of the request tag t holds (its descriptor stays until it is committed);
+ * UINT64_MAX, past any device, for a tag the queue has not. */
+uint64_t ublk_queue_start_sector(struct ublk_queue *q, int tag)
+{
+    if (!q || tag < 0 || tag >= q->depth)
+        return UINT64_MAX;
+    return q->descs[tag].start_sector;
 }
 
 static int ublk_queue_prep(struct ublk_queue *q, unsigned op, int tag, int32_t result)

@@ -1647,7 +1647,8 @@ def helper_mismatch(helper):
                  for f in sorted(path_fields - shared - {"fd"})]
     wanted = set(PUMP_COUNTERS) | {"drop_" + d for d in PUMP_DROPS}
     problems += ["struct aoe_counters lacks " + f for f in sorted(wanted - counters)]
-    problems += ["it lacks " + f for f in ("aoe_srv_set_bad",) if not hasattr(helper.lib, f)]
+    problems += ["it lacks " + f for f in ("aoe_srv_set_bad", "ublk_queue_start_sector")
+                 if not hasattr(helper.lib, f)]
     return problems
 
 
@@ -2355,7 +2356,7 @@ class UblkBackend:
         self.control = UblkControl(helper)
         self.dev_id = None
         self.queue = None
-        self.inflight = {}                        # tag -> (ublk op, bytes on success)
+        self.inflight = {}                        # tag -> (ublk op, bytes on success, start)
         self.results = []                         # (tag, result) to commit
         self.flags = 0                            # the device's UBLK_F_* of UBLK_FEATURES
         self.ring_flags = 0                       # the queue ring's IORING_SETUP_* (once open)
@@ -2553,16 +2554,28 @@ class UblkBackend:
         """An engine request ended: the answer for its ublk tag, or a flush sent again."""
         if rid & BRIDGE_ID:                       # only failures come back from the helper
             tag, op, nbytes = rid & 0xFFFF, (rid >> 16) & 0xFF, 0
+            start = self.lib.ublk_queue_start_sector(self.queue, tag)
         else:
             tag = rid
-            op, nbytes = self.inflight.pop(tag)
+            op, nbytes, start = self.inflight.pop(tag)
         if status and op == UBLK_IO_OP_FLUSH and self.engine.fall_back_flush(status):
-            self.inflight[tag] = (op, 0)
+            self.inflight[tag] = (op, 0, 0)
             self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
             return
+        result = self._failed_result(rid, op, start) if status else nbytes
         if status and not self.engine.dead:
-            self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
-        self.results.append((tag, -errno.EIO if status else nbytes))
+            self.log("%s: %s%s" % (self.daemon.target.name, status_text(status),
+                                   "; a read at sector %d, completed up to %d"
+                                   % (start, start + result // SECTOR_SIZE) if result > 0 else ""))
+        self.results.append((tag, result))
+
+    def _failed_result(self, rid, op, start):
+        """A failed READ completes its sectors before the first frame the target failed, if
+        any: ublk_drv ends that many bytes and sends the rest again as a request of its own,
+        which fails here from its first sector, so the reader learns where the failure is."""
+        failed = self.engine.failed_frames(rid)
+        good = failed[0][0] - start if failed and op == UBLK_IO_OP_READ else 0
+        return good * SECTOR_SIZE if good > 0 else -errno.EIO
 
     def intake(self):
         """The requests the pump handed over, and the results to commit; False once the
@@ -2589,7 +2602,7 @@ class UblkBackend:
             self.results.append((tag, -errno.EIO))
             return
         if op == UBLK_IO_OP_FLUSH:            # its start_sector is meaningless: no bounds check
-            self.inflight[tag] = (op, 0)
+            self.inflight[tag] = (op, 0, 0)
             self.engine.submit(OP_FLUSH, 0, 0, None, req_id=tag)
             return
         if op not in (UBLK_IO_OP_READ, UBLK_IO_OP_WRITE):
@@ -2603,7 +2616,7 @@ class UblkBackend:
             self.log(str(e))
             self.results.append((tag, -errno.EIO))
             return
-        self.inflight[tag] = (op, nbytes)
+        self.inflight[tag] = (op, nbytes, r.start_sector)
 
     def report(self):
         return ("%d tags with the kernel"

@@ -626,6 +626,36 @@ def test_engine_names_the_frames_the_target_failed_and_keeps_the_others(kind):
 
 
 @pytest.mark.engine
+def test_ublk_failed_read_completes_up_to_its_first_failed_frame():
+    """ublk: a READ the target failed in part is completed with its bytes before the first
+    failed frame (ublk_drv sends the rest again), a bridged one from its descriptor's start;
+    -EIO when that is nothing, unknown (no failed frames named, a tag the queue lacks) or the
+    request is not a READ."""
+    abrt = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
+    read, write = aoe.UBLK_IO_OP_READ, aoe.UBLK_IO_OP_WRITE
+    bridged = lambda op, tag: aoe.BRIDGE_ID | op << 16 | tag
+    failed = {3: [(137, 17, abrt), (120, 17, abrt)], bridged(read, 7): [(1034, 17, abrt)],
+              4: [(100, 17, abrt)], 5: [(150, 2, abrt)], bridged(read, 9): [(5000, 1, abrt)],
+              bridged(write, 8): [(1017, 17, abrt)]}
+    backend = aoe.UblkBackend.__new__(aoe.UblkBackend)
+    backend.daemon = types.SimpleNamespace(target=types.SimpleNamespace(name="e1.2"))
+    backend.engine = types.SimpleNamespace(dead=None, fall_back_flush=lambda status: False,
+                                           failed_frames=lambda rid: sorted(failed.pop(rid, ())))
+    backend.lib = types.SimpleNamespace(     # the kernel's descriptors: tags 7 and 8 only
+        ublk_queue_start_sector=lambda queue, tag: {7: 1000, 8: 1000}.get(tag, 2 ** 64 - 1))
+    backend.queue, backend.results, logged = object(), [], []
+    backend.log = logged.append
+    backend.inflight = {3: (read, 64 * 512, 100), 4: (read, 64 * 512, 100),
+                        5: (write, 64 * 512, 100), 6: (read, 64 * 512, 100)}
+    for rid in (3, bridged(read, 7), 4, 5, 6, bridged(read, 9), bridged(write, 8)):
+        backend.completed(rid, abrt)
+    assert backend.results == [(3, 20 * 512), (7, 34 * 512), (4, -errno.EIO), (5, -errno.EIO),
+                               (6, -errno.EIO), (9, -errno.EIO), (8, -errno.EIO)]
+    assert not failed and not backend.inflight
+    assert logged[0].endswith("; a read at sector 100, completed up to 120") and len(logged) == 7
+
+
+@pytest.mark.engine
 @pytest.mark.parametrize("kind", ["python", "helper"])
 def test_a_tag_of_generation_0_answers_nothing(kind):
     """Generations run 1..GEN_MAX and wrap: a tag whose generation field is 0 names no
@@ -3268,6 +3298,25 @@ def test_lossy_link_attach_and_kernel_driver_verify(kernel):
     for who in ("kernel", "aoe.py"):
         assert re.search(r"^%s: randwrite 64k qd16 [\d.]+ MB/s, verify errors 0$" % re.escape(who),
                          out, re.M), out
+
+
+@pytest.mark.vm
+def test_attach_with_unreadable_sectors():
+    """attach through ublk, then nbd (6.12, one boot), on serve --fault-bad: only the requests
+    touching the bad sectors fail, the good areas read as the image; a buffered read stops
+    exactly at the first bad sector; ublk completes a failed read up to it, so the kernel's I/O
+    error names that sector (nbd's the request's start); the device stays up and writable;
+    GNU ddrescue -d -b512 on each device and aoe.py rescue map exactly the injected sectors."""
+    need(aoe.load_helper() is not None, "needs the compiled helper (python3 build_ffi.py)")
+    need(shutil.which("ddrescue") and shutil.which("ddrescuelog"),
+         "needs GNU ddrescue (apt-get install gddrescue)")
+    out = in_vm("badsector-check.sh", timeout=600)
+    assert "BADSECTOR-CHECK OK" in out
+    assert re.search(r"^bad sectors: 132 injected, the same 132 found by ddrescue \(ublk, nbd\) "
+                     r"and rescue$", out, re.M), out[-3000:]
+    assert re.findall(r"^direct: EIO; the kernel's I/O errors at sectors: (\d+) $", out, re.M) \
+        == ["10000", "9150"]                                   # ublk's, then nbd's
+    print("\n".join(re.findall(r"^(?:\w+: )?(?:ddrescue|rescue) took [\d.]+ s$", out, re.M)))
 
 
 @pytest.mark.vm
