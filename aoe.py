@@ -5390,12 +5390,14 @@ def stream(engine, op, lba, nsect, file_work, progress=None, fix_tail=None):
     takes a buffer after a read, or fills one before a write and returns how many
     bytes it put there; fix_tail(view, lba, got) completes a write buffer filled
     short (in this thread, as it may read the target).  Memory stays flat whatever
-    the size."""
+    the size.  A read stops at the first sector the target fails, what comes before it
+    handed to the file side, and raises an AoeError naming the sectors."""
     chunk = STREAM_CHUNK // SECTOR_SIZE
     buffers = [memoryview(bytearray(STREAM_CHUNK)) for _ in range(STREAM_DEPTH + STREAM_QUEUED)]
     free = collections.deque(range(len(buffers)))
     ready = collections.deque()                  # (index, view, lba) to send
     order, inflight, finished = collections.deque(), {}, set()
+    failures = {}                                # rid -> (sectors done before the bad, message)
     with_file = 0                                # buffers the file thread holds
     next_lba, end = lba, lba + nsect
     side = FileThread(file_work)
