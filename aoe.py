@@ -4777,15 +4777,7 @@ class Rescuer:
         self._enter(PHASE_COPYING, passno, 0)
         cursor = AreaCursor(areas, self.reverse)
         skip, limit = RESCUE_SKIP_MIN, max(RESCUE_SKIP_MIN, (self.end - self.start) // 100)
-        while True:
-            while len(self.inflight) < RESCUE_DEPTH:
-                chunk = cursor.next(RESCUE_CLUSTER)
-                if chunk is None:
-                    break
-                self._submit(*chunk)
-                self.map.pos = chunk[0] * SECTOR_SIZE
-            if not self.inflight:
-                return
+        while self._keep_busy(cursor, RESCUE_CLUSTER, RESCUE_DEPTH):
             for lba, count, bad in self._collect():
                 for bad_lba, bad_count, _ in bad:
                     self.map.set(bad_lba * SECTOR_SIZE, bad_count * SECTOR_SIZE,
@@ -4838,18 +4830,21 @@ class Rescuer:
         self._enter(phase, passno, areas[0][0] * SECTOR_SIZE)
         cursor = AreaCursor(areas, self.reverse)
         depth = max(RESCUE_DEPTH, self.engine.window * len(self.engine.policy))
-        while True:
-            while len(self.inflight) < depth:
-                chunk = cursor.next(1)
-                if chunk is None:
-                    break
-                self._submit(*chunk)
-                self.map.pos = chunk[0] * SECTOR_SIZE
-            if not self.inflight:
-                return
+        while self._keep_busy(cursor, 1, depth):
             for lba, _, bad in self._collect():
                 if bad:
                     self.map.set(lba * SECTOR_SIZE, SECTOR_SIZE, MAP_BAD)
+
+    def _keep_busy(self, cursor, size, depth):
+        """Reads of `size` sectors from the cursor until `depth` are in flight; False once
+        none are."""
+        while len(self.inflight) < depth:
+            chunk = cursor.next(size)
+            if chunk is None:
+                break
+            self._submit(*chunk)
+            self.map.pos = chunk[0] * SECTOR_SIZE
+        return bool(self.inflight)
 
     def _submit(self, lba, count):
         buf = bytearray(count * SECTOR_SIZE)
