@@ -2536,6 +2536,28 @@ def test_rescue_through_serve_with_unreadable_sectors(served, serve_path, initia
 
 
 @pytest.mark.net
+def test_rescue_waits_for_slow_bad_sectors_without_giving_up_the_target(served):
+    """Bad sectors answered only after 1 s, as a disk retrying them answers: rescue (deadsecs
+    5) waits for them while the rest goes on, never takes the target for dead, and ends with
+    exactly those sectors bad; the whole run takes a few of those seconds, not one a read."""
+    slot = 5
+    pid, log, path = serve_with_unreadable_sectors(
+        served, "helper", slot, ["--fault-bad", "100,3000+17,6000", "--fault-bad-delay", "1000"],
+        4 << 20)
+    image, mapfile = (os.path.join(str(served.tmp), name) for name in ("slow.img", "slow.map"))
+    started = time.monotonic()
+    r = served.aoe("rescue", "e6.%d" % slot, image, mapfile, "--json", "--deadsecs", "5")
+    took = time.monotonic() - started
+    assert r.returncode == aoe.EXIT_FAIL and "deadsecs" not in r.stderr, r.stderr
+    assert mapped(mapfile, "-") == aoe.SectorSet.parse("100,3000+17,6000")
+    assert json.loads(r.stdout)["rescued"] == (8192 - 19) * 512
+    # three bad areas, each read in copying, trimming and scraping: a dozen slow answers at
+    # most, most of them waited for together
+    assert took < 12, took
+    stop_serve(pid, log)
+
+
+@pytest.mark.net
 @pytest.mark.parametrize("serve_path", ["helper", "python"])
 def test_serve_fault_bad_delay_holds_up_only_the_unreadable(served, serve_path):
     """With --fault-bad-delay 1000 a READ of unreadable sectors is answered a second late,
