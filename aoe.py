@@ -9,7 +9,7 @@ build_ffi.py) moves frames in batches for speed.
 
 The file reads top to bottom, each section using only those above it:
 
-    constants  -> codec -> transport -> discovery and control queries
+    what Python 3.6 lacks -> constants -> codec -> transport -> discovery and control queries
     -> engine (windowed ATA I/O) -> block backends (ublk, nbd)
     -> attach daemon -> target (serve) -> commands
     -> lab and demo (NetLab, the demo verb) -> CLI (with the aoetools drop-in:
@@ -53,6 +53,49 @@ __version__ = "0.1.0"
 PROG = "aoe.py"
 # attached devices' records and logs, the allow-list
 RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
+
+
+# =============================================================================
+# Python 3.6: what it lacks, filled in once each (newer Pythons use their own)
+# =============================================================================
+
+if hasattr(time, "monotonic_ns"):
+    def now_us():
+        """The monotonic clock in whole microseconds."""
+        return time.monotonic_ns() // 1000
+else:                                    # Python 3.6 lacks time.monotonic_ns
+    def now_us():
+        """The monotonic clock in whole microseconds."""
+        return int(time.monotonic() * 1e6)
+
+# Python 3.6 lacks gc.freeze: a forked daemon then shares less of its parent's memory
+freeze_gc_heap = getattr(gc, "freeze", lambda: None)
+
+if hasattr(os, "preadv"):
+    def pread_into(fd, buffer, offset):
+        """Read into buffer itself (O_DIRECT's aligned one) from offset; returns the count."""
+        return os.preadv(fd, [buffer], offset)
+
+    def pwrite_from(fd, buffer, offset):
+        """Write buffer itself (O_DIRECT's aligned one) at offset; returns the count."""
+        return os.pwritev(fd, [buffer], offset)
+else:                                    # Python 3.6 lacks os.preadv and os.pwritev
+    def c_library_at_offset(name):
+        """The C library's pread64 or pwrite64, on the memory of a writable buffer."""
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
+        call.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
+        call.restype = ctypes.c_ssize_t
+
+        def at_offset(fd, buffer, offset):
+            n = call(fd, ctypes.addressof(ctypes.c_char.from_buffer(buffer)), len(buffer), offset)
+            if n < 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+            return n
+        return at_offset
+
+    pread_into = c_library_at_offset("pread64")
+    pwrite_from = c_library_at_offset("pwrite64")
 
 
 # =============================================================================
@@ -1083,10 +1126,6 @@ class PumpPath:
         self.newest_answered_us = self.sent = self.recv = self.last_recv_us = 0
         self.rtt_n = self.rtt_sum_us = self.rtt_max_us = 0   # answers during the last pump
         self.spurious = self.needed = self.late = 0
-
-
-def now_us():
-    return time.monotonic_ns() // 1000
 
 
 FRAME_PENDING, FRAME_INFLIGHT, FRAME_DONE = 1, 2, 3
@@ -2388,7 +2427,8 @@ class UblkBackend:
         if helper is None:
             return "the compiled helper is not built (python3 build_ffi.py)"
         if not os.path.exists("/dev/ublk-control") and shutil.which("modprobe"):
-            subprocess.run(["modprobe", "-q", "ublk_drv"], capture_output=True)
+            subprocess.run(["modprobe", "-q", "ublk_drv"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         if not os.path.exists("/dev/ublk-control"):
             return "this kernel has no ublk driver (/dev/ublk-control)"
         try:
@@ -2761,7 +2801,8 @@ def nbd_socket_attr(sock):
 
 def nbd_module_loaded():
     if not os.path.isdir("/sys/module/nbd") and shutil.which("modprobe"):
-        subprocess.run(["modprobe", "-q", "nbd"], capture_output=True)
+        subprocess.run(["modprobe", "-q", "nbd"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     return os.path.isdir("/sys/module/nbd")
 
 
@@ -3850,7 +3891,7 @@ def run_in_background(logfile, body):
     sys.stdout.flush()
     sys.stderr.flush()
     rfd, wfd = os.pipe()
-    gc.freeze()                                   # what exists now stays shared with the daemon
+    freeze_gc_heap()                              # what exists now stays shared with the daemon
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
@@ -3944,14 +3985,14 @@ class Export:
     def read(self, lba, count):
         if self.bounce is None:
             return os.pread(self.fd, count * SECTOR_SIZE, self.base + lba * SECTOR_SIZE)
-        n = os.preadv(self.fd, [self.bounce[:count * SECTOR_SIZE]], self.base + lba * SECTOR_SIZE)
+        n = pread_into(self.fd, self.bounce[:count * SECTOR_SIZE], self.base + lba * SECTOR_SIZE)
         return bytes(self.bounce[:n])
 
     def write(self, lba, data):
         if self.bounce is None:
             return os.pwrite(self.fd, data, self.base + lba * SECTOR_SIZE)
         self.bounce[:len(data)] = data
-        return os.pwritev(self.fd, [self.bounce[:len(data)]], self.base + lba * SECTOR_SIZE)
+        return pwrite_from(self.fd, self.bounce[:len(data)], self.base + lba * SECTOR_SIZE)
 
     def flush(self):
         os.fsync(self.fd)
@@ -6346,7 +6387,8 @@ class NetLab:
 
     @staticmethod
     def ip(*args):
-        r = subprocess.run(("ip",) + args, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(("ip",) + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=30)
         if r.returncode:
             raise AoeError("ip %s: %s" % (" ".join(args), r.stderr.strip()))
 
@@ -6364,7 +6406,7 @@ class NetLab:
 
     def mac(self, ns, ifname):
         r = subprocess.run(self.argv(ns, ["cat", os.path.join(SYS_NET, ifname, "address")]),
-                           capture_output=True, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
         return r.stdout.strip()
 
     def argv(self, ns, args):
@@ -6407,7 +6449,8 @@ class NetLab:
                     p.kill()
                     p.wait(5)
         for ns in self.made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         self.made = []
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
