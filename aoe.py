@@ -5603,22 +5603,27 @@ def find_target_waiting(control, device, wait, patience):
                 said = True
 
 
-def rescue_progress(rescuer, start_time, enabled):
-    """ddrescue's figures on one line, on a terminal."""
-    t = time.monotonic()
-    if not enabled or t - getattr(rescuer, "shown_at", 0) < 0.5:
-        return
-    rescuer.shown_at = t
-    bytes_in, bad_areas = rescuer.map.totals(rescuer.start * SECTOR_SIZE,
-                                             rescuer.end * SECTOR_SIZE)
-    m = rescuer.map
-    sys.stderr.write("\rrescued %s, non-tried %s, bad areas %d, bad %s, %s pass %d, pos 0x%X, "
-                     "%.1f MB/s, last good read %d s ago   "
-                     % (human_size(bytes_in[MAP_FINISHED]), human_size(bytes_in[MAP_NON_TRIED]),
-                        bad_areas, human_size(bytes_in[MAP_BAD]), PHASE_NAMES[m.phase], m.passno,
-                        m.pos, rescuer.read_bytes / max(t - start_time, 1e-6) / 1e6,
-                        t - rescuer.last_good))
-    sys.stderr.flush()
+def rescue_progress(start_time):
+    """A Rescuer's report: ddrescue's figures on one line, twice a second."""
+    shown = [0.0]
+
+    def report(rescuer):
+        t = time.monotonic()
+        if t - shown[0] < 0.5:
+            return
+        shown[0] = t
+        bytes_in, bad_areas = rescuer.map.totals(rescuer.start * SECTOR_SIZE,
+                                                 rescuer.end * SECTOR_SIZE)
+        m = rescuer.map
+        sys.stderr.write("\rrescued %s, non-tried %s, bad areas %d, bad %s, %s pass %d, "
+                         "pos 0x%X, %.1f MB/s, last good read %d s ago   "
+                         % (human_size(bytes_in[MAP_FINISHED]),
+                            human_size(bytes_in[MAP_NON_TRIED]), bad_areas,
+                            human_size(bytes_in[MAP_BAD]), PHASE_NAMES[m.phase], m.passno, m.pos,
+                            rescuer.read_bytes / max(t - start_time, 1e-6) / 1e6,
+                            t - rescuer.last_good))
+        sys.stderr.flush()
+    return report
 
 
 def rescue_phase_text(rmap, reverse):
@@ -5682,8 +5687,8 @@ def cmd_rescue(args):
     t0 = time.monotonic()
     tty = sys.stderr.isatty() and not args.json
     rescuer = Rescuer(engine, fd, rmap, first, first + count, save,
-                      lambda r: rescue_progress(r, t0, tty), args.reverse, not args.no_scrape,
-                      args.retry_passes)
+                      rescue_progress(t0) if tty else lambda r: None, args.reverse,
+                      not args.no_scrape, args.retry_passes)
     interrupted = False
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
