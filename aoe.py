@@ -1887,6 +1887,7 @@ class Engine:
         self.backlog = []                         # completions wait() saw for other requests
         self.failures = {}                        # req_id -> its failed frames (failed_frames)
         self.returned_failed = []                 # requests the last poll returned as failed
+        self.patience = (0, 0)                    # be_patient(): floors of the two timeouts
 
     def submit(self, op, lba, nsect, buf, req_id=None):
         """Queue a request; returns its id.  Raises AoeError for bad ranges or a dead target."""
@@ -1992,10 +1993,22 @@ class Engine:
                 path.enabled = 1
                 self._apply(pol, path)
 
-    @staticmethod
-    def _apply(pol, path):
-        """What the policy decided, into the pump's view of the path."""
-        path.maxout, path.rto_us, path.reorder_us = pol.window, pol.rto_us, pol.reorder_us
+    def be_patient(self, silent_us, reordered_us=0):
+        """Slow answers are expected (a failing disk retrying a sector): a frame is sent again
+        only after `silent_us` unanswered while nothing newer is answered either, or after
+        `reordered_us` once newer frames were.  Sending sooner would only queue the same slow
+        read at the target again: a single-threaded one works through every copy in turn.
+        (0, 0): the policy's timeouts alone."""
+        self.patience = (silent_us, reordered_us)
+        for pol, path in zip(self.policy, self.pump.paths):
+            self._apply(pol, path)
+
+    def _apply(self, pol, path):
+        """What the policy decided, within the patience asked for, into the pump's view of
+        the path."""
+        path.maxout = pol.window
+        path.rto_us = max(pol.rto_us, self.patience[0])
+        path.reorder_us = max(pol.reorder_us, self.patience[1])
 
     def failed_frames(self, req_id):
         """The frames of a request the last poll() returned as failed that the target failed
@@ -4604,6 +4617,9 @@ RESCUE_CLUSTER = 128                     # sectors a copying read asks for (ddre
 RESCUE_SKIP_MIN = 128                    # sectors skipped after a first error (64 KiB)
 RESCUE_DEPTH = 32                        # copying requests in flight
 RESCUE_SAVE_SECONDS = 5                  # the map is saved at least this often
+RESCUE_COPY_TIMEOUT = 5                  # seconds a copying read may take (a disk's retries)
+RESCUE_SECTOR_TIMEOUT = 30               # seconds a read of one sector may (SCSI's default)
+READ_TIMEOUT_MAX = 3600                  # the most either may be set to
 
 
 def c_integer(text):
@@ -4778,11 +4794,15 @@ class AreaCursor:
 class Rescuer:
     """The phases over an engine, into an image (a file descriptor) and a RescueMap whose
     positions are the image's; `save()` is called at least every RESCUE_SAVE_SECONDS and
-    `report(rescuer)` after every poll."""
+    `report(rescuer)` after every poll.  `timeouts` (seconds): how long a read of copying,
+    and one of the later phases' single sectors, may go unanswered before it is sent again
+    (Engine.be_patient)."""
 
     def __init__(self, engine, image_fd, rmap, start, end, save, report=lambda r: None,
-                 reverse=False, scrape=True, retries=0, clock=time.monotonic):
+                 reverse=False, scrape=True, retries=0, clock=time.monotonic,
+                 timeouts=(RESCUE_COPY_TIMEOUT, RESCUE_SECTOR_TIMEOUT)):
         self.engine, self.fd, self.map = engine, image_fd, rmap
+        self.timeouts = timeouts
         self.start, self.end = start, end                 # the domain, in sectors
         self.save, self.report, self.clock = save, report, clock
         self.reverse, self.scrape, self.retries = reverse, scrape, retries
@@ -4806,6 +4826,10 @@ class Rescuer:
 
     def _enter(self, phase, passno, pos):
         self.map.phase, self.map.passno, self.map.pos = phase, passno, pos
+        if phase == PHASE_COPYING:            # a lost frame among answered ones: sent again soon
+            self.engine.be_patient(int(self.timeouts[0] * 1e6))
+        else:                                 # a sector is read alone because it may be bad
+            self.engine.be_patient(*[int(self.timeouts[1] * 1e6)] * 2)
 
     def _domain_areas(self, statuses):
         return [(pos // SECTOR_SIZE, length // SECTOR_SIZE) for pos, length, _ in
@@ -5688,7 +5712,8 @@ def cmd_rescue(args):
     tty = sys.stderr.isatty() and not args.json
     rescuer = Rescuer(engine, fd, rmap, first, first + count, save,
                       rescue_progress(t0) if tty else lambda r: None, args.reverse,
-                      not args.no_scrape, args.retry_passes)
+                      not args.no_scrape, args.retry_passes,
+                      timeouts=(args.copy_timeout, args.sector_timeout))
     interrupted = False
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -6633,6 +6658,14 @@ def positive(kind, zero_too=False):
     return check
 
 
+def read_timeout_arg(text):
+    """Seconds a read may wait for its answer: more than 0, at most READ_TIMEOUT_MAX."""
+    value = positive(float)(text)
+    if not value <= READ_TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError("must be at most %d" % READ_TIMEOUT_MAX)
+    return value
+
+
 def sector_set_arg(text):
     """RANGES, or @FILE holding them: a SectorSet (see SectorSet.parse)."""
     where = ""
@@ -6763,6 +6796,13 @@ def build_parser():
                    metavar="N", help="read the bad sectors again N times (default 0)")
     p.add_argument("-R", "--reverse", action="store_true",
                    help="copy, scrape and retry backwards")
+    p.add_argument("--copy-timeout", type=read_timeout_arg, default=RESCUE_COPY_TIMEOUT,
+                   metavar="SECS", help="how long a copying read may go unanswered before it "
+                   "is sent again, unless newer ones are answered (default %(default)s)")
+    p.add_argument("--sector-timeout", type=read_timeout_arg, default=RESCUE_SECTOR_TIMEOUT,
+                   metavar="SECS", help="the same for a single sector's read in trimming, "
+                   "scraping and retries: a bad sector can take a disk that long "
+                   "(default %(default)s)")
     add_common(p)
     add_wait(p)
     add_engine(p)

@@ -415,6 +415,53 @@ def test_engine_fails_after_deadsecs_of_silence_not_before():
         assert theirs.recv(100)[:14] == MAC_T + MAC_I + b"\x88\xa2"   # it did ask
 
 
+@pytest.mark.engine
+@pytest.mark.parametrize("kind", ["python", "helper"])
+def test_patient_engine_waits_for_a_slow_answer_before_sending_again(kind):
+    """Engine.be_patient, as rescue uses it: a read the target is slow to answer is not sent
+    again before the patience asked for — while nothing newer is answered (a single-threaded
+    target busy with it), and, with both floors, while newer reads are answered — then it is.
+    Without patience the policy's own timeout, far shorter, sends it again at once."""
+    helper = aoe.load_helper() if kind == "helper" else None
+    need(kind == "python" or helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T]), helper=helper)
+        target = ScriptedTarget(theirs)
+
+        def sent_within(seconds, answer=()):
+            """Poll for `seconds`, answering the first sending seen of each LBA in `answer`
+            at once; the LBAs of every frame the target got, in order."""
+            lbas, end = [], time.monotonic() + seconds
+            while time.monotonic() < end:
+                engine.poll(2000)
+                for r in target.requests():
+                    lbas.append(aoe.parse_ata(aoe.parse_frame(r)).lba)
+                    if lbas[-1] in answer and lbas.count(lbas[-1]) == 1:
+                        target.send(target.answer(r))
+            return lbas
+
+        for lba in range(40, 56, 2):                  # round trips learned: a short timeout
+            engine.submit(aoe.OP_READ, lba, 2, bytearray(1024))
+            sent_within(0.02, answer=[lba])
+        assert engine.policy[0].rto_us < 100000, engine.policy[0].rto_us
+        # silent: only the floor of the timeout sends it again
+        engine.be_patient(600000)
+        engine.submit(aoe.OP_READ, 0, 2, bytearray(1024))
+        assert sent_within(0.4) == [0]
+        assert sent_within(3, answer=[0])[:1] == [0]
+        # newer reads answered: sent again soon, unless the second floor holds it too
+        engine.be_patient(600000, 600000)
+        engine.submit(aoe.OP_READ, 10, 2, bytearray(1024))
+        engine.submit(aoe.OP_READ, 12, 2, bytearray(1024))
+        assert sent_within(0.4, answer=[12]) == [10, 12]
+        assert sent_within(3, answer=[10])[:1] == [10]
+        engine.be_patient(0, 0)
+        engine.submit(aoe.OP_READ, 20, 2, bytearray(1024))
+        engine.submit(aoe.OP_READ, 22, 2, bytearray(1024))
+        assert sent_within(0.4, answer=[22]).count(20) >= 2
+
+
 def sector_data(lba, count):
     return b"".join(struct.pack(">Q", lba + i) * 64 for i in range(count))
 
@@ -1356,6 +1403,7 @@ class SimulatedDisk:
         self.sectors = len(data) // 512
         self.pending, self.failures, self.polls, self.next_id = [], {}, 0, 0
         self.reads = collections.Counter()
+        self.patience = []                          # every be_patient() asked, in order
 
     def submit(self, op, lba, count, buf):
         assert op == aoe.OP_READ and 0 <= lba and lba + count <= self.sectors and count > 0
@@ -1397,6 +1445,9 @@ class SimulatedDisk:
 
     def failed_frames(self, rid):
         return self.failures.pop(rid, [])
+
+    def be_patient(self, silent_us, reordered_us=0):
+        self.patience.append((silent_us, reordered_us))
 
     def close(self):
         pass
@@ -1464,6 +1515,12 @@ def test_rescue_finds_every_bad_sector_and_keeps_every_good_one(tmp_path, spf, r
     assert max(disk.reads[lba] for lba in range(start, end) if lba not in bad) <= 2
     assert max(disk.reads[lba] for lba in bad if start <= lba < end) <= 3
     assert all(disk.reads[lba] == 0 for lba in range(disk.sectors) if not start <= lba < end)
+    # copying sends a read again soon if newer ones are answered; a lone sector's only after
+    # its own timeout
+    copy, sector = aoe.RESCUE_COPY_TIMEOUT * 1000000, aoe.RESCUE_SECTOR_TIMEOUT * 1000000
+    assert disk.patience[0] == (copy, 0) and disk.patience[-1] == (sector, sector)
+    assert set(disk.patience) == {(copy, 0), (sector, sector)} and \
+        disk.patience == sorted(disk.patience)              # copying's passes first
 
 
 @pytest.mark.codec
