@@ -3553,6 +3553,27 @@ def test_attach_with_unreadable_sectors():
 
 
 @pytest.mark.vm
+def test_rescue_of_a_failing_disk_beside_gnu_ddrescue():
+    """A disk made with device-mapper (dm-error segments: scattered bad sectors, two 64 KiB
+    areas) under vblade -d (6.12): aoe.py rescue, and GNU ddrescue -d over aoe.py attach and
+    over the kernel's aoe driver, each find exactly the injected bad sectors and image every
+    other one with the disk's bytes.  Then sectors that fail only after 2 s (dm-delay): a
+    rescue stopped while vblade works off its reads of them, and one started at once, which
+    waits for the busy target (not 'no such target') and ends with every bad sector mapped."""
+    need(shutil.which("ddrescue") and shutil.which("dmsetup"),
+         "needs GNU ddrescue and dmsetup (apt-get install gddrescue dmsetup)")
+    out = in_vm("failing-disk-check.sh", timeout=900)
+    assert "FAILING-DISK-CHECK OK" in out
+    injected = int(re.search(r"^disk: \d+ MiB, (\d+) bad sectors", out, re.M).group(1))
+    for who in ("rescue", "attach", "kernel"):
+        assert re.search(r"^%s: %d bad sectors, every other one rescued" % (who, injected),
+                         out, re.M), out[-3000:]
+    assert re.search(r"^slow: %d bad sectors" % (injected + 16), out, re.M), out[-3000:]
+    print("\n".join(re.findall(r"^(?:rescue: exit|ddrescue over|first run|second run).*$", out,
+                               re.M)))
+
+
+@pytest.mark.vm
 def test_ublk_plumbing_ramdisk():
     """_aoeio's ublk plumbing under ext4 and fio verify, served from RAM; SIGTERM removes the
     device."""
