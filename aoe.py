@@ -52,7 +52,9 @@ import time
 __version__ = "0.1.0"
 PROG = "aoe.py"
 # attached devices' records and logs, the allow-list
-RUN_DIR = os.environ.get("AOE_RUN_DIR", "/run/aoe")
+DEFAULT_RUN_DIR = "/run/aoe"
+RUN_DIR = os.environ.get("AOE_RUN_DIR", DEFAULT_RUN_DIR)
+ATTACH_ALL_LOG = "attach-all.log"        # in RUN_DIR: attach --all's, once in the background
 
 
 # =============================================================================
@@ -205,10 +207,16 @@ DISCOVER_SENDS = 3               # Query Config broadcasts spread over that time
 QUERY_TIMEOUT = 1.0              # per try of a unicast control query
 QUERY_TRIES = 3
 
-# Exit codes.
+# Exit codes, and what each means (the man page's EXIT STATUS).
 EXIT_OK = 0
-EXIT_FAIL = 1                    # nothing answered, target error, data mismatch
-EXIT_USAGE = 2                   # bad input, missing privilege, bad interface
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT     # as a shell reports a command Control-C ended
+EXIT_MEANINGS = {EXIT_OK: "success",
+                 EXIT_FAIL: "nothing answered, the target reported an error, or data did not "
+                            "match",
+                 EXIT_USAGE: "bad input: usage, an unknown or down interface, missing privilege",
+                 EXIT_INTERRUPTED: "interrupted by SIGINT (Control-C)"}
 
 # Linux interface facts (from <linux/if.h>, <linux/if_arp.h>, <linux/if_packet.h>).
 IFF_UP = 0x1
@@ -2116,7 +2124,8 @@ class Engine:
 # /dev/etherd/eX.Y behave the same for both.
 
 # eX.Y -> the block device, named as the kernel driver does
-LINK_DIR = os.environ.get("AOE_LINK_DIR", "/dev/etherd")
+DEFAULT_LINK_DIR = "/dev/etherd"
+LINK_DIR = os.environ.get("AOE_LINK_DIR", DEFAULT_LINK_DIR)
 MIN_REQUEST = 128                 # sectors: smallest largest-request we advertise (64 KiB)
 MAX_REQUEST = 1024                # sectors: 512 KiB, the default largest ublk buffer
 UBLK_MIN_DEPTH = 32               # tags: enough for random I/O at queue depth 32
@@ -5748,7 +5757,7 @@ def cmd_rescue(args):
     if args.verbose:
         sys.stderr.write(engine.describe())
     if interrupted:
-        return 130
+        return EXIT_INTERRUPTED
     return EXIT_OK if report["rescued"] == count * SECTOR_SIZE else EXIT_FAIL
 
 
@@ -6057,7 +6066,7 @@ def attach_all(args):
             close_ports(control.ports)
             tell(None)
             return host.wait()
-        status = run_in_background(os.path.join(RUN_DIR, "attach-all.log"), serve)
+        status = run_in_background(os.path.join(RUN_DIR, ATTACH_ALL_LOG), serve)
         return EXIT_FAIL if silent else status
 
     host = DeviceHost(helper, args, log_files=True)
@@ -6614,6 +6623,8 @@ EXAMPLES = {
     "revalidate": "aoe.py revalidate e0.1",
     "version": "aoe.py version",
     "links": "aoe.py links /usr/local/sbin        # then aoe-stat, aoeping, ... run aoe.py",
+    "man": "aoe.py man | man -l -\n"
+           "aoe.py man > /usr/local/share/man/man8/aoe.py.8   # then: man aoe.py",
     "systemd-units": "aoe.py systemd-units                # print them\n"
                      "sudo aoe.py systemd-units --install && sudo systemctl enable --now aoe@e0.1",
     "demo": "sudo python3 aoe.py demo",
@@ -6748,8 +6759,11 @@ def build_parser():
 
     p = command("mask", cmd_mask, "read or edit a target's MAC mask list")
     p.add_argument("device", metavar="eX.Y")
-    p.add_argument("--add", action="append", default=[], metavar="MAC")
-    p.add_argument("--delete", action="append", default=[], metavar="MAC")
+    p.add_argument("--add", action="append", default=[], metavar="MAC",
+                   help="let this initiator in (repeat for more); a list that is not empty "
+                        "keeps every other initiator out")
+    p.add_argument("--delete", action="append", default=[], metavar="MAC",
+                   help="take this initiator off the list (repeat for more)")
     add_common(p)
     add_wait(p)
 
@@ -6930,6 +6944,9 @@ def build_parser():
                                     "...) to aoe.py: run under those names it behaves like them")
     p.add_argument("dir", metavar="DIR", help="where (e.g. /usr/local/sbin)")
     p.add_argument("--force", action="store_true", help="replace files of those names")
+
+    command("man", cmd_man, "print this manual page (roff), made from these commands' own "
+                            "options and examples")
 
     p = command("revalidate", cmd_revalidate, "re-read a target's size; an attached device takes "
                                               "the new size (ublk with "
@@ -7182,6 +7199,240 @@ def cmd_links(args):
     return EXIT_OK
 
 
+# --- man page ----------------------------------------------------------------
+#
+# aoe.py(8) is rendered from build_parser() (every command, option, default and
+# example), the aoetools runners' docstrings and the constants below, so it says
+# what this aoe.py does; `aoe.py man | man -l -` shows it, pip installs it.
+
+MAN_SECTION = 8
+MAN_PAGE = "%s.%d" % (PROG, MAN_SECTION)
+AOETOOLS_PREFIX = "aoe"
+# name -> what it changes (every os.environ lookup in this file; a test holds them equal)
+ENVIRONMENT = (
+    ("AOE_IFLIST", "the interfaces AoE may use (space- or comma-separated) where no --iface "
+                   "is given, like the kernel driver's aoe_iflist; without it, the list "
+                   "aoe-interfaces saved, else every up Ethernet interface"),
+    ("AOE_RUN_DIR", "where attached devices' records and logs and the saved interface list "
+                    "are kept (default %s)" % DEFAULT_RUN_DIR),
+    ("AOE_LINK_DIR", "where the eX.Y links to attached devices are made (default %s)"
+                     % DEFAULT_LINK_DIR),
+    ("AOE_NO_HELPER", "if set, use the pure-Python data path even where the compiled helper "
+                      "is built (as --no-helper)"),
+    ("AOE_NBD_IOCTL", "if set, attach --backend nbd configures the device through nbd's "
+                      "ioctls instead of its netlink interface"),
+    ("AOE_SERVE_THREADS", "serve's fast-path threads (default: one per CPU it may run on but "
+                          "one, at most 4)"),
+    ("NOTIFY_SOCKET", "set by systemd for a Type=notify service: attach --foreground tells it "
+                      "when the device is ready"),
+)
+SEE_ALSO = tuple((name, MAN_SECTION) for name in sorted(AOETOOLS)) + (
+    ("vblade", 8), ("ddrescue", 1), ("ddrescuelog", 1), ("systemctl", 1))
+# characters roff would take for its own (backslash first: the others bring one)
+ROFF_ESCAPES = (("\\", "\\(rs"), ("-", "\\-"), ("'", "\\(aq"), ("`", "\\(ga"), ("^", "\\(ha"),
+                ("~", "\\(ti"))
+# what a user types or fills in within a usage line: options, metavars, choices
+USAGE_WORD = re.compile(r"[^\s\[\]{}|,.]+(?:\.[^\s\[\]{}|,.]+)*")
+
+
+def man_files():
+    """(path, what it is) for the FILES section, at their default places."""
+    files = [(os.path.join(DEFAULT_RUN_DIR, "eX.Y.json"),
+              "an attached device's record: where stat, detach, flush and attach --recover "
+              "find its daemon"),
+             (os.path.join(DEFAULT_RUN_DIR, "eX.Y.log"), "that daemon's log"),
+             (os.path.join(DEFAULT_RUN_DIR, ATTACH_ALL_LOG),
+              "the log of attach --all, serving in the background"),
+             (os.path.join(DEFAULT_RUN_DIR, os.path.basename(IFLIST_FILE)),
+              "the interfaces aoe-interfaces saved"),
+             (os.path.join(DEFAULT_LINK_DIR, "eX.Y"),
+              "a link to the attached device's /dev/ublkbN or /dev/nbdN")]
+    return files + [(os.path.join(SYSTEMD_DIR, name),
+                     what.replace("%i", "eX.Y") + "; written by systemd-units --install")
+                    for name, (what, _, _) in sorted(SYSTEMD_UNITS.items())]
+
+
+def roff_chars(text):
+    """Text with the characters roff would interpret written as escapes."""
+    for char, escape in ROFF_ESCAPES:
+        text = text.replace(char, escape)
+    return text
+
+
+def roff_text(text):
+    """Lines of text for the page, none of them taken for a request."""
+    return "\n".join(("\\&" if line.startswith(".") else "") + line
+                     for line in roff_chars(text).split("\n"))
+
+
+def roff_prose(text):
+    """A paragraph's words, filled by roff (one line: argparse's help strings wrap anywhere)."""
+    return roff_text(" ".join(text.split()))
+
+
+def sentence(text):
+    """Help text as a sentence of the page: capital first (but aoe.py's name), a full stop."""
+    if not text.startswith(PROG):
+        text = text[:1].upper() + text[1:]
+    return text if text.endswith(".") else text + "."
+
+
+def roff_usage(text):
+    """A usage fragment: options bold, what the user fills in italic, brackets and bars plain,
+    and spaces unbreakable, so a line never breaks inside it."""
+    out, end = [], 0
+    for word in USAGE_WORD.finditer(text):
+        out.append(roff_chars(text[end:word.start()]))
+        out.append("\\f%s%s\\fR" % ("B" if word.group().startswith("-") else "I",
+                                     roff_chars(word.group())))
+        end = word.end()
+    out.append(roff_chars(text[end:]))
+    return "".join(out).replace(" ", "\\ ")
+
+
+def listed_actions(parser):
+    """A parser's arguments as its usage shows them: all but -h/--help and the commands."""
+    return [a for a in parser._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+
+
+def action_args(formatter, action):
+    """What follows an option (or stands for a positional), as argparse shows it."""
+    if action.option_strings:
+        return formatter._format_args(action,
+                                      formatter._get_default_metavar_for_optional(action))
+    return formatter._format_args(action, formatter._get_default_metavar_for_positional(action))
+
+
+def action_usage(formatter, action):
+    """One argument in a usage line, roff: -w SECS, FILE, ..."""
+    args = action_args(formatter, action)
+    if not action.option_strings:
+        return roff_usage(args)
+    return roff_usage(action.option_strings[0] + (" " + args if action.nargs != 0 else ""))
+
+
+def man_synopsis(parser):
+    """The command's arguments in argparse's usage order: options first, mutually exclusive
+    ones as [A | B], then the positionals."""
+    formatter = parser._get_formatter()
+    exclusive = {a: g for g in parser._mutually_exclusive_groups for a in g._group_actions}
+    actions = listed_actions(parser)
+    parts, shown = [], set()
+    for action in [a for a in actions if a.option_strings] + \
+            [a for a in actions if not a.option_strings]:
+        group = exclusive.get(action)
+        if group is None:
+            part = action_usage(formatter, action)
+            parts.append("[%s]" % part if action.option_strings and not action.required
+                         else part)
+        elif group not in shown:
+            part = "\\ |\\ ".join(action_usage(formatter, a) for a in group._group_actions)
+            parts.append(part if group.required else "[%s]" % part)
+            shown.add(group)
+    return " ".join(parts)
+
+
+def man_options(parser):
+    """.TP entries for a command's arguments, group by group, a group of its own titled."""
+    formatter, listed, lines = parser._get_formatter(), listed_actions(parser), []
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if a in listed
+                   and (a.option_strings or a.help)]     # a bare positional: the synopsis says it
+        if not actions:
+            continue
+        if group not in (parser._positionals, parser._optionals):
+            lines += [".PP", "\\fI%s\\fR" % roff_prose(sentence(group.title)[:-1] + ":")]
+        for action in actions:
+            if action.option_strings:
+                tag = ", ".join("\\fB%s\\fR" % roff_chars(o) for o in action.option_strings)
+                if action.nargs != 0:
+                    tag += " " + roff_usage(action_args(formatter, action))
+            else:
+                tag = action_usage(formatter, action)
+            lines += [".TP", tag]
+            if action.help:
+                lines.append(roff_prose(sentence(formatter._expand_help(action))))
+    return lines
+
+
+def examples_block(text):
+    """Lines shown as typed, indented."""
+    return [".PP", "Examples:", ".RS 4", ".nf", roff_text(text), ".fi", ".RE"]
+
+
+def tool_verb(name):
+    """The aoe.py command aoetools' `name` runs: its name past the prefix (aoeping: ping)."""
+    return name[len(AOETOOLS_PREFIX):].lstrip("-")
+
+
+def tool_usage(name):
+    """(its arguments, what it does) of aoetools' `name`, from its runner's docstring."""
+    usage, _, what = " ".join(TOOL_RUNNERS[name].__doc__.split()).partition(": ")
+    return usage[len(name):].strip(), what
+
+
+def man_page(parser):
+    """aoe.py(8) in roff (man(7) macros), made from the parser and the aoetools runners."""
+    if __doc__ is None:
+        raise AoeError("the manual page is made from docstrings, which python -OO drops: "
+                       "run aoe.py man without -OO")
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    title = parser.description.rstrip(".")
+    lines = ['.TH "%s" %d "" "%s %s" "System Manager\\(aqs Manual"'
+             % (roff_chars(PROG.upper()), MAN_SECTION, roff_chars(PROG), __version__),
+             # no hyphenation (groff's man macros take it from HY), ragged right: commands
+             # and options in the text are not to be split or spread
+             ".nr HY 0", ".ad l",
+             ".SH NAME",
+             "%s \\- %s" % (roff_chars(PROG), roff_chars(title[:1].lower() + title[1:])),
+             ".SH SYNOPSIS"]
+    for name, sub in commands.choices.items():
+        lines += [".SY %s" % roff_chars(PROG), "\\fB%s\\fR %s" % (roff_chars(name),
+                                                                  man_synopsis(sub)), ".YS"]
+    for name in AOETOOLS:
+        args = tool_usage(name)[0]
+        lines += [".SY %s" % roff_chars(name)] + ([roff_usage(args)] if args else []) + [".YS"]
+    summary = __doc__.split("\n\n")[1]                # the module docstring's, for users
+    lines += [".SH DESCRIPTION", ".PP",
+              roff_prose("%s %s" % (PROG, summary[:1].lower() + summary[1:])),
+              ".PP", roff_prose("Every command takes -h, --help: its usage, options and examples. "
+                                "Device names are eSHELF.SLOT (e0.1). Installed by pip, the "
+                                "command is named aoe."),
+              ".SH COMMANDS"]
+    for name, sub in commands.choices.items():
+        lines += [".SS %s" % roff_chars(name), roff_prose(sentence(sub.description))]
+        lines += man_options(sub) + examples_block(EXAMPLES[name])
+    lines += [".SH AOETOOLS COMMANDS", ".PP",
+              roff_prose("Run under one of aoetools' names (aoe.py links DIR makes the links), "
+                         "aoe.py takes that tool's arguments, prints what it prints and exits "
+                         "as it does, so scripts written for aoetools on the kernel's aoe driver "
+                         "keep working. Each goes with the command of its name:")]
+    for name in AOETOOLS:
+        args, what = tool_usage(name)
+        lines += [".TP", "\\fB%s\\fR %s" % (roff_chars(name), roff_usage(args)),
+                  roff_prose(sentence(what)) + " See \\fB%s\\fR above."
+                  % roff_chars(tool_verb(name))]
+    lines += [".SH EXIT STATUS"]
+    for code, meaning in sorted(EXIT_MEANINGS.items()):
+        lines += [".TP", "\\fB%d\\fR" % code, roff_prose(sentence(meaning))]
+    lines += [".SH ENVIRONMENT"]
+    for name, meaning in ENVIRONMENT:
+        lines += [".TP", "\\fB%s\\fR" % roff_chars(name), roff_prose(sentence(meaning))]
+    lines += [".SH FILES"]
+    for path, meaning in man_files():
+        lines += [".TP", "\\fI%s\\fR" % roff_chars(path), roff_prose(sentence(meaning))]
+    lines += [".SH SEE ALSO", ",\n".join(".BR %s (%d)" % (roff_chars(name), section)
+                                          for name, section in SEE_ALSO)]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_man(args):
+    """Print aoe.py(8), made from this file: it describes the aoe.py that prints it."""
+    sys.stdout.write(man_page(build_parser()))
+    return EXIT_OK
+
+
 def main(argv=None):
     invoked_as = os.path.basename(sys.argv[0])
     if argv is None and invoked_as in AOETOOLS:
@@ -7198,7 +7449,7 @@ def main(argv=None):
         return e.code
     except KeyboardInterrupt:
         sys.stderr.write("%s: interrupted\n" % PROG)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         try:
             sys.stdout = None

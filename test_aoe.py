@@ -9,6 +9,7 @@ When a group's needs are missing it is skipped with the reason, except under
 CI (CI=true), where a missing need is a failure: CI must run everything.
 """
 
+import argparse
 import collections
 import contextlib
 import errno
@@ -1585,6 +1586,72 @@ def test_ddrescuelog_reads_our_mapfile(tmp_path):
     assert set(map(int, listed.stdout.split())) == bad
     done = subprocess.run(["ddrescuelog", "-D", str(path)])
     assert done.returncode == 1                       # not finished: bad sectors remain
+
+
+# -----------------------------------------------------------------------------
+# cli: the manual page, made from the argument parser; needs groff
+# -----------------------------------------------------------------------------
+
+def aoe_commands():
+    """name -> subparser of every aoe.py command."""
+    parser = aoe.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def run_text(argv, stdin=None):
+    """argv run with stdin's text; the finished process, its output as text."""
+    return subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+
+
+@pytest.mark.codec
+def test_man_page_renders_cleanly_and_names_every_command_option_and_example():
+    """`aoe.py man` renders without a warning from groff (-ww), and its text names every
+    command, every option of each with its help (so an option without help fails here), every
+    example, each aoetools name with the command it runs, every exit status and every
+    environment variable aoe.py reads."""
+    need(shutil.which("groff"), "needs groff (apt-get install groff-base)")
+    made = run_text([sys.executable, AOE_PY, "man"])
+    assert (made.returncode, made.stderr) == (0, ""), made.stderr
+    checked = run_text(["groff", "-man", "-Tutf8", "-ww", "-z"], made.stdout)
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+    # plain ASCII: no bold or underline, options' minus signs as '-'
+    text = run_text(["groff", "-man", "-Tascii", "-P-cbou"], made.stdout).stdout
+    flat = " ".join(text.split())
+    for name, command in aoe_commands().items():
+        assert "aoe.py %s " % name in flat, name
+        for action in command._actions:
+            for option in action.option_strings:
+                assert re.search(r"(?<![\w-])%s(?![\w-])" % re.escape(option), text), \
+                    (name, option)
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                assert action.help, "aoe.py %s %s has no help" % (name, action.option_strings[0])
+                said = aoe.sentence(command._get_formatter()._expand_help(action))
+                assert " ".join(said.split()) in flat, (name, action.option_strings, said)
+        for line in aoe.EXAMPLES[name].splitlines():
+            assert line in text, (name, line)
+    for tool in aoe.AOETOOLS:
+        assert aoe.tool_verb(tool) in aoe_commands(), tool
+        assert re.search(r"^ +%s\b" % re.escape(tool), text, re.M), tool
+        assert "See %s above." % aoe.tool_verb(tool) in flat, tool
+    exits = {value for name, value in vars(aoe).items()
+             if name.startswith("EXIT_") and isinstance(value, int)}
+    assert exits == set(aoe.EXIT_MEANINGS)
+    for code in exits:
+        assert re.search(r"^ +%d +\S" % code, text, re.M), code
+    with open(AOE_PY) as f:
+        read = set(re.findall(r"environ(?:\.get\(|\[)\s*\"(\w+)\"", f.read()))
+    assert read == {name for name, _ in aoe.ENVIRONMENT}
+    for name in read:
+        assert re.search(r"^ +%s$" % name, text, re.M), name
+
+
+@pytest.mark.codec
+def test_man_page_needs_the_docstrings_that_python_oo_drops():
+    """Under python -OO (no docstrings) `aoe.py man` says why it cannot, in one line."""
+    r = run_text([sys.executable, "-OO", AOE_PY, "man"])
+    assert r.returncode == aoe.EXIT_FAIL and r.stdout == "", r.stdout[:200]
+    assert len(r.stderr.splitlines()) == 1 and "-OO" in r.stderr, r.stderr
 
 
 # -----------------------------------------------------------------------------
