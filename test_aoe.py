@@ -2162,9 +2162,10 @@ def test_systemd_units_verify(tmp_path):
 
 @pytest.mark.net
 def test_pip_install_gives_the_aoe_command(tmp_path):
-    """A wheel built from the project (pip, build isolation) installs the `aoe` command into a
-    fresh venv with the helper compiled; where the C compiler fails, it installs anyway and
-    aoe runs pure Python; both discover a vblade target in the test's namespaces."""
+    """A wheel built from the project (pip, build isolation) installs the `aoe` command and
+    its manual page (as `aoe man` prints it) into a fresh venv with the helper compiled; where
+    the C compiler fails, it installs anyway and aoe runs pure Python; both discover a vblade
+    target in the test's namespaces."""
     bench = Bench(1500, tmp_path)
     try:
         bench.vblade(4, 2, make_file(tmp_path / "img", 8 << 20))
@@ -2188,6 +2189,10 @@ def test_pip_install_gives_the_aoe_command(tmp_path):
             r = subprocess.run([str(venv / "bin" / "aoe"), "version"], capture_output=True,
                                text=True)
             assert r.returncode == 0 and "helper %s" % kind in r.stdout, (kind, r.stdout, r.stderr)
+            page = venv / "share" / "man" / ("man%d" % aoe.MAN_SECTION) / aoe.MAN_PAGE
+            assert page.is_file(), (kind, sorted(os.listdir(str(venv))))
+            r = subprocess.run([str(venv / "bin" / "aoe"), "man"], capture_output=True, text=True)
+            assert (r.returncode, r.stdout) == (0, page.read_text()), (kind, r.stderr)
             r = subprocess.run(bench.argv(bench.ini_ns,
                                           [str(venv / "bin" / "aoe"), "discover", "--json"]),
                                capture_output=True, text=True, env=bench.env(), timeout=60)
