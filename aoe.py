@@ -820,6 +820,12 @@ def receive_until(ports, deadline, drops):
 # Discovery and control queries: Query Config, IDENTIFY, masks, reservations
 # =============================================================================
 
+# A device's state as stat shows it: a target's answer to discovery, or an attached
+# device's state (STATE_DOWN and after, in the Block backends section).
+STATE_UP = "up"                   # answered IDENTIFY; attached: serving I/O
+STATE_UNRESPONSIVE = "unresponsive"   # answered discovery, not IDENTIFY
+
+
 class Path:
     """One way to reach a target: our port and the target's MAC behind it."""
 
@@ -873,9 +879,9 @@ class Target:
         if self.identify:
             d.update(self.identify.as_dict())
             d["size_bytes"] = self.identify.sectors * SECTOR_SIZE
-            d["state"] = "up"
+            d["state"] = STATE_UP
         else:
-            d["state"] = "unresponsive"
+            d["state"] = STATE_UNRESPONSIVE
             d["error"] = self.identify_error
         return d
 
@@ -2152,6 +2158,13 @@ DETACH_DEADSECS = 5               # while detaching, give up on a silent target 
 CONTROL_LIMIT = 60                # seconds a control command may take beyond deadsecs
 QUIESCE_WAIT = 30                 # seconds to wait for the kernel to notice a dead daemon
 BACKENDS = ("ublk", "nbd")
+# An attached device's state in its record, besides STATE_UP (AttachDaemon draws the
+# transitions); STATE_DEAD is never recorded: a record whose daemon is gone reads so.
+STATE_DOWN = "down"               # the target silent for deadsecs: I/O fails, probed
+STATE_RECOVERING = "recovering"   # a new daemon takes the device over
+STATE_HANDING_OVER = "handing-over"   # pausing the device for a new daemon
+STATE_HANDED_OVER = "handed-over"     # paused, left for the new daemon
+STATE_DEAD = "dead"               # its daemon gone: attach --recover or detach
 
 
 def request_layout(target):
@@ -2233,8 +2246,8 @@ class Attachment:
 
     @property
     def status(self):
-        """up, down, recovering, or dead (daemon gone: attach --recover or detach)."""
-        return self.state if self.daemon_alive else "dead"
+        """The recorded state, or STATE_DEAD once its daemon is gone."""
+        return self.state if self.daemon_alive else STATE_DEAD
 
     def as_dict(self):
         d = {k: getattr(self, k) for k in self.FIELDS}
@@ -2476,7 +2489,7 @@ class UblkBackend:
             ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params),
                        "ublk SET_PARAMS")
             self._open_queue()
-            self.daemon.record(self, "up", flags & UBLK_RECOVERY != 0)
+            self.daemon.record(self, STATE_UP, flags & UBLK_RECOVERY != 0)
             self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
         except BaseException:
             self._close_queue()
@@ -2514,7 +2527,7 @@ class UblkBackend:
         ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id),
                    "ublk START_USER_RECOVERY")
         self._open_queue()
-        self.daemon.record(self, "recovering", True)
+        self.daemon.record(self, STATE_RECOVERING, True)
         self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
 
     def resize(self, sectors):
@@ -2660,7 +2673,7 @@ class UblkBackend:
     def _start(self, r):
         """A request the pump handed over: answer it here, or send it through the engine."""
         tag, op = r.tag, r.op
-        if self.daemon.state != "up" or (op == UBLK_IO_OP_WRITE and self.daemon.readonly):
+        if self.daemon.state != STATE_UP or (op == UBLK_IO_OP_WRITE and self.daemon.readonly):
             self.results.append((tag, -errno.EIO))
             return
         if op == UBLK_IO_OP_FLUSH:            # its start_sector is meaningless: no bounds check
@@ -2921,7 +2934,7 @@ class NbdBackend:
             kernel_end.close()                    # the kernel holds its own reference
         self.serve_socket()
         self._limit_request_size()
-        self.daemon.record(self, "up", self.can_recover)
+        self.daemon.record(self, STATE_UP, self.can_recover)
         open_in_thread("/dev/" + self.dev, "partition scan", self.log)
         self.log("attached %s as /dev/%s through nbd (%s): %d sectors%s, kernel timeout %d s"
                  % (self.daemon.target.name, self.dev, how, self.engine.sectors,
@@ -3038,7 +3051,7 @@ class NbdBackend:
             time.sleep(0.2)
         self.can_recover = True
         self.serve_socket()
-        self.daemon.record(self, "up", True)
+        self.daemon.record(self, STATE_UP, True)
 
     @staticmethod
     def remove_orphan(attachment):
@@ -3071,7 +3084,7 @@ class NbdBackend:
 
     def refusal(self, command, offset, length):
         """The errno a request gets without going to the target, or 0."""
-        if self.daemon.state != "up":
+        if self.daemon.state != STATE_UP:
             return errno.EIO
         if command == NBD_CMD_FLUSH:
             return 0
@@ -3437,9 +3450,37 @@ def choose_backend(wanted, helper):
 # Attach daemon: the process that serves attached devices, a thread for each
 # =============================================================================
 
+# How an AttachDaemon comes by its device.
+START_CREATE = "create"           # a new device
+START_RECOVER = "recover"         # one whose daemon died (attach --recover)
+START_UPGRADE = "upgrade"         # one a running daemon hands over (attach --upgrade)
+# What commands ask a running daemon (ask_daemon; answer_request).
+VERB_DETACH = "detach"            # stop the device and remove it
+VERB_RESIZE = "resize"            # take the target's new size (with "sectors")
+VERB_HAND_OVER = "hand-over"      # pause the device and leave it to a new daemon
+# How AttachDaemon.run ends.
+RUN_STOP = "stop"                 # asked to (SIGTERM, SIGINT, detach): detach the device
+RUN_GONE = "gone"                 # the kernel let go of the device: tidy up after it
+RUN_HANDED_OVER = "handed-over"   # a new daemon serves the device now
+
+
 class AttachDaemon:
     """Serves one attached device: the engine, a backend, the record and links, and the
-    target's state (up; down after deadsecs of silence, probed until it answers)."""
+    target's state, which the record holds and the backend asks about:
+
+        START_CREATE --------------------------------+
+                                                     v
+        START_RECOVER, START_UPGRADE -> recovering -> up <--- a probe is answered ---+
+                                     (ublk)          | |                              |
+                                                     | +---- deadsecs of silence --> down
+                                      VERB_HAND_OVER v
+                                               handing-over --> handed-over (RUN_HANDED_OVER)
+                                                     |
+                                                     +--> up, when the backend refuses
+
+    While down, every request fails at once and sector 0 is read every PROBE_INTERVAL
+    (failing after PROBE_DEADSECS).  Any state ends in detach (RUN_STOP) or in the kernel
+    letting go (RUN_GONE); a record whose daemon is gone reads STATE_DEAD."""
 
     def __init__(self, helper, target, args, log, backend, start):
         self.target, self.log = target, log
@@ -3451,7 +3492,7 @@ class AttachDaemon:
             port.keep_only(target.shelf, target.slot)
         self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper,
                              frames=BACKEND_CLASSES[backend].frames_needed(target))
-        self.state = "up"
+        self.state = STATE_UP
         self.attachment = None
         self.backend = BACKEND_CLASSES[backend](self, helper)
         self.probe_buf = bytearray(SECTOR_SIZE)
@@ -3493,7 +3534,7 @@ class AttachDaemon:
                               attachment.sectors))
         self.readonly = attachment.readonly
         self.backend.recover(attachment)
-        self._set_state("up")
+        self._set_state(STATE_UP)
         self.log("recovered %s: serving it again" % attachment.block)
 
     def _set_state(self, state):
@@ -3509,8 +3550,8 @@ class AttachDaemon:
                 self._probe_done(status)
             else:
                 self.backend.completed(req_id, status)
-        if self.engine.dead and self.state == "up":
-            self._set_state("down")
+        if self.engine.dead and self.state == STATE_UP:
+            self._set_state(STATE_DOWN)
             self.backend.set_down(True)
             self.next_probe = time.monotonic() + PROBE_INTERVAL
             self.log(self.engine.dead + "; I/O fails until it answers again")
@@ -3556,7 +3597,7 @@ class AttachDaemon:
             return
         self.engine.deadsecs = self.deadsecs
         self.backend.set_down(False)
-        self._set_state("up")
+        self._set_state(STATE_UP)
         self.log("%s answers again; I/O resumes" % self.target.name)
 
     def refresh_links(self):
@@ -3572,34 +3613,34 @@ class AttachDaemon:
                     self.engine.describe().rstrip()))
 
     def run(self):
-        """Serve until asked to stop (SIGTERM, SIGINT: "stop"), the kernel lets go of the
-        device ("gone") or it was handed to a new daemon ("handed-over")."""
+        """Serve until asked to stop (SIGTERM, SIGINT, detach: RUN_STOP), the kernel lets
+        go of the device (RUN_GONE) or it was handed to a new daemon (RUN_HANDED_OVER)."""
         while not self.stop:
             if self.report_wanted:
                 self.report_wanted = False
                 self.report()
             if self.request_wanted:
                 self.request_wanted = False
-                if self.answer_request() == "hand-over":
-                    return "handed-over"
+                if self.answer_request() == VERB_HAND_OVER:
+                    return RUN_HANDED_OVER
             if not self.serve(200000):
                 self.log("the kernel let go of %s" % self.attachment.block)
-                return "gone"
+                return RUN_GONE
             now = time.monotonic()
-            if self.state == "down":
+            if self.state == STATE_DOWN:
                 self._probe()
             if now >= self.next_links:
                 self.refresh_links()
                 self.next_links = now + 1.0
-        return "stop"
+        return RUN_STOP
 
     def main(self, ready):
         """The daemon's life: make the device (or recover it, or take it over), call
         ready(attachment), serve until asked to stop, then detach.  Returns the exit status."""
         name = self.target.name
         try:
-            if self.start != "create":
-                if self.start == "upgrade":
+            if self.start != START_CREATE:
+                if self.start == START_UPGRADE:
                     take_over(Attachment.load(name), self.log)
                 known = Attachment.load(name)
                 if known is None:
@@ -3611,7 +3652,7 @@ class AttachDaemon:
             self.refresh_links()
             ready(self.attachment)
             outcome = self.run()
-            if outcome == "stop":
+            if outcome == RUN_STOP:
                 try:
                     self.detach()
                 except AoeError as e:
@@ -3620,9 +3661,9 @@ class AttachDaemon:
                     raise
                 if self.detach_token:
                     self.reply(self.detach_token, True, "%s detached" % self.attachment.block)
-            elif outcome == "gone":
+            elif outcome == RUN_GONE:
                 self.forget()
-            return EXIT_FAIL if outcome == "gone" else EXIT_OK
+            return EXIT_FAIL if outcome == RUN_GONE else EXIT_OK
         finally:
             self.close()
             self.release()
@@ -3648,24 +3689,24 @@ class AttachDaemon:
             verb, token = request["verb"], request["token"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if verb == "detach":
+        if verb == VERB_DETACH:
             self.stop, self.detach_token = True, token
             return verb
         try:
-            if verb == "resize":
+            if verb == VERB_RESIZE:
                 message = self.resize(int(request["sectors"]))
-            elif verb == "hand-over":
-                self._set_state("handing-over")
+            elif verb == VERB_HAND_OVER:
+                self._set_state(STATE_HANDING_OVER)
                 self.backend.hand_over()
-                self._set_state("handed-over")
+                self._set_state(STATE_HANDED_OVER)
                 message = "%s handed over by pid %d" % (self.attachment.block, os.getpid())
             else:
                 raise AoeError("unknown request %r" % verb)
             ok = True
         except AoeError as e:
             ok, message, verb = False, str(e), None
-            if self.state == "handing-over":
-                self._set_state("up")
+            if self.state == STATE_HANDING_OVER:
+                self._set_state(STATE_UP)
         self.log(message)
         self.reply(token, ok, message)
         return verb
@@ -3764,7 +3805,7 @@ def ask_daemon(a, verb, wait=DAEMON_ANSWER_WAIT, **fields):
 def take_over(a, log):
     """attach --upgrade: the running daemon pauses the device and leaves; this one then
     serves it through user recovery, I/O held meanwhile, not failed."""
-    log(ask_daemon(a, "hand-over"))
+    log(ask_daemon(a, VERB_HAND_OVER))
     deadline = time.monotonic() + QUIESCE_WAIT
     while time.monotonic() < deadline:
         now = Attachment.load(a.device)
@@ -3829,7 +3870,7 @@ class DeviceHost:
         for daemon in list(self.daemons):
             setattr(daemon, flag, True)
 
-    def attach(self, target, backend, start="create"):
+    def attach(self, target, backend, start=START_CREATE):
         """Make target's device through `backend` (or, as `start` says, recover it or take
         it over) in a thread of its own; returns its Attachment once the device is ready,
         or raises AoeError."""
@@ -5116,7 +5157,7 @@ def cmd_stat(args):
     targets = find_targets(control, devices, args.wait)
     answered = [t.as_dict() for t in targets]
     rows = with_attachments(list(answered), devices)
-    shown = rows if args.all else [r for r in rows if r["state"] != "unresponsive"]
+    shown = rows if args.all else [r for r in rows if r["state"] != STATE_UNRESPONSIVE]
     if args.json:
         emit_json(shown)
     else:
@@ -5974,7 +6015,7 @@ def cmd_attach(args):
             return attach_summary(a) + "\n%s: ublk %s" % (
                 a.device, ", ".join(a.features) or "without optional features")
         return attach_summary(a)
-    start = "upgrade" if args.upgrade else "recover" if args.recover else "create"
+    start = START_UPGRADE if args.upgrade else START_RECOVER if args.recover else START_CREATE
     if args.foreground:
         host = DeviceHost(helper, args, log_files=False)
         a = host.attach(target, backend, start)
@@ -6030,10 +6071,10 @@ def attach_all(args):
                 continue
             if a is None or not (a.daemon_alive or a.exists):
                 if not args.recover:
-                    chosen.append((t, backend, "create"))
+                    chosen.append((t, backend, START_CREATE))
             elif not a.daemon_alive and a.recoverable and (
-                    args.recover or args.watch and a.state != "handed-over"):  # one takes it
-                chosen.append((t, a.backend, "recover"))
+                    args.recover or args.watch and a.state != STATE_HANDED_OVER):  # one takes it
+                chosen.append((t, a.backend, START_RECOVER))
         if args.recover and not chosen:
             raise AoeError("no device matching %s waits for attach --recover" % " ".join(patterns))
         control.identify([t for t, _, _ in chosen])
@@ -6047,7 +6088,7 @@ def attach_all(args):
     def attach_each(host, chosen, tell):
         for t, how, start in chosen:
             try:
-                if start == "recover" and how == "ublk" and helper is None:
+                if start == START_RECOVER and how == "ublk" and helper is None:
                     need_helper("attach --recover of a ublk device")
                 tell(attach_summary(host.attach(t, how, start)))
                 failed.pop(t.name, None)
@@ -6089,7 +6130,7 @@ def flush_down_devices(patterns, down_since, after):
     now = time.monotonic()
     for a in Attachment.all():
         if not any(fnmatch.fnmatchcase(a.device, p) for p in patterns) or \
-                a.status not in ("down", "dead"):
+                a.status not in (STATE_DOWN, STATE_DEAD):
             down_since.pop(a.device, None)
             continue
         if now - down_since.setdefault(a.device, now) >= after:
@@ -6110,7 +6151,7 @@ def detach_attachment(a, force):
         return "%s (%s) is in use (%s): stop using it first, or --force" % (a.device, a.block, busy)
     if a.daemon_alive:                            # the daemon may serve other devices too
         try:
-            ask_daemon(a, "detach", wait=DETACH_WAIT)
+            ask_daemon(a, VERB_DETACH, wait=DETACH_WAIT)
         except AoeError as e:
             return str(e)
         return None
@@ -6137,7 +6178,7 @@ def cmd_flush(args):
     """Like aoe-flush: remove attached devices that are down (or whose daemon died); -a: all."""
     wanted = {device_name(*parse_device(d)) for d in args.devices}
     chosen = [a for a in Attachment.all()
-              if (a.device in wanted if wanted else args.all or a.status in ("down", "dead"))]
+              if (a.device in wanted if wanted else args.all or a.status in (STATE_DOWN, STATE_DEAD))]
     status = EXIT_OK
     for a in chosen:
         problem = detach_attachment(a, args.force)
@@ -6169,7 +6210,7 @@ def cmd_revalidate(args):
             raise AoeError("%s shrank from %d to %d sectors but %s is %s: refusing to cut what it "
                            "holds (--force to shrink anyway)"
                            % (target.name, a.sectors, target.sectors, a.block, busy))
-    print(ask_daemon(a, "resize", sectors=target.sectors))
+    print(ask_daemon(a, VERB_RESIZE, sectors=target.sectors))
     return EXIT_OK
 
 
@@ -7015,7 +7056,7 @@ def tool_stat(argv):
     status, text = run_verb(["stat", "--json", "-a"], quiet=True)
     if status and not text:
         return status
-    state = {"dead": "down", "unresponsive": "down"}            # the kernel driver's words
+    state = {STATE_DEAD: STATE_DOWN, STATE_UNRESPONSIVE: STATE_DOWN}   # the kernel driver's words
     lines = sorted(aoestat_line(d, state.get(d["state"], d["state"])) for d in json.loads(text))
     pattern = re.compile(argv[0] if argv else ".")
     shown = [line for line in lines if pattern.search(line)]

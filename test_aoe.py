@@ -992,7 +992,7 @@ def check_nbd_answers(answers, expected, original, disk):
 
 def nbd_daemon(engine):
     return types.SimpleNamespace(
-        engine=engine, log=lambda message: None, state="up", readonly=False,
+        engine=engine, log=lambda message: None, state=aoe.STATE_UP, readonly=False,
         target=types.SimpleNamespace(info=types.SimpleNamespace(bufcnt=16), sectors_per_frame=2))
 
 
@@ -1126,7 +1126,7 @@ def test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine(tmp_path)
                                              + sum(1 for k in good if k & aoe.NBD_CMD_FLAG_FUA))
         assert nbd.server.open == 0
         # down: every request is handed over and fails here
-        lab.daemon.state = "down"
+        lab.daemon.state = aoe.STATE_DOWN
         nbd.set_down(True)
         kernel.send(aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, aoe.NBD_CMD_READ, b"downdown",
                                          0, 4096))
@@ -1776,7 +1776,7 @@ def test_64_targets_found_within_half_a_second(tmp_path):
         assert [d["device"] for d in found] == names
         rows = bench.aoe_json("stat", "-w", "0.5")
         assert [(d["device"], d["state"], d["size_bytes"]) for d in rows] == \
-            [(name, "up", (slot + 1) << 20) for slot, name in enumerate(names)]
+            [(name, aoe.STATE_UP, (slot + 1) << 20) for slot, name in enumerate(names)]
         print("64 targets discovered by one aoe.py discover -w 0.5 in %.2f s" % took)
     finally:
         bench.close()
@@ -1789,7 +1789,7 @@ def test_stat_json_sizes_flags_and_identify(vblades):
     for name, path in vblades.files.items():
         d = rows[name]
         assert d["size_bytes"] == os.path.getsize(path)
-        assert d["state"] == "up" and d["lba48"] is True
+        assert d["state"] == aoe.STATE_UP and d["lba48"] is True
         assert d["model"] == "Coraid EtherDrive vblade" and d["firmware"].startswith("V")
         assert d["serial"].startswith(name[1:] + ":")
         assert d["sectors_per_frame"] == (2 if vblades.mtu == 1500 else 17)
@@ -3092,7 +3092,7 @@ def test_commands_under_the_oldest_python(vblades, data_path, oldest_python, tmp
         [("e0.1", ""), ("e0.2", ""), ("e3.7", CONFIG_37)]
     rows = {d["device"]: d for d in vblades.aoe_json("stat", python=old)}
     assert {name: (d["size_bytes"], d["state"]) for name, d in rows.items()} == \
-        {name: (os.path.getsize(path), "up") for name, path in vblades.files.items()}
+        {name: (os.path.getsize(path), aoe.STATE_UP) for name, path in vblades.files.items()}
     image = tmp_path / "image"
     r = vblades.aoe("read", "e0.1", str(image), "--length", "8M", "--checksum", "sha256",
                     env=data_path, python=old)
