@@ -16,6 +16,7 @@ The file reads top to bottom, each section using only those above it:
        aoe.py run as aoe-stat, aoeping, ...)
 """
 
+import abc
 import argparse
 import bisect
 import collections
@@ -2123,11 +2124,10 @@ class Engine:
 #                its pump serves it as it serves a ublk queue (NbdBridged),
 #                else Python does (NbdStream).
 #
-# Both have the same few methods (create, recover, wait_fd, completed, intake,
-# set_down, stop, close; missing and remove_orphan), so
-# the daemon, its record RUN_DIR/eX.Y.json (where stat, detach, flush and
-# attach --recover find it), its log RUN_DIR/eX.Y.log and the links
-# /dev/etherd/eX.Y behave the same for both.
+# Both keep one contract, BlockBackend, and ask the daemon only what a
+# BackendHost offers, so the daemon, its record RUN_DIR/eX.Y.json (where stat,
+# detach, flush and attach --recover find it), its log RUN_DIR/eX.Y.log and the
+# links /dev/etherd/eX.Y behave the same for both.
 
 # eX.Y -> the block device, named as the kernel driver does
 DEFAULT_LINK_DIR = "/dev/etherd"
@@ -2165,6 +2165,103 @@ STATE_RECOVERING = "recovering"   # a new daemon takes the device over
 STATE_HANDING_OVER = "handing-over"   # pausing the device for a new daemon
 STATE_HANDED_OVER = "handed-over"     # paused, left for the new daemon
 STATE_DEAD = "dead"               # its daemon gone: attach --recover or detach
+
+
+class BackendHost:
+    """What a backend may ask of the daemon serving its device, and nothing more: the
+    target and the engine that reaches it, the device's log, whether the device is
+    read-only and whether the target is up (the daemon keeps both current), and three
+    calls: record(backend, state, recoverable) the device once made, serve(timeout_us) one
+    round of the daemon's loop (False once the kernel let go), and serve_while(call) a
+    control command the kernel completes only after I/O through the device."""
+
+    def __init__(self, target, engine, log, readonly, record, serve, serve_while):
+        self.target, self.engine, self.log = target, engine, log
+        self.readonly = readonly
+        self.up = True
+        self.record, self.serve, self.serve_while = record, serve, serve_while
+
+
+class BlockBackend(abc.ABC):
+    """A kernel driver that makes a block device of a target (as kublk's ublk_tgt_ops):
+    every member the daemon and the commands use.  Made with its device's BackendHost and
+    the helper (or None).  It sends the device's requests through host.engine with ids of
+    its own choosing and gets each back through completed(); dev_id is the kernel's number
+    for the device (None until it is made)."""
+
+    name = None                                   # in records and after --backend
+
+    @staticmethod
+    @abc.abstractmethod
+    def missing(helper):
+        """Why this backend cannot attach here, or None."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def frames_needed(target):
+        """The engine's frame slots for the largest requests the kernel may send at once."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def remove_orphan(attachment):
+        """Remove a recorded device whose daemon is gone; an error text or None."""
+
+    @property
+    @abc.abstractmethod
+    def dev(self):
+        """The block device's name under /dev."""
+
+    @property
+    @abc.abstractmethod
+    def features(self):
+        """The optional kernel features the device uses, as stat --json names them."""
+
+    @abc.abstractmethod
+    def create(self):
+        """Make the device and host.record it up; the kernel may already be using it."""
+
+    @abc.abstractmethod
+    def recover(self, attachment):
+        """Serve the recorded device again (its daemon died, or handed it over) and
+        host.record it."""
+
+    @abc.abstractmethod
+    def resize(self, sectors):
+        """Give the live device the target's new size, or raise AoeError saying why not."""
+
+    @abc.abstractmethod
+    def hand_over(self):
+        """Pause the device for a new daemon, its requests kept, or raise AoeError."""
+
+    @abc.abstractmethod
+    def wait_fd(self):
+        """The descriptor that becomes readable when the kernel has requests (-1: none
+        wanted now), for the engine's poll."""
+
+    @abc.abstractmethod
+    def intake(self):
+        """The kernel's new requests into the engine, answers out; False once the kernel
+        has let go of the device."""
+
+    @abc.abstractmethod
+    def completed(self, rid, status):
+        """The engine request `rid` of this backend ended (status 0 or negative)."""
+
+    @abc.abstractmethod
+    def set_down(self, down):
+        """The target fell silent (True) or answers again: meanwhile requests fail at once."""
+
+    @abc.abstractmethod
+    def report(self):
+        """A few words on the requests it holds, for the log."""
+
+    @abc.abstractmethod
+    def stop(self):
+        """Stop the device cleanly: the kernel writes back through it (host.serve) first."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Let go of what it holds; a device not stopped stays for attach --recover."""
 
 
 def request_layout(target):
@@ -2414,7 +2511,7 @@ class UblkControl:
             self.ctrl = None
 
 
-class UblkBackend:
+class UblkBackend(BlockBackend):
     """/dev/ublkbN.  One queue, served by the daemon's one thread (the kernel binds a
     queue to the task that fetched it): the helper's pump takes each request the
     kernel hands out onto that tag's buffer and commits it when it went well;
@@ -2422,11 +2519,11 @@ class UblkBackend:
 
     name = "ublk"
 
-    def __init__(self, daemon, helper):
-        self.daemon, self.engine, self.log = daemon, daemon.engine, daemon.log
+    def __init__(self, host, helper):
+        self.host, self.engine, self.log = host, host.engine, host.log
         self.ffi, self.lib = helper.ffi, helper.lib
-        self.pump = daemon.engine.pump           # the helper's pump: the bridge is its part
-        self.max_sectors, self.depth = request_layout(daemon.target)
+        self.pump = host.engine.pump             # the helper's pump: the bridge is its part
+        self.max_sectors, self.depth = request_layout(host.target)
         self.control = UblkControl(helper)
         self.dev_id = None
         self.queue = None
@@ -2434,10 +2531,6 @@ class UblkBackend:
         self.results = []                         # (tag, result) to commit
         self.flags = 0                            # the device's UBLK_F_* of UBLK_FEATURES
         self.ring_flags = 0                       # the queue ring's IORING_SETUP_* (once open)
-
-    @property
-    def can_recover(self):
-        return self.control.can_recover
 
     @property
     def features(self):
@@ -2478,9 +2571,9 @@ class UblkBackend:
         self.dev_id = ublk_check(self.lib.ublk_ctrl_add_dev(self.control.ctrl, -1, 1, self.depth,
                                                             self.max_sectors * SECTOR_SIZE, flags),
                                  "ublk ADD_DEV")
-        target = self.daemon.target
+        target = self.host.target
         try:
-            attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.daemon.readonly else 0)
+            attrs = UBLK_ATTR_VOLATILE_CACHE | (UBLK_ATTR_READ_ONLY if self.host.readonly else 0)
             params = self.ffi.new("struct ublk_dev_params *", dict(
                 dev_sectors=self.engine.sectors, attrs=attrs, logical_bs_shift=9,
                 physical_bs_shift=9, io_min_shift=9,
@@ -2489,7 +2582,7 @@ class UblkBackend:
             ublk_check(self.lib.ublk_ctrl_set_params(self.control.ctrl, self.dev_id, params),
                        "ublk SET_PARAMS")
             self._open_queue()
-            self.daemon.record(self, STATE_UP, flags & UBLK_RECOVERY != 0)
+            self.host.record(self, STATE_UP, flags & UBLK_RECOVERY != 0)
             self._control_served(UBLK_CMD_START_DEV, os.getpid(), "ublk START_DEV")
         except BaseException:
             self._close_queue()
@@ -2498,7 +2591,7 @@ class UblkBackend:
         self.log("attached %s as %s through ublk: %d sectors%s, requests up to %d "
                  "KiB, queue depth %d; %s"
                  % (target.name, "/dev/" + self.dev, self.engine.sectors,
-                    " read-only" if self.daemon.readonly
+                    " read-only" if self.host.readonly
                     else "", self.max_sectors // 2, self.depth, ublk_features_text(self)))
 
     @property
@@ -2527,7 +2620,7 @@ class UblkBackend:
         ublk_check(self.control.command(UBLK_CMD_START_USER_RECOVERY, self.dev_id),
                    "ublk START_USER_RECOVERY")
         self._open_queue()
-        self.daemon.record(self, STATE_RECOVERING, True)
+        self.host.record(self, STATE_RECOVERING, True)
         self._control_served(UBLK_CMD_END_USER_RECOVERY, os.getpid(), "ublk END_USER_RECOVERY")
 
     def resize(self, sectors):
@@ -2558,7 +2651,7 @@ class UblkBackend:
                               "this kernel's ublk has no QUIESCE (Linux 6.16 or later)"
                               if not self.control.device_flags() & UBLK_F_QUIESCE
                               else "it was attached without QUIESCE"))
-        self.daemon.serve_while(lambda: ublk_check(
+        self.host.serve_while(lambda: ublk_check(
             self.control.command(UBLK_CMD_QUIESCE_DEV, self.dev_id, QUIESCE_TIMEOUT_MS),
             "ublk QUIESCE_DEV"))
 
@@ -2590,7 +2683,7 @@ class UblkBackend:
         self.commit_tags = self.ffi.new("uint16_t[]", self.depth)
         self.commit_results = self.ffi.new("int32_t[]", self.depth)
         ublk_check(self.lib.ublk_queue_fetch_all(self.queue), "ublk FETCH_REQ")
-        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.daemon.readonly),
+        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.host.readonly),
                    "bridge")
 
     def _control_served(self, nr, data0, what):
@@ -2610,7 +2703,7 @@ class UblkBackend:
                 raise AoeError("%s did not finish in %d s"
                                % (what, self.engine.deadsecs + CONTROL_LIMIT))
             if queue_open:                        # STOP_DEV ends the queue before it returns
-                queue_open = self.daemon.serve(10000)
+                queue_open = self.host.serve(10000)
 
     def _close_queue(self):
         if self.queue is not None:
@@ -2639,7 +2732,7 @@ class UblkBackend:
             return
         result = self._failed_result(rid, op, start) if status else nbytes
         if status and not self.engine.dead:
-            self.log("%s: %s%s" % (self.daemon.target.name, status_text(status),
+            self.log("%s: %s%s" % (self.host.target.name, status_text(status),
                                    "; a read at sector %d, completed up to %d"
                                    % (start, start + result // SECTOR_SIZE) if result > 0 else ""))
         self.results.append((tag, result))
@@ -2673,7 +2766,7 @@ class UblkBackend:
     def _start(self, r):
         """A request the pump handed over: answer it here, or send it through the engine."""
         tag, op = r.tag, r.op
-        if self.daemon.state != STATE_UP or (op == UBLK_IO_OP_WRITE and self.daemon.readonly):
+        if not self.host.up or (op == UBLK_IO_OP_WRITE and self.host.readonly):
             self.results.append((tag, -errno.EIO))
             return
         if op == UBLK_IO_OP_FLUSH:            # its start_sector is meaningless: no bounds check
@@ -2702,7 +2795,7 @@ class UblkBackend:
         queue), then DEL_DEV."""
         self._control_served(UBLK_CMD_STOP_DEV, 0, "ublk STOP_DEV")
         limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
-        while self.daemon.serve(100000) and time.monotonic() < limit:
+        while self.host.serve(100000) and time.monotonic() < limit:
             pass
         self._close_queue()                       # DEL_DEV waits until /dev/ublkcN is closed
         ret = self.control.command(UBLK_CMD_DEL_DEV, self.dev_id)
@@ -2854,16 +2947,16 @@ class NbdRequest:
         self.op = None                            # the engine op in flight for it
 
 
-class NbdBackend:
+class NbdBackend(BlockBackend):
     """/dev/nbdN: the daemon is the NBD server on its end of a socketpair, the kernel
     the client on the other.  This class makes, recovers and stops the device; the
     protocol is served by NbdBridged (the helper's pump) or NbdStream (Python)."""
 
     name = "nbd"
 
-    def __init__(self, daemon, helper):
-        self.daemon, self.engine, self.log = daemon, daemon.engine, daemon.log
-        self.max_sectors, _ = request_layout(daemon.target)
+    def __init__(self, host, helper):
+        self.host, self.engine, self.log = host, host.engine, host.log
+        self.max_sectors, _ = request_layout(host.target)
         self.dev_id = None
         self.sock = None
         self.netlink = None
@@ -2903,7 +2996,7 @@ class NbdBackend:
 
     def _flags(self):
         return (NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA
-                | (NBD_FLAG_READ_ONLY if self.daemon.readonly else 0))
+                | (NBD_FLAG_READ_ONLY if self.host.readonly else 0))
 
     def _timeouts(self):
         """The kernel's per-request timeout (never before deadsecs), and how long it keeps
@@ -2934,11 +3027,11 @@ class NbdBackend:
             kernel_end.close()                    # the kernel holds its own reference
         self.serve_socket()
         self._limit_request_size()
-        self.daemon.record(self, STATE_UP, self.can_recover)
+        self.host.record(self, STATE_UP, self.can_recover)
         open_in_thread("/dev/" + self.dev, "partition scan", self.log)
         self.log("attached %s as /dev/%s through nbd (%s): %d sectors%s, kernel timeout %d s"
-                 % (self.daemon.target.name, self.dev, how, self.engine.sectors,
-                    " read-only" if self.daemon.readonly else "", timeout))
+                 % (self.host.target.name, self.dev, how, self.engine.sectors,
+                    " read-only" if self.host.readonly else "", timeout))
 
     def _netlink_connect(self, kernel_end, timeout, dead_conn):
         """NBD_CMD_CONNECT: the kernel picks a free device (or makes one) and says which."""
@@ -3051,7 +3144,7 @@ class NbdBackend:
             time.sleep(0.2)
         self.can_recover = True
         self.serve_socket()
-        self.daemon.record(self, STATE_UP, True)
+        self.host.record(self, STATE_UP, True)
 
     @staticmethod
     def remove_orphan(attachment):
@@ -3084,14 +3177,14 @@ class NbdBackend:
 
     def refusal(self, command, offset, length):
         """The errno a request gets without going to the target, or 0."""
-        if self.daemon.state != STATE_UP:
+        if not self.host.up:
             return errno.EIO
         if command == NBD_CMD_FLUSH:
             return 0
         if command not in (NBD_CMD_READ, NBD_CMD_WRITE) or offset % SECTOR_SIZE \
                 or length % SECTOR_SIZE or not length or not self.inside(offset, length):
             return errno.EINVAL
-        if command == NBD_CMD_WRITE and self.daemon.readonly:
+        if command == NBD_CMD_WRITE and self.host.readonly:
             return errno.EPERM
         return 0
 
@@ -3100,7 +3193,7 @@ class NbdBackend:
         if op == OP_FLUSH and self.engine.fall_back_flush(status):
             return True
         if not self.engine.dead:
-            self.log("%s: %s" % (self.daemon.target.name, status_text(status)))
+            self.log("%s: %s" % (self.host.target.name, status_text(status)))
         return False
 
     def wait_fd(self):
@@ -3130,16 +3223,16 @@ class NbdBackend:
         if self.ended:
             return
         try:
-            self.daemon.serve_while(lambda: flush_block_device("/dev/" + self.dev))
+            self.host.serve_while(lambda: flush_block_device("/dev/" + self.dev))
         except OSError as e:                      # a target that is down cannot take it
             self.log("writing back /dev/%s before disconnecting: %s" % (self.dev, e.strerror))
         if self.netlink is not None:
-            self.daemon.serve_while(lambda: self.netlink.request(
+            self.host.serve_while(lambda: self.netlink.request(
                 NBD_GENL_DISCONNECT, [(NBD_ATTR_INDEX, struct.pack("=I", self.dev_id))]))
         else:
             fcntl.ioctl(self.dev_fd, NBD_DISCONNECT)
             limit = time.monotonic() + self.engine.deadsecs + CONTROL_LIMIT
-            while self.do_it.is_alive() and time.monotonic() < limit and self.daemon.serve(100000):
+            while self.do_it.is_alive() and time.monotonic() < limit and self.host.serve(100000):
                 pass
             fcntl.ioctl(self.dev_fd, NBD_CLEAR_SOCK)
 
@@ -3184,7 +3277,7 @@ class NbdStream:
         return self.sock.fileno() if len(self.requests) < NBD_MAX_READ else -1
 
     def set_down(self, down):
-        pass                                      # each request looks at the daemon's state
+        pass                                      # each request looks at host.up
 
     def intake(self):
         """New requests in while there is room for them; then the round's answers out."""
@@ -3321,7 +3414,7 @@ class NbdBridged:
         self.engine = backend.engine
         self.ended = False
         pump.nbd_bridge(backend.sock, NBD_MAX_READ, backend.max_sectors * SECTOR_SIZE,
-                        self.engine.sectors, backend.daemon.readonly)
+                        self.engine.sectors, backend.host.readonly)
 
     @property
     def open(self):
@@ -3464,6 +3557,15 @@ RUN_GONE = "gone"                 # the kernel let go of the device: tidy up aft
 RUN_HANDED_OVER = "handed-over"   # a new daemon serves the device now
 
 
+class AttachOptions:
+    """How a daemon serves its device (attach's --ro, --deadsecs, --maxout, --scheduler)."""
+
+    def __init__(self, readonly=False, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT,
+                 scheduler=IO_SCHEDULERS[0]):
+        self.readonly, self.deadsecs, self.maxout = readonly, deadsecs, maxout
+        self.scheduler = scheduler
+
+
 class AttachDaemon:
     """Serves one attached device: the engine, a backend, the record and links, and the
     target's state, which the record holds and the backend asks about:
@@ -3482,19 +3584,20 @@ class AttachDaemon:
     (failing after PROBE_DEADSECS).  Any state ends in detach (RUN_STOP) or in the kernel
     letting go (RUN_GONE); a record whose daemon is gone reads STATE_DEAD."""
 
-    def __init__(self, helper, target, args, log, backend, start):
+    def __init__(self, helper, target, options, log, backend_class, start):
         self.target, self.log = target, log
-        self.readonly = args.ro
-        self.deadsecs = args.deadsecs
-        self.io_scheduler = args.scheduler
-        self.start = start                        # create, recover or upgrade the device
+        self.deadsecs = options.deadsecs
+        self.io_scheduler = options.scheduler
+        self.start = start                        # START_CREATE, _RECOVER or _UPGRADE
         for port in {p.port for p in target.paths}:
             port.keep_only(target.shelf, target.slot)
-        self.engine = Engine(target, deadsecs=args.deadsecs, maxout=args.maxout, helper=helper,
-                             frames=BACKEND_CLASSES[backend].frames_needed(target))
+        self.engine = Engine(target, deadsecs=options.deadsecs, maxout=options.maxout,
+                             helper=helper, frames=backend_class.frames_needed(target))
         self.state = STATE_UP
         self.attachment = None
-        self.backend = BACKEND_CLASSES[backend](self, helper)
+        self.host = BackendHost(target, self.engine, log, options.readonly, self.record,
+                                self.serve, self.serve_while)
+        self.backend = backend_class(self.host, helper)
         self.probe_buf = bytearray(SECTOR_SIZE)
         self.probing = False
         self.next_probe = 0.0
@@ -3506,13 +3609,18 @@ class AttachDaemon:
         self.detach_token = None                  # a detach request, answered once detached
 
     def record(self, backend, state, recoverable):
-        self.state = state
+        self._enter(state)
         self.attachment = Attachment(device=self.target.name, backend=backend.name, dev=backend.dev,
                                      dev_id=backend.dev_id, pid=os.getpid(), state=state,
-                                     sectors=self.engine.sectors, readonly=self.readonly,
+                                     sectors=self.engine.sectors, readonly=self.host.readonly,
                                      recoverable=recoverable, log=log_path(self.target.name),
                                      features=backend.features)
         self.attachment.save()
+
+    def _enter(self, state):
+        """The one place the state changes: the backend sees only whether it is up."""
+        self.state = state
+        self.host.up = state == STATE_UP
 
     def create(self):
         self.backend.create()
@@ -3532,14 +3640,15 @@ class AttachDaemon:
             raise AoeError("%s now has %d sectors, %s has %d: detach and attach again"
                            % (attachment.device, self.engine.sectors, attachment.block,
                               attachment.sectors))
-        self.readonly = attachment.readonly
+        self.host.readonly = attachment.readonly
         self.backend.recover(attachment)
         self._set_state(STATE_UP)
         self.log("recovered %s: serving it again" % attachment.block)
 
     def _set_state(self, state):
         if state != self.state:
-            self.state = self.attachment.state = state
+            self._enter(state)
+            self.attachment.state = state
             self.attachment.save()
 
     def serve(self, timeout_us):
@@ -3847,8 +3956,8 @@ class DeviceHost:
     device: SIGTERM and SIGINT detach them, SIGHUP has each read its request file,
     SIGUSR1 logs their counters."""
 
-    def __init__(self, helper, args, log_files):
-        self.helper, self.args = helper, args
+    def __init__(self, helper, options, log_files):
+        self.helper, self.options = helper, options
         self.log_files = log_files                # each device's log in its file, or stderr
         self.daemons = []
         self.threads = []
@@ -3880,7 +3989,8 @@ class DeviceHost:
                          or own.setdefault(path.port.name, Port(path.port.ifc)))
         log = daemon_logger(target.name, log_path(target.name) if self.log_files else None)
         try:
-            daemon = AttachDaemon(self.helper, target, self.args, log, backend, start)
+            daemon = AttachDaemon(self.helper, target, self.options, log,
+                                  BACKEND_CLASSES[backend], start)
         except BaseException:
             close_ports(own.values())
             raise
@@ -5951,6 +6061,11 @@ def cmd_bench(args):
     return EXIT_OK
 
 
+def attach_options(args):
+    return AttachOptions(readonly=args.ro, deadsecs=args.deadsecs, maxout=args.maxout,
+                         scheduler=args.scheduler)
+
+
 def cmd_attach(args):
     if args.watch and not args.all:
         raise usage_error("--watch goes with --all")
@@ -6017,7 +6132,7 @@ def cmd_attach(args):
         return attach_summary(a)
     start = START_UPGRADE if args.upgrade else START_RECOVER if args.recover else START_CREATE
     if args.foreground:
-        host = DeviceHost(helper, args, log_files=False)
+        host = DeviceHost(helper, attach_options(args), log_files=False)
         a = host.attach(target, backend, start)
         close_ports(control.ports)
         print(show(a), flush=True)
@@ -6025,7 +6140,7 @@ def cmd_attach(args):
         return host.wait()
 
     def serve(tell):
-        host = DeviceHost(helper, args, log_files=True)
+        host = DeviceHost(helper, attach_options(args), log_files=True)
         a = host.attach(target, backend, start)
         close_ports(control.ports)
         tell(show(a))
@@ -6102,7 +6217,7 @@ def attach_all(args):
             return EXIT_FAIL if silent else EXIT_OK
 
         def serve(tell):
-            host = DeviceHost(helper, args, log_files=True)
+            host = DeviceHost(helper, attach_options(args), log_files=True)
             attach_each(host, chosen, tell)
             close_ports(control.ports)
             tell(None)
@@ -6110,7 +6225,7 @@ def attach_all(args):
         status = run_in_background(os.path.join(RUN_DIR, ATTACH_ALL_LOG), serve)
         return EXIT_FAIL if silent else status
 
-    host = DeviceHost(helper, args, log_files=True)
+    host = DeviceHost(helper, attach_options(args), log_files=True)
     while not host.stopping:
         attach_each(host, chosen, tell_here)
         notify_service_manager("READY=1\nSTATUS=watching for %s" % " ".join(patterns))

@@ -707,7 +707,7 @@ def test_ublk_failed_read_completes_up_to_its_first_failed_frame():
               4: [(100, 17, abrt)], 5: [(150, 2, abrt)], bridged(read, 9): [(5000, 1, abrt)],
               bridged(write, 8): [(1017, 17, abrt)]}
     backend = aoe.UblkBackend.__new__(aoe.UblkBackend)
-    backend.daemon = types.SimpleNamespace(target=types.SimpleNamespace(name="e1.2"))
+    backend.host = types.SimpleNamespace(target=types.SimpleNamespace(name="e1.2"))
     backend.engine = types.SimpleNamespace(dead=None, fall_back_flush=lambda status: False,
                                            failed_frames=lambda rid: sorted(failed.pop(rid, ())))
     backend.lib = types.SimpleNamespace(     # the kernel's descriptors: tags 7 and 8 only
@@ -836,7 +836,7 @@ def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
             pass
 
     class Daemon:
-        def __init__(self, helper, target, args, log, backend, start):
+        def __init__(self, helper, target, options, log, backend_class, start):
             self.target, self.log = target, log
             self.attachment = types.SimpleNamespace(block="/dev/fake-" + target.name)
             self.stop = self.request_wanted = self.report_wanted = False
@@ -990,10 +990,13 @@ def check_nbd_answers(answers, expected, original, disk):
     assert len(replies) == len(expected)
 
 
-def nbd_daemon(engine):
-    return types.SimpleNamespace(
-        engine=engine, log=lambda message: None, state=aoe.STATE_UP, readonly=False,
-        target=types.SimpleNamespace(info=types.SimpleNamespace(bufcnt=16), sectors_per_frame=2))
+def nbd_host(engine):
+    """A backend's host with no daemon behind it: the test serves the rounds itself."""
+    def not_here(*args):
+        raise AssertionError("the nbd server asked its daemon for more than its host")
+    target = types.SimpleNamespace(info=types.SimpleNamespace(bufcnt=16), sectors_per_frame=2)
+    return aoe.BackendHost(target, engine, lambda message: None, False, not_here, not_here,
+                           not_here)
 
 
 @pytest.mark.engine
@@ -1025,7 +1028,7 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts
                 buf[:] = disk[lba * 512:(lba + count) * 512]
             submitted.append((req_id, op, lba, count))
 
-    nbd = aoe.NbdBackend(nbd_daemon(Engine()), None)
+    nbd = aoe.NbdBackend(nbd_host(Engine()), None)
     nbd.sock = ours
     nbd.serve_socket()
     assert isinstance(nbd.server, aoe.NbdStream)
@@ -1054,7 +1057,7 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts
 def nbd_bridge_lab(tmp_path, bufcnt=16):
     """The helper's nbd bridge on one end of a stream socketpair (the kernel's end is yielded),
     through a real engine to a target (serve's AoeTarget on a datagram socketpair, answering in
-    a thread) with `bufcnt` buffers; yields a namespace with kernel, engine, daemon, nbd, image,
+    a thread) with `bufcnt` buffers; yields a namespace with kernel, engine, host, nbd, image,
     original (the image's first bytes), target and flushes (ATA flush opcodes it was sent)."""
     helper = aoe.load_helper()
     need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
@@ -1084,10 +1087,10 @@ def nbd_bridge_lab(tmp_path, bufcnt=16):
     try:
         engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T],
                                        sectors=NBD_DISK_SECTORS, bufcnt=bufcnt), helper=helper)
-        daemon = nbd_daemon(engine)
-        nbd = aoe.NbdBackend(daemon, helper)
+        host = nbd_host(engine)
+        nbd = aoe.NbdBackend(host, helper)
         nbd.sock = sock
-        yield types.SimpleNamespace(kernel=kernel, engine=engine, daemon=daemon, nbd=nbd,
+        yield types.SimpleNamespace(kernel=kernel, engine=engine, host=host, nbd=nbd,
                                     image=image, original=original, target=target,
                                     flushes=flushes)
     finally:
@@ -1126,7 +1129,7 @@ def test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine(tmp_path)
                                              + sum(1 for k in good if k & aoe.NBD_CMD_FLAG_FUA))
         assert nbd.server.open == 0
         # down: every request is handed over and fails here
-        lab.daemon.state = aoe.STATE_DOWN
+        lab.host.up = False
         nbd.set_down(True)
         kernel.send(aoe.NBD_REQUEST.pack(aoe.NBD_REQUEST_MAGIC, aoe.NBD_CMD_READ, b"downdown",
                                          0, 4096))
