@@ -746,6 +746,10 @@ class Port:
         self.sock = open_raw_socket(ifc.name)
         self.buf = bytearray(65536)
 
+    def twin(self):
+        """A socket of its own on the same interface: each attached device has one."""
+        return Port(self.ifc)
+
     def fileno(self):
         return self.sock.fileno()
 
@@ -2183,8 +2187,8 @@ class BackendHost:
 
 
 class BlockBackend(abc.ABC):
-    """A kernel driver that makes a block device of a target (as kublk's ublk_tgt_ops):
-    every member the daemon and the commands use.  Made with its device's BackendHost and
+    """A kernel driver that makes a block device of a target: every member the daemon and
+    the commands use, each with its contract.  Made with its device's BackendHost and
     the helper (or None).  It sends the device's requests through host.engine with ids of
     its own choosing and gets each back through completed(); dev_id is the kernel's number
     for the device (None until it is made)."""
@@ -3985,8 +3989,8 @@ class DeviceHost:
         or raises AoeError."""
         own = {}
         for path in target.paths:                 # the inherited ones are the discovery's
-            path.port = (own.get(path.port.name)
-                         or own.setdefault(path.port.name, Port(path.port.ifc)))
+            path.port = own.get(path.port.name) or own.setdefault(path.port.name,
+                                                                 path.port.twin())
         log = daemon_logger(target.name, log_path(target.name) if self.log_files else None)
         try:
             daemon = AttachDaemon(self.helper, target, self.options, log,

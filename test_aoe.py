@@ -819,81 +819,6 @@ def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers
         assert pump.drops["bad_tag"] == 1 and pump.drops["echo"] == 1
 
 
-@pytest.mark.engine
-def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
-    """The attach process's devices are threads: one whose serving fails ends alone (its
-    traceback in its own log), one that cannot be made fails its attach with its error,
-    signals reach every device (also while the host holds its lock), and a stop ends them
-    all."""
-    monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path))
-    fail_now = threading.Event()
-
-    class Port:
-        def __init__(self, ifc):
-            self.name = ifc
-
-        def close(self):
-            pass
-
-    class Daemon:
-        def __init__(self, helper, target, options, log, backend_class, start):
-            self.target, self.log = target, log
-            self.attachment = types.SimpleNamespace(block="/dev/fake-" + target.name)
-            self.stop = self.request_wanted = self.report_wanted = False
-
-        def main(self, ready):
-            if self.target.name == "e1.3":
-                raise aoe.AoeError("e1.3: no such thing")
-            ready(self.attachment)
-            while not self.stop:
-                if self.target.name == "e1.2" and fail_now.is_set():
-                    raise RuntimeError("a bug in e1.2's request path")
-                time.sleep(0.01)
-            return aoe.EXIT_OK
-
-    monkeypatch.setattr(aoe, "Port", Port)
-    monkeypatch.setattr(aoe, "AttachDaemon", Daemon)
-
-    def target(name):
-        return types.SimpleNamespace(name=name, paths=[types.SimpleNamespace(
-            port=types.SimpleNamespace(name="eth9", ifc="eth9"))])
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                                    signal.SIGUSR1, signal.SIGALRM)}
-    try:
-        host = aoe.DeviceHost(None, None, log_files=True)
-        assert host.attach(target("e1.1"), "ublk").block == "/dev/fake-e1.1"
-        assert host.attach(target("e1.2"), "ublk").block == "/dev/fake-e1.2"
-        with pytest.raises(aoe.AoeError, match="e1.3: no such thing"):
-            host.attach(target("e1.3"), "ublk")
-        one, two = host.daemons
-        fail_now.set()
-        for _ in range(500):
-            if two not in host.daemons:
-                break
-            time.sleep(0.01)
-        assert host.daemons == [one] and len(host.threads) == 1
-        log = (tmp_path / "e1.2.log").read_text()
-        assert "a bug in e1.2's request path" in log and "/dev/fake-e1.2 is left for" in log
-        assert "no such thing" in (tmp_path / "e1.3.log").read_text()
-        def deadlocked(signum, frame):
-            raise TimeoutError("a signal's handler waited for the lock its thread holds")
-        signal.signal(signal.SIGALRM, deadlocked)
-        signal.alarm(5)
-        with host.lock:                           # a signal comes while the host holds it
-            os.kill(os.getpid(), signal.SIGHUP)
-            for _ in range(500):
-                if one.request_wanted:
-                    break
-                time.sleep(0.01)
-        signal.alarm(0)
-        assert one.request_wanted and not one.stop
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert host.wait() == aoe.EXIT_FAIL and one.stop and host.daemons == []
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 NBD_DISK_SECTORS = 2048
 
 
@@ -1054,19 +979,18 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts
 
 
 @contextlib.contextmanager
-def nbd_bridge_lab(tmp_path, bufcnt=16):
-    """The helper's nbd bridge on one end of a stream socketpair (the kernel's end is yielded),
-    through a real engine to a target (serve's AoeTarget on a datagram socketpair, answering in
-    a thread) with `bufcnt` buffers; yields a namespace with kernel, engine, host, nbd, image,
-    original (the image's first bytes), target and flushes (ATA flush opcodes it was sent)."""
-    helper = aoe.load_helper()
-    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+def socketpair_target(tmp_path, bufcnt=16):
+    """serve's AoeTarget e3.7 on a datagram socketpair, answering in a thread, over an image of
+    NBD_DISK_SECTORS; yields a namespace with ours (the initiator's end), image, original (the
+    image's first bytes), target, flushes (ATA flush opcodes it was sent), and two switches:
+    silent (frames go unanswered) and refuse_flush_ext (FLUSH CACHE EXT aborted, as vblade
+    does)."""
     original = seeded_bytes(random.Random(12), NBD_DISK_SECTORS * 512)
     image = tmp_path / "disk"
     image.write_bytes(original)
     target = aoe.AoeTarget(3, 7, aoe.Export(str(image)), MAC_T, 9000, bufcnt)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    stop = threading.Event()
+    stop, silent, refuse_flush_ext = threading.Event(), threading.Event(), threading.Event()
     flushes = collections.Counter()
 
     def serve_frames():
@@ -1076,28 +1000,49 @@ def nbd_bridge_lab(tmp_path, bufcnt=16):
                 frame = theirs.recv(70000)
             except socket.timeout:
                 continue
+            if silent.is_set():
+                continue
             if frame[27] in (aoe.ATA_CMD_FLUSH, aoe.ATA_CMD_FLUSH_EXT):
                 flushes[frame[27]] += 1
-            answer = target.handle(frame)
+            if frame[27] == aoe.ATA_CMD_FLUSH_EXT and refuse_flush_ext.is_set():
+                answer = ScriptedTarget.answer(frame, status=aoe.ATA_DRDY | aoe.ATA_ERR,
+                                               err=aoe.ATA_ABORTED)
+            else:
+                answer = target.handle(frame)
             if answer:
                 theirs.send(answer)
     server = threading.Thread(target=serve_frames, daemon=True)
     server.start()
-    kernel, sock = socket.socketpair()
     try:
-        engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T],
-                                       sectors=NBD_DISK_SECTORS, bufcnt=bufcnt), helper=helper)
-        host = nbd_host(engine)
-        nbd = aoe.NbdBackend(host, helper)
-        nbd.sock = sock
-        yield types.SimpleNamespace(kernel=kernel, engine=engine, host=host, nbd=nbd,
-                                    image=image, original=original, target=target,
-                                    flushes=flushes)
+        yield types.SimpleNamespace(ours=ours, image=image, original=original, target=target,
+                                    flushes=flushes, silent=silent,
+                                    refuse_flush_ext=refuse_flush_ext)
     finally:
         stop.set()
         server.join(5)
-        for s in (kernel, sock, ours, theirs):
-            s.close()
+        ours.close()
+        theirs.close()
+
+
+@contextlib.contextmanager
+def nbd_bridge_lab(tmp_path, bufcnt=16):
+    """The helper's nbd bridge on one end of a stream socketpair (the kernel's end is yielded),
+    through a real engine to socketpair_target with `bufcnt` buffers; yields a namespace with
+    kernel, engine, host, nbd, image, original, target and flushes (see socketpair_target)."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    with socketpair_target(tmp_path, bufcnt) as far:
+        kernel, sock = socket.socketpair()
+        with kernel, sock:
+            engine = aoe.Engine(lab_target([PairPort(far.ours, MAC_I)], [MAC_T],
+                                           sectors=NBD_DISK_SECTORS, bufcnt=bufcnt),
+                                helper=helper)
+            host = nbd_host(engine)
+            nbd = aoe.NbdBackend(host, helper)
+            nbd.sock = sock
+            yield types.SimpleNamespace(kernel=kernel, engine=engine, host=host, nbd=nbd,
+                                        image=far.image, original=far.original,
+                                        target=far.target, flushes=far.flushes)
 
 
 def serve_nbd_round(lab):
@@ -1198,6 +1143,314 @@ def test_nbd_bridge_answers_a_full_window_piled_up(tmp_path, mix):
         check_nbd_answers(answers, expected, lab.original, bytearray(lab.image.read_bytes()))
         assert nbd.server.open == 0
         nbd.close()
+
+
+class SocketpairPort(aoe.Port):
+    """A Port on one end of a datagram socketpair: each twin a duplicate of that end."""
+
+    def __init__(self, sock, mac):
+        self.sock, self.mac, self.name, self.buf = sock, mac, "pair", bytearray(65536)
+        self.ifc = types.SimpleNamespace(mtu=9000, name="pair")
+
+    def twin(self):
+        return SocketpairPort(self.sock.dup(), self.mac)
+
+
+class MemoryDevice:
+    """The kernel's side of a MemoryBackend's block device: the test submits requests (engine
+    ops) and waits for their answers; the backend is woken through a pipe to take them."""
+
+    WAIT = 20                                     # seconds an answer may take
+
+    def __init__(self):
+        self.wake_out, self.wake_in = os.pipe()
+        os.set_blocking(self.wake_out, False)
+        self.lock = threading.Condition()
+        self.queued, self.answers, self.next_rid = [], {}, 0
+        self.events = []                          # what the daemon asked of the backend
+
+    def take(self):
+        """The requests submitted since the last take (the backend's side)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_out, 4096)
+        with self.lock:
+            taken, self.queued = self.queued, []
+        return taken
+
+    def answer(self, rid, status):
+        with self.lock:
+            self.answers[rid] = status
+            self.lock.notify_all()
+
+    def submit(self, op, lba=0, count=0, data=None):
+        """A request into the device; returns its id and buffer."""
+        buf = bytearray(data if data is not None else count * 512)
+        with self.lock:
+            self.next_rid += 1
+            rid = self.next_rid
+            self.queued.append((rid, op, lba, count, buf))
+        os.write(self.wake_in, b"!")
+        return rid, buf
+
+    def io(self, op, lba=0, count=0, data=None):
+        """Submit and wait: (status, buffer)."""
+        rid, buf = self.submit(op, lba, count, data)
+        with self.lock:
+            assert self.lock.wait_for(lambda: rid in self.answers, self.WAIT), "no answer"
+            return self.answers.pop(rid), buf
+
+    def close(self):
+        os.close(self.wake_out)
+        os.close(self.wake_in)
+
+
+class MemoryBackend(aoe.BlockBackend):
+    """A block device that exists only in the test: requests come from the test's
+    MemoryDevice and go through the engine as the kernel's go through ublk's."""
+
+    name = "memory"
+    device = None                                 # the test's MemoryDevice
+
+    def __init__(self, host, helper):
+        self.host, self.engine, self.device = host, host.engine, MemoryBackend.device
+        self.dev_id = None
+        self.inflight = {}                        # request id -> engine op
+
+    @staticmethod
+    def missing(helper):
+        return None
+
+    @staticmethod
+    def frames_needed(target):
+        return 256
+
+    @staticmethod
+    def remove_orphan(attachment):
+        MemoryBackend.device.events.append(("orphan removed", attachment.dev))
+        return None
+
+    @property
+    def dev(self):
+        return "mem%d" % self.dev_id
+
+    @property
+    def features(self):
+        return []
+
+    def create(self):
+        self.dev_id = self.host.target.slot
+        self.host.record(self, aoe.STATE_UP, True)
+
+    def recover(self, attachment):
+        self.dev_id = attachment.dev_id
+        self.host.record(self, aoe.STATE_RECOVERING, True)
+
+    def resize(self, sectors):
+        self.engine.sectors = sectors
+        self.device.events.append(("resized", sectors))
+
+    def hand_over(self):
+        self.host.serve_while(lambda: self.device.events.append("paused"))
+
+    def wait_fd(self):
+        return self.device.wake_out
+
+    def intake(self):
+        for rid, op, lba, count, buf in self.device.take():
+            if not self.host.up or op == aoe.OP_WRITE and self.host.readonly:
+                self.device.answer(rid, -errno.EIO)
+                continue
+            self._send(rid, op, lba, count, buf)
+        return True
+
+    def _send(self, rid, op, lba, count, buf):
+        try:
+            self.engine.submit(op, lba, count, buf, req_id=rid)
+        except aoe.AoeError:
+            self.device.answer(rid, -errno.EIO)
+            return
+        self.inflight[rid] = op
+
+    def completed(self, rid, status):
+        op = self.inflight.pop(rid)
+        if status and op == aoe.OP_FLUSH and self.engine.fall_back_flush(status):
+            return self._send(rid, op, 0, 0, None)
+        self.device.answer(rid, status)
+
+    def set_down(self, down):
+        self.device.events.append(("down", down))
+
+    def report(self):
+        return "%d requests in flight" % len(self.inflight)
+
+    def stop(self):
+        """The kernel writes back through the device (a flush) before it stops."""
+        rid, _ = self.device.submit(aoe.OP_FLUSH)
+        limit = time.monotonic() + MemoryDevice.WAIT
+        while rid not in self.device.answers and time.monotonic() < limit:
+            self.host.serve(10000)
+        self.device.events.append(("stopped", self.device.answers.pop(rid, None)))
+
+    def close(self):
+        self.device.events.append("closed")
+
+
+def wait_until(condition, what, seconds=15):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("kind", ["python", "helper"])
+def test_attach_daemon_life_on_a_memory_backend(kind, monkeypatch, tmp_path):
+    """The attach daemon's whole life without root or a kernel driver: a memory backend over a
+    target on a socketpair.  Made and recorded, I/O through the engine, the flush fallback
+    (FLUSH CACHE EXT aborted: FLUSH CACHE), the target silent: I/O fails after deadsecs and the
+    device is down, failing at once, until a probe is answered; a resize and a hand-over asked
+    as commands ask; a new daemon takes the device over; SIGTERM detaches it."""
+    helper = aoe.load_helper() if kind == "helper" else None
+    need(kind == "python" or helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(aoe, "LINK_DIR", str(tmp_path / "etherd"))
+    monkeypatch.setattr(aoe.Attachment, "daemon_alive", property(lambda a: a.pid == os.getpid()))
+    monkeypatch.setitem(aoe.BACKEND_CLASSES, MemoryBackend.name, MemoryBackend)
+    device = MemoryBackend.device = MemoryDevice()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                    signal.SIGUSR1)}
+    read, write, flush = aoe.OP_READ, aoe.OP_WRITE, aoe.OP_FLUSH
+    try:
+        with socketpair_target(tmp_path) as far:
+            def target(sectors=NBD_DISK_SECTORS):
+                return lab_target([SocketpairPort(far.ours, MAC_I)], [MAC_T], sectors=sectors)
+            options = aoe.AttachOptions(deadsecs=2, scheduler="kernel")
+            host = aoe.DeviceHost(helper, options, log_files=True)
+            a = host.attach(target(), MemoryBackend.name)
+            assert (a.device, a.dev, a.state, a.sectors) == \
+                ("e3.7", "mem7", aoe.STATE_UP, NBD_DISK_SECTORS)
+            assert aoe.Attachment.load("e3.7").pid == os.getpid()
+            assert os.readlink(str(tmp_path / "etherd" / "e3.7")) == "/dev/mem7"
+            data = seeded_bytes(random.Random(5), 16 * 512)
+            assert device.io(write, 100, 16, data)[0] == 0
+            assert device.io(read, 100, 16) == (0, bytearray(data))
+            assert far.image.read_bytes()[100 * 512:116 * 512] == data
+            far.refuse_flush_ext.set()
+            assert device.io(flush)[0] == 0
+            refused = far.flushes[aoe.ATA_CMD_FLUSH_EXT]   # more than once if resent
+            assert refused and far.flushes[aoe.ATA_CMD_FLUSH]
+            assert device.io(flush)[0] == 0
+            assert far.flushes[aoe.ATA_CMD_FLUSH_EXT] == refused      # FLUSH CACHE from now on
+
+            far.silent.set()
+            start = time.monotonic()
+            assert device.io(read, 0, 8)[0] != 0
+            assert time.monotonic() - start >= options.deadsecs
+            wait_until(lambda: aoe.Attachment.load("e3.7").state == aoe.STATE_DOWN, "never down")
+            start = time.monotonic()
+            assert device.io(read, 0, 8)[0] == -errno.EIO
+            assert time.monotonic() - start < options.deadsecs
+            far.silent.clear()
+            wait_until(lambda: aoe.Attachment.load("e3.7").state == aoe.STATE_UP,
+                       "a probe answered did not bring it back")
+            assert device.events == [("down", True), ("down", False)]
+            assert device.io(read, 100, 16) == (0, bytearray(data))
+
+            said = aoe.ask_daemon(a, aoe.VERB_RESIZE, sectors=NBD_DISK_SECTORS // 2)
+            assert said.endswith("resized from %d to %d sectors"
+                                 % (NBD_DISK_SECTORS, NBD_DISK_SECTORS // 2))
+            assert aoe.Attachment.load("e3.7").sectors == NBD_DISK_SECTORS // 2
+            assert device.io(read, NBD_DISK_SECTORS // 2, 1)[0] == -errno.EIO
+            with pytest.raises(aoe.AoeError, match="refusing a size of 0"):
+                aoe.ask_daemon(a, aoe.VERB_RESIZE, sectors=0)
+
+            assert "handed over" in aoe.ask_daemon(a, aoe.VERB_HAND_OVER)
+            wait_until(lambda: not host.daemons, "the daemon did not end after its hand-over")
+            left = aoe.Attachment.load("e3.7")
+            assert (left.state, left.pid) == (aoe.STATE_HANDED_OVER, None)
+            assert device.events[-2:] == ["paused", "closed"]
+            b = host.attach(target(NBD_DISK_SECTORS // 2), left.backend, aoe.START_RECOVER)
+            assert (b.dev, b.state, b.sectors) == ("mem7", aoe.STATE_UP, NBD_DISK_SECTORS // 2)
+            assert device.io(read, 100, 16) == (0, bytearray(data))
+
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert host.wait() == aoe.EXIT_OK
+            assert device.events[-2:] == [("stopped", 0), "closed"]
+            assert aoe.Attachment.load("e3.7") is None
+            assert not os.path.lexists(str(tmp_path / "etherd" / "e3.7"))
+            log = (tmp_path / "run" / "e3.7.log").read_text()
+            assert "I/O fails until it answers again" in log and "detached /dev/mem7" in log
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        device.close()
+
+
+@pytest.mark.engine
+def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
+    """The attach process's devices are threads: one whose serving fails ends alone (its
+    traceback in its own log), one that cannot be made fails its attach with its error,
+    signals reach every device (also while the host holds its lock), and a stop ends them
+    all."""
+    monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path))
+    monkeypatch.setattr(aoe, "LINK_DIR", str(tmp_path / "etherd"))
+    fail_now = threading.Event()
+
+    class FlawedBackend(MemoryBackend):
+        def create(self):
+            if self.host.target.name == "e1.3":
+                raise aoe.AoeError("e1.3: no such thing")
+            super().create()
+
+        def intake(self):
+            if self.host.target.name == "e1.2" and fail_now.is_set():
+                raise RuntimeError("a bug in e1.2's request path")
+            return super().intake()
+
+    monkeypatch.setitem(aoe.BACKEND_CLASSES, "flawed", FlawedBackend)
+    device = MemoryBackend.device = MemoryDevice()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def target(slot):
+        t = aoe.Target(1, slot, aoe.ConfigInfo(bufcnt=8, scnt=2))
+        t.add_path(SocketpairPort(ours, MAC_I), MAC_T)
+        t.identify = aoe.Identify(aoe.build_identify(4096, "m", "s", "f"))
+        return t
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                    signal.SIGUSR1, signal.SIGALRM)}
+    try:
+        host = aoe.DeviceHost(None, aoe.AttachOptions(deadsecs=1, scheduler="kernel"),
+                              log_files=True)
+        assert host.attach(target(1), "flawed").block == "/dev/mem1"
+        assert host.attach(target(2), "flawed").block == "/dev/mem2"
+        with pytest.raises(aoe.AoeError, match="e1.3: no such thing"):
+            host.attach(target(3), "flawed")
+        one, two = host.daemons
+        fail_now.set()
+        wait_until(lambda: two not in host.daemons, "e1.2 goes on after its failure", 5)
+        assert host.daemons == [one] and len(host.threads) == 1
+        log = (tmp_path / "e1.2.log").read_text()
+        assert "a bug in e1.2's request path" in log and "/dev/mem2 is left for" in log
+        assert "no such thing" in (tmp_path / "e1.3.log").read_text()
+        def deadlocked(signum, frame):
+            raise TimeoutError("a signal's handler waited for the lock its thread holds")
+        signal.signal(signal.SIGALRM, deadlocked)
+        signal.alarm(5)
+        with host.lock:                           # a signal comes while the host holds it
+            os.kill(os.getpid(), signal.SIGUSR1)
+            wait_until(lambda: one.report_wanted or "state up" in
+                       (tmp_path / "e1.1.log").read_text(), "SIGUSR1 did not reach e1.1", 5)
+        signal.alarm(0)
+        assert not one.stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert host.wait() == aoe.EXIT_FAIL and one.stop and host.daemons == []
+        assert "detached /dev/mem1" in (tmp_path / "e1.1.log").read_text()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        device.close()
+        ours.close()
+        theirs.close()
 
 
 def copy_of_checkout(dest):
