@@ -377,20 +377,21 @@ def test_policy_reorder_window_widens_on_spurious_and_narrows_again():
     assert pol.reorder_us == min(pol.rto_us, 2 * base)
 
 
-class PairPort:
-    """One end of a datagram socketpair standing in for an interface's AoE socket."""
+class PairPort(aoe.Port):
+    """One end of a datagram socketpair standing in for an interface's AoE socket; its
+    twins (each attached device's own) are duplicates of that end."""
 
     def __init__(self, sock, mac):
-        self.sock, self.mac, self.name = sock, mac, "pair"
+        self.sock, self.mac, self.name, self.buf = sock, mac, "pair", bytearray(65536)
         self.ifc = types.SimpleNamespace(mtu=9000, name="pair")
 
-    def fileno(self):
-        return self.sock.fileno()
+    def twin(self):
+        return PairPort(self.sock.dup(), self.mac)
 
 
-def lab_target(ports, macs, sectors=4096, bufcnt=8, spf=2):
+def lab_target(ports, macs, sectors=4096, bufcnt=8, spf=2, shelf=3, slot=7):
     """A Target as discovery would make it, reached through `ports` (one path each)."""
-    t = aoe.Target(3, 7, aoe.ConfigInfo(bufcnt=bufcnt, scnt=spf))
+    t = aoe.Target(shelf, slot, aoe.ConfigInfo(bufcnt=bufcnt, scnt=spf))
     for port, mac in zip(ports, macs):
         t.add_path(port, mac)
     t.identify = aoe.Identify(aoe.build_identify(sectors, "m", "s", "f"))
@@ -1145,17 +1146,6 @@ def test_nbd_bridge_answers_a_full_window_piled_up(tmp_path, mix):
         nbd.close()
 
 
-class SocketpairPort(aoe.Port):
-    """A Port on one end of a datagram socketpair: each twin a duplicate of that end."""
-
-    def __init__(self, sock, mac):
-        self.sock, self.mac, self.name, self.buf = sock, mac, "pair", bytearray(65536)
-        self.ifc = types.SimpleNamespace(mtu=9000, name="pair")
-
-    def twin(self):
-        return SocketpairPort(self.sock.dup(), self.mac)
-
-
 class MemoryDevice:
     """The kernel's side of a MemoryBackend's block device: the test submits requests (engine
     ops) and waits for their answers; the backend is woken through a pipe to take them."""
@@ -1168,6 +1158,11 @@ class MemoryDevice:
         self.lock = threading.Condition()
         self.queued, self.answers, self.next_rid = [], {}, 0
         self.events = []                          # what the daemon asked of the backend
+        self.gone = False                         # let go of, as by another's STOP_DEV
+
+    def let_go(self):
+        self.gone = True
+        os.write(self.wake_in, b"!")
 
     def take(self):
         """The requests submitted since the last take (the backend's side)."""
@@ -1261,7 +1256,7 @@ class MemoryBackend(aoe.BlockBackend):
                 self.device.answer(rid, -errno.EIO)
                 continue
             self._send(rid, op, lba, count, buf)
-        return True
+        return not self.device.gone
 
     def _send(self, rid, op, lba, count, buf):
         try:
@@ -1309,7 +1304,8 @@ def test_attach_daemon_life_on_a_memory_backend(kind, monkeypatch, tmp_path):
     target on a socketpair.  Made and recorded, I/O through the engine, the flush fallback
     (FLUSH CACHE EXT aborted: FLUSH CACHE), the target silent: I/O fails after deadsecs and the
     device is down, failing at once, until a probe is answered; a resize and a hand-over asked
-    as commands ask; a new daemon takes the device over; SIGTERM detaches it."""
+    as commands ask; a new daemon takes the device over; the kernel lets go of it; made again,
+    SIGTERM detaches it."""
     helper = aoe.load_helper() if kind == "helper" else None
     need(kind == "python" or helper is not None, "needs the compiled helper: python3 build_ffi.py")
     monkeypatch.setattr(aoe, "RUN_DIR", str(tmp_path / "run"))
@@ -1323,7 +1319,7 @@ def test_attach_daemon_life_on_a_memory_backend(kind, monkeypatch, tmp_path):
     try:
         with socketpair_target(tmp_path) as far:
             def target(sectors=NBD_DISK_SECTORS):
-                return lab_target([SocketpairPort(far.ours, MAC_I)], [MAC_T], sectors=sectors)
+                return lab_target([PairPort(far.ours, MAC_I)], [MAC_T], sectors=sectors)
             options = aoe.AttachOptions(deadsecs=2, scheduler="kernel")
             host = aoe.DeviceHost(helper, options, log_files=True)
             a = host.attach(target(), MemoryBackend.name)
@@ -1373,6 +1369,16 @@ def test_attach_daemon_life_on_a_memory_backend(kind, monkeypatch, tmp_path):
             assert (b.dev, b.state, b.sectors) == ("mem7", aoe.STATE_UP, NBD_DISK_SECTORS // 2)
             assert device.io(read, 100, 16) == (0, bytearray(data))
 
+            device.let_go()
+            assert host.wait() == aoe.EXIT_FAIL
+            assert ("orphan removed", "mem7") in device.events
+            assert aoe.Attachment.load("e3.7") is None
+            assert not os.path.lexists(str(tmp_path / "etherd" / "e3.7"))
+            assert "the kernel let go of /dev/mem7" in (tmp_path / "run" / "e3.7.log").read_text()
+
+            device.gone = False
+            host = aoe.DeviceHost(helper, options, log_files=True)
+            host.attach(target(NBD_DISK_SECTORS // 2), MemoryBackend.name)
             os.kill(os.getpid(), signal.SIGTERM)
             assert host.wait() == aoe.EXIT_OK
             assert device.events[-2:] == [("stopped", 0), "closed"]
@@ -1412,10 +1418,7 @@ def test_device_host_goes_on_when_one_device_fails(monkeypatch, tmp_path):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 
     def target(slot):
-        t = aoe.Target(1, slot, aoe.ConfigInfo(bufcnt=8, scnt=2))
-        t.add_path(SocketpairPort(ours, MAC_I), MAC_T)
-        t.identify = aoe.Identify(aoe.build_identify(4096, "m", "s", "f"))
-        return t
+        return lab_target([PairPort(ours, MAC_I)], [MAC_T], shelf=1, slot=slot)
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                                     signal.SIGUSR1, signal.SIGALRM)}
     try:
