@@ -57,7 +57,7 @@
 /* ========================================================================== */
 /*
  * Every frame of a request owns a slot from submit to completion.  Its tag on
- * the wire is TAG_ENGINE | generation << 16 | slot << 1 | parity: the
+ * the wire is TAG_USER | TAG_ENGINE | generation << 16 | slot << 1 | parity: the
  * generation moves on at every transmission, so an answer names the exact
  * transmission it answers, and the parity bit makes every valid tag even, so a
  * tag with one bit flipped never names a frame.  An answer is accepted for any
@@ -70,17 +70,7 @@
  * so expiry checks stop at the first young frame).
  */
 
-#define ETH_P_AOE       0x88A2
-#define ATA_HDR_LEN     36          /* Ethernet 14 + AoE 10 + ATA argument 12 */
-#define ETH_MIN_FRAME   60          /* shorter frames are padded to this */
 #define MAX_SPF         255         /* the ATA sector count field is one byte */
-
-#define AOE_VER_FLAGS   0x10        /* version 1, no flags */
-#define AOEFL_RSP       0x08
-#define AOEFL_ERR       0x04
-#define AOECMD_ATA      0
-#define ATA_ST_ERR      0x01
-#define ATA_ST_DF       0x20
 
 #define TX_BATCH        64
 #define RX_BATCH        64
@@ -101,25 +91,37 @@ struct aoe_request;
 struct aoe_tx_batch;
 
 /* ABI-BEGIN: the frame engine */
-#define AOE_MAX_PATHS   16
+#define ETH_P_AOE       0x88A2
+#define ETH_ZLEN        60          /* shorter frames are padded to this */
+#define ATA_HDR_LEN     36          /* Ethernet 14 + AoE 10 + ATA argument 12 */
+#define AOE_HVER        0x10        /* version 1, in the high nibble; no flags */
+#define AOEFL_RSP       0x08
+#define AOEFL_ERR       0x04
+#define AOECMD_ATA      0
+#define ATA_ERR         0x01        /* ATA status bits */
+#define ATA_DF          0x20
+#define MAX_PATHS   16
 #define SECTOR_SIZE     512
 #define AOEAFL_EXT      0x40
 #define AOEAFL_WRITE    0x01
-#define ATA_READ        0x20
-#define ATA_READ_EXT    0x24
-#define ATA_WRITE       0x30
-#define ATA_WRITE_EXT   0x34
-#define ATA_FLUSH       0xE7
-#define ATA_FLUSH_EXT   0xEA
+#define ATA_CMD_PIO_READ        0x20
+#define ATA_CMD_PIO_READ_EXT    0x24
+#define ATA_CMD_PIO_WRITE       0x30
+#define ATA_CMD_PIO_WRITE_EXT   0x34
+#define ATA_CMD_FLUSH       0xE7
+#define ATA_CMD_FLUSH_EXT   0xEA
 
-/* Engine tags have bits 31 and 30 set; aoe.py's own queries never set both,
- * so their answers can never be taken for data. */
-#define TAG_ENGINE      0xC0000000u
+/* Engine tags have bits 31 (TAG_USER: a user-space initiator's) and 30 set; aoe.py's
+ * own queries never set both, so their answers can never be taken for data. */
+#define TAG_USER        0x80000000u
+#define TAG_ENGINE      0x40000000u
 #define GEN_MAX         0x3FFF      /* generations run 1..GEN_MAX in bits 16..29 */
-#define SLOT_MAX        0x8000      /* slots in bits 1..15; bit 0 is the parity */
+#define MAX_FRAMES      0x8000      /* slots in bits 1..15; bit 0 is the parity */
 
-#define STATUS_AOE_ERR  0x100       /* a request's status: -(STATUS_AOE_ERR | AoE error code) */
-#define STATUS_ATA_ERR  0x200       /* ... or -(STATUS_ATA_ERR | ATA error register), or -errno */
+/* A request's status: 0, -(STATUS_AOE_ERROR | AoE error code),
+ * -(STATUS_ATA_ERROR | ATA error register) or -errno. */
+#define STATUS_AOE_ERROR 0x100
+#define STATUS_ATA_ERROR 0x200
 
 enum { OP_READ, OP_WRITE, OP_FLUSH };
 
@@ -178,7 +180,7 @@ struct aoe_eng {
     uint16_t shelf; uint8_t slot; uint8_t lba48;
     uint8_t flush_cmd;                      /* ATA opcode for OP_FLUSH, chosen by aoe.py */
     int sectors_per_frame;
-    int npaths; struct aoe_path paths[AOE_MAX_PATHS];
+    int npaths; struct aoe_path paths[MAX_PATHS];
     struct aoe_counters c;
     int ndone;    struct aoe_event *done;
     int nexpired; uint32_t *expired;
@@ -211,12 +213,12 @@ struct aoe_eng {
     uint32_t free_frame, free_tail, nfree_frames, free_req;   /* free slots rest FIFO: late answers
                                                                 * find them still free */
     uint32_t pend_head, pend_tail;
-    uint32_t fly_head[AOE_MAX_PATHS], fly_tail[AOE_MAX_PATHS];
+    uint32_t fly_head[MAX_PATHS], fly_tail[MAX_PATHS];
     int rr;                                 /* path to try first for the next frame */
     int nfds;                               /* distinct sockets among the paths */
-    int fds[AOE_MAX_PATHS];
-    uint8_t path_fd[AOE_MAX_PATHS];         /* path -> index in fds[] */
-    struct aoe_tx_batch *tx[AOE_MAX_PATHS]; /* per socket */
+    int fds[MAX_PATHS];
+    uint8_t path_fd[MAX_PATHS];             /* path -> index in fds[] */
+    struct aoe_tx_batch *tx[MAX_PATHS];     /* per socket */
     struct aoe_event *done_buf;             /* aoe_pump's events */
     struct aoe_event *fail_buf;             /* aoe_fail_all's, so it never overwrites the former */
     size_t rx_slot_size;                    /* bytes per receive slot, grows with
@@ -287,7 +289,7 @@ struct aoe_tx_batch {
     uint16_t ntx[TX_BATCH];
     struct mmsghdr msg[TX_BATCH];
     struct iovec iov[TX_BATCH][2];          /* header, then write data in place */
-    uint8_t hdr[TX_BATCH][ETH_MIN_FRAME];
+    uint8_t hdr[TX_BATCH][ETH_ZLEN];
 };
 
 
@@ -413,17 +415,19 @@ static void frame_requeue(struct aoe_eng *e, uint32_t s)
     e->pending_frames++;
 }
 
+#define ENGINE_TAG      (TAG_USER | TAG_ENGINE)     /* both bits: a tag of the engine */
+
 /* The tag of generation gen of slot s: even parity over all 32 bits. */
 static uint32_t frame_tag(uint16_t gen, uint32_t s)
 {
-    uint32_t t = TAG_ENGINE | (uint32_t)gen << 16 | s << 1;
+    uint32_t t = ENGINE_TAG | (uint32_t)gen << 16 | s << 1;
     return t | (uint32_t)(__builtin_popcount(t) & 1);
 }
 
 /* The frame slot a tag names (valid only if the tag is the engine's). */
 static uint32_t tag_slot(uint32_t tag)
 {
-    return tag >> 1 & (SLOT_MAX - 1);
+    return tag >> 1 & (MAX_FRAMES - 1);
 }
 
 /* ---- engine life ---------------------------------------------------------- */
@@ -472,7 +476,7 @@ void aoe_eng_free(struct aoe_eng *e)
  * to an earlier engine on the same target are stale for this one). */
 struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16_t gen_seed)
 {
-    if (max_frames < 1 || max_frames > SLOT_MAX) {
+    if (max_frames < 1 || max_frames > MAX_FRAMES) {
         errno = EINVAL;
         return NULL;
     }
@@ -482,7 +486,7 @@ struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16
     e->shelf = shelf;
     e->slot = slot;
     e->lba48 = 1;
-    e->flush_cmd = ATA_FLUSH_EXT;
+    e->flush_cmd = ATA_CMD_FLUSH_EXT;
     e->sectors_per_frame = 2;               /* fits a 1500-byte MTU until aoe.py says more */
     e->max_frames = (uint32_t)max_frames;
     e->frames = calloc(max_frames, sizeof(*e->frames));
@@ -512,7 +516,7 @@ struct aoe_eng *aoe_eng_new(uint16_t shelf, uint8_t slot, int max_frames, uint16
         e->free_req = i;
     }
     e->pend_head = e->pend_tail = NONE;
-    for (int p = 0; p < AOE_MAX_PATHS; p++)
+    for (int p = 0; p < MAX_PATHS; p++)
         e->fly_head[p] = e->fly_tail[p] = NONE;
     return e;
 }
@@ -523,7 +527,7 @@ int aoe_eng_add_path(struct aoe_eng *e, int fd, const uint8_t *src6, const uint8
         return -EINVAL;
     if (fd < 0)
         return -EBADF;
-    if (e->npaths >= AOE_MAX_PATHS)
+    if (e->npaths >= MAX_PATHS)
         return -ENOSPC;
     int fi = 0;
     while (fi < e->nfds && e->fds[fi] != fd)
@@ -692,8 +696,8 @@ static void build_header(const struct aoe_eng *e, const struct aoe_path *pa,
                          const struct aoe_frame *f, const struct aoe_request *rq,
                          uint32_t tag, uint8_t *h)
 {
-    static const uint8_t cmd28[] = { ATA_READ, ATA_WRITE };
-    static const uint8_t cmd48[] = { ATA_READ_EXT, ATA_WRITE_EXT };
+    static const uint8_t cmd28[] = { ATA_CMD_PIO_READ, ATA_CMD_PIO_WRITE };
+    static const uint8_t cmd48[] = { ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE_EXT };
     uint64_t lba = f->lba;
     int op = rq->op;
 
@@ -701,7 +705,7 @@ static void build_header(const struct aoe_eng *e, const struct aoe_path *pa,
     memcpy(h + 6, pa->src, 6);
     h[12] = ETH_P_AOE >> 8;
     h[13] = ETH_P_AOE & 0xFF;
-    h[14] = AOE_VER_FLAGS;
+    h[14] = AOE_HVER;
     h[15] = 0;
     h[16] = e->shelf >> 8;
     h[17] = e->shelf & 0xFF;
@@ -722,7 +726,7 @@ static void build_header(const struct aoe_eng *e, const struct aoe_path *pa,
         h[32] = h[33] = 0;
     }
     h[34] = h[35] = 0;
-    memset(h + ATA_HDR_LEN, 0, ETH_MIN_FRAME - ATA_HDR_LEN);
+    memset(h + ATA_HDR_LEN, 0, ETH_ZLEN - ATA_HDR_LEN);
 }
 
 /* Round-robin over paths with room in their window and a socket taking frames. */
@@ -777,7 +781,7 @@ static void stage_frame(struct aoe_eng *e, uint32_t s, int p, int64_t now)
         b->iov[i][1].iov_len = (size_t)f->nsect * SECTOR_SIZE;
         m->msg_iovlen = 2;
     } else {
-        b->iov[i][0].iov_len = ETH_MIN_FRAME;
+        b->iov[i][0].iov_len = ETH_ZLEN;
         m->msg_iovlen = 1;
     }
     b->slot[i] = s;
@@ -901,7 +905,7 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const
         return;
     }
     uint32_t s = tag_slot(tag);
-    if ((tag & TAG_ENGINE) != TAG_ENGINE || s >= e->max_frames) {     /* no slot of ours */
+    if ((tag & ENGINE_TAG) != ENGINE_TAG || s >= e->max_frames) {     /* no slot of ours */
         c->drop_stale++;
         return;
     }
@@ -945,9 +949,9 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const
     int32_t status = 0;
     size_t bytes = (size_t)f->nsect * SECTOR_SIZE;
     if (h[14] & AOEFL_ERR) {
-        status = -(STATUS_AOE_ERR | h[15]);
-    } else if (h[27] & (ATA_ST_ERR | ATA_ST_DF)) {
-        status = -(STATUS_ATA_ERR | h[25]);
+        status = -(STATUS_AOE_ERROR | h[15]);
+    } else if (h[27] & (ATA_ERR | ATA_DF)) {
+        status = -(STATUS_ATA_ERROR | h[25]);
     } else if (rq->op == OP_READ) {
         if (len - ATA_HDR_LEN < bytes) {
             c->drop_short++;                /* still waiting; expiry will resend it */
@@ -1002,8 +1006,8 @@ static void handle_answer(struct aoe_eng *e, const uint8_t *h, size_t len, const
 /* The frames socket fi's next answers are expected for, one per receive slot. */
 static void rx_aim(struct aoe_eng *e, int fi)
 {
-    int paths[AOE_MAX_PATHS], np = 0;
-    uint32_t next[AOE_MAX_PATHS];
+    int paths[MAX_PATHS], np = 0;
+    uint32_t next[MAX_PATHS];
     for (int p = 0; p < e->npaths; p++)
         if (e->path_fd[p] == fi) {
             paths[np] = p;
@@ -1182,7 +1186,7 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     if (rc < 0)
         return rc;
 
-    struct pollfd pfd[AOE_MAX_PATHS + 1];
+    struct pollfd pfd[MAX_PATHS + 1];
     int npfd = e->nfds;
     for (int fi = 0; fi < e->nfds; fi++) {
         pfd[fi].fd = e->fds[fi];
@@ -1313,18 +1317,17 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
 #define SRV_ALIGN       4096        /* read and write data start on this boundary */
 #define SRV_MAX_MACS    255
 #define SRV_SEND_TRIES  8           /* sendmmsg attempts per answer before it counts as lost */
-#define AOE_HDR_LEN     24          /* Ethernet 14 + AoE common 10 */
-#define AOE_SHELF_ANY   0xFFFF
-#define AOE_SLOT_ANY    0xFF
-#define ATA_ST_DRDY     0x40
-#define ATA_ER_UNC      0x40
-#define ATA_ER_IDNF     0x10
-#define ATA_ER_ABRT     0x04
-#define LBA28_MASK      0x0FFFFFFFull
-
 enum { SRV_DROP, SRV_SLOW, SRV_FAST };
 
 /* ABI-BEGIN: the target's fast path */
+#define AOE_HDR_LEN     24          /* Ethernet 14 + AoE common 10 */
+#define AOE_SHELF_ANY   0xFFFF
+#define AOE_SLOT_ANY    0xFF
+#define ATA_DRDY        0x40        /* ATA status bit */
+#define ATA_UNC         0x40        /* ATA error bits */
+#define ATA_IDNF        0x10
+#define ATA_ABORTED     0x04
+#define LBA28_MAX       0x0FFFFFFFull
 struct aoe_srv_counters {
     uint64_t frames_recv;           /* every frame read from the socket */
     uint64_t batches;               /* recvmmsg calls that returned frames */
@@ -1399,7 +1402,7 @@ void aoe_srv_free(struct aoe_srv *s)
  * the Ethernet header); the largest read answer, 36 + 512 * scnt, must fit. */
 struct aoe_srv *aoe_srv_new(int frame_max)
 {
-    if (frame_max < ETH_MIN_FRAME || frame_max > 1 << 17) {
+    if (frame_max < ETH_ZLEN || frame_max > 1 << 17) {
         errno = EINVAL;
         return NULL;
     }
@@ -1509,8 +1512,8 @@ static uint64_t srv_lba(const uint8_t *h)
         lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 |
               (uint64_t)(h[31] & 0x0F) << 24;
     }
-    if (h[27] != ATA_READ_EXT && h[27] != ATA_WRITE_EXT)
-        lba &= LBA28_MASK;
+    if (h[27] != ATA_CMD_PIO_READ_EXT && h[27] != ATA_CMD_PIO_WRITE_EXT)
+        lba &= LBA28_MAX;
     return lba;
 }
 
@@ -1539,7 +1542,7 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
         c->drop_not_aoe++;
         return SRV_DROP;
     }
-    if ((h[14] & 0xF0) != AOE_VER_FLAGS) {
+    if ((h[14] & 0xF0) != AOE_HVER) {
         c->drop_version++;
         return SRV_DROP;
     }
@@ -1560,11 +1563,12 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
     if (h[19] != AOECMD_ATA || shelf != s->shelf || slot != s->slot || len < ATA_HDR_LEN)
         return SRV_SLOW;
     uint8_t cmd = h[27];
-    if (cmd != ATA_READ && cmd != ATA_READ_EXT && cmd != ATA_WRITE && cmd != ATA_WRITE_EXT)
+    if (cmd != ATA_CMD_PIO_READ && cmd != ATA_CMD_PIO_READ_EXT && cmd != ATA_CMD_PIO_WRITE &&
+        cmd != ATA_CMD_PIO_WRITE_EXT)
         return SRV_SLOW;
     if (s->nreserved && !mac_listed((const uint8_t (*)[6])s->reserved, s->nreserved, h + 6))
         return SRV_SLOW;                    /* aoe.py answers "reserved" */
-    int write = cmd == ATA_WRITE || cmd == ATA_WRITE_EXT;
+    int write = cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
     if (h[26] > s->scnt || (write && len - ATA_HDR_LEN < (size_t)h[26] * SECTOR_SIZE))
         return SRV_SLOW;                    /* aoe.py answers "bad argument" */
     if (!write && s->nbad && srv_touches_bad(s, srv_lba(h), h[26]))
@@ -1593,21 +1597,21 @@ static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
     io->h = h;
     io->lba = lba;
     io->count = h[26];
-    io->write = cmd == ATA_WRITE || cmd == ATA_WRITE_EXT;
-    io->status = ATA_ST_DRDY;
+    io->write = cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
+    io->status = ATA_DRDY;
     io->err = 0;
     if (lba + io->count > s->sectors) {
-        io->status |= ATA_ST_ERR;
-        io->err = ATA_ER_IDNF;
+        io->status |= ATA_ERR;
+        io->err = ATA_IDNF;
     } else if (io->write && s->readonly) {
-        io->status |= ATA_ST_ERR;
-        io->err = ATA_ER_ABRT;
+        io->status |= ATA_ERR;
+        io->err = ATA_ABORTED;
     }
 }
 
 static int srv_moves_data(const struct srv_io *io)
 {
-    return !(io->status & ATA_ST_ERR) && io->count;
+    return !(io->status & ATA_ERR) && io->count;
 }
 
 /* Move the data of io[0..n), back to back on the export and all reads or all
@@ -1631,8 +1635,8 @@ static void srv_transfer(struct aoe_srv *s, struct srv_io *io, int n)
             srv_transfer(s, io + i, 1);
         return;
     }
-    io->status |= ATA_ST_ERR;
-    io->err = ATA_ER_UNC;
+    io->status |= ATA_ERR;
+    io->err = ATA_UNC;
     s->c.io_errors++;
 }
 
@@ -1653,16 +1657,16 @@ static size_t srv_finish(struct aoe_srv *s, const struct srv_io *io)
     }
     memcpy(h, h + 6, 6);                    /* back to the requester, from us */
     memcpy(h + 6, s->mac, 6);
-    h[14] = AOE_VER_FLAGS | AOEFL_RSP;
+    h[14] = AOE_HVER | AOEFL_RSP;
     h[15] = 0;
     h[25] = io->err;
-    h[26] = io->status & ATA_ST_ERR ? io->count : 0;
+    h[26] = io->status & ATA_ERR ? io->count : 0;
     h[27] = io->status;
     h[34] = h[35] = 0;
     size_t len = ATA_HDR_LEN + data;
-    if (len < ETH_MIN_FRAME) {
-        memset(h + len, 0, ETH_MIN_FRAME - len);
-        len = ETH_MIN_FRAME;
+    if (len < ETH_ZLEN) {
+        memset(h + len, 0, ETH_ZLEN - len);
+        len = ETH_ZLEN;
     }
     return len;
 }
@@ -2249,7 +2253,7 @@ struct ublk_ctrl;
 struct ublk_queue;
 
 /* Requests the bridge takes from the queue go to the engine under this id | op << 16 | tag. */
-#define AOE_BRIDGE_ID (1ULL << 62)
+#define BRIDGE_ID (1ULL << 62)
 
 int ublk_ctrl_open(struct ublk_ctrl **out);
 void ublk_ctrl_close(struct ublk_ctrl *c);
@@ -2525,7 +2529,7 @@ int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const i
 /* ========================================================================== */
 /*
  * With a bridge, aoe_pump reaps the queue's new requests and submits READ,
- * WRITE and FLUSH to the engine under id AOE_BRIDGE_ID | op << 16 | tag, and
+ * WRITE and FLUSH to the engine under id BRIDGE_ID | op << 16 | tag, and
  * commits the ones that succeed, so a request that goes well never reaches
  * Python.  Failed ones come back in done[] with that id for aoe.py to decide
  * (EIO, the flush fallback); requests the bridge does not take (bridge_on 0,
@@ -2583,7 +2587,7 @@ int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, in
 static int bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
 {
     struct ublk_queue *q = e->bq;
-    uint64_t id = AOE_BRIDGE_ID | (uint64_t)r->op << 16 | r->tag;
+    uint64_t id = BRIDGE_ID | (uint64_t)r->op << 16 | r->tag;
     if (!e->bridge_on)
         return -EAGAIN;
     if (r->op == UBLK_IO_OP_FLUSH) {        /* start_sector is meaningless here */
@@ -2629,7 +2633,7 @@ static void bridge_settle(struct aoe_eng *e)
     int kept = 0;
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
-        if ((ev.req_id & AOE_BRIDGE_ID) && ev.status == 0) {
+        if ((ev.req_id & BRIDGE_ID) && ev.status == 0) {
             uint16_t tag = (uint16_t)(ev.req_id & 0xffff);
             e->bq_tags[e->bq_ncommit] = tag;
             e->bq_results[e->bq_ncommit++] = (int32_t)e->bq_bytes[tag];
@@ -2655,7 +2659,7 @@ static void bridge_settle(struct aoe_eng *e)
  * other here.  aoe_pump then reads the NBD transmission protocol from it
  * (requests cut anywhere; write data lands in the request's slot buffer),
  * submits READ, WRITE and FLUSH to the engine under id
- * AOE_NBD_ID | op << 32 | slot, answers those that succeed (read data
+ * NBD_ID | op << 32 | slot, answers those that succeed (read data
  * straight from the slot, many answers per sendmsg, in any order), and sends
  * a FUA write's flush after the write.  Failed ones come back in done[] with
  * that id; requests the bridge does not take (bridge_on 0, other commands,
@@ -2677,7 +2681,7 @@ static void bridge_settle(struct aoe_eng *e)
 enum { NBD_SLOT_FREE, NBD_SLOT_DATA, NBD_SLOT_ENGINE, NBD_SLOT_HANDED, NBD_SLOT_REPLY };
 
 /* ABI-BEGIN: the nbd bridge */
-#define AOE_NBD_ID      (1ULL << 61)
+#define NBD_ID      (1ULL << 61)
 #define NBD_CMD_READ    0
 #define NBD_CMD_WRITE   1
 #define NBD_CMD_DISC    2
@@ -2913,7 +2917,7 @@ int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error)
 
 static uint64_t nbd_id(int op, uint32_t slot)
 {
-    return AOE_NBD_ID | (uint64_t)op << 32 | slot;
+    return NBD_ID | (uint64_t)op << 32 | slot;
 }
 
 /* A request read whole: into the engine, or to aoe.py. */
@@ -3072,7 +3076,7 @@ static void nbd_settle(struct aoe_eng *e)
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
         uint32_t slot = (uint32_t)(ev.req_id & 0xFFFFFFFFu);
-        if (!(ev.req_id & AOE_NBD_ID) || slot >= b->nslots ||
+        if (!(ev.req_id & NBD_ID) || slot >= b->nslots ||
             (b->slots[slot].state != NBD_SLOT_ENGINE && b->slots[slot].state != NBD_SLOT_HANDED)) {
             e->done[kept++] = ev;
             continue;

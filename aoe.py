@@ -1671,29 +1671,26 @@ class HelperPump:
         self.buffers.clear()
 
 
-def helper_constants():
-    """What aoe.py and the helper must agree on: the helper's constant -> aoe.py's value."""
-    return {
-        "TAG_ENGINE": TAG_USER | TAG_ENGINE, "GEN_MAX": GEN_MAX, "SLOT_MAX": MAX_FRAMES,
-        "AOE_MAX_PATHS": MAX_PATHS, "SECTOR_SIZE": SECTOR_SIZE, "AOE_BRIDGE_ID": BRIDGE_ID,
-        "AOE_NBD_ID": NBD_ID, "NBD_CMD_READ": NBD_CMD_READ, "NBD_CMD_WRITE": NBD_CMD_WRITE,
-        "NBD_CMD_DISC": NBD_CMD_DISC, "NBD_CMD_FLUSH": NBD_CMD_FLUSH,
-        "NBD_CMD_FLAG_FUA": NBD_CMD_FLAG_FUA,
-        "STATUS_AOE_ERR": STATUS_AOE_ERROR, "STATUS_ATA_ERR": STATUS_ATA_ERROR,
-        "OP_READ": OP_READ, "OP_WRITE": OP_WRITE, "OP_FLUSH": OP_FLUSH,
-        "AOEAFL_EXT": AOEAFL_EXT, "AOEAFL_WRITE": AOEAFL_WRITE,
-        "ATA_READ": ATA_CMD_PIO_READ, "ATA_READ_EXT": ATA_CMD_PIO_READ_EXT,
-        "ATA_WRITE": ATA_CMD_PIO_WRITE, "ATA_WRITE_EXT": ATA_CMD_PIO_WRITE_EXT,
-        "ATA_FLUSH": ATA_CMD_FLUSH, "ATA_FLUSH_EXT": ATA_CMD_FLUSH_EXT,
-    }
+# What aoe.py and the helper must agree on: constants of the same name and value on both sides.
+HELPER_CONSTANTS = (
+    "ETH_P_AOE", "ETH_ZLEN", "ATA_HDR_LEN", "AOE_HDR_LEN", "AOE_HVER", "AOEFL_RSP", "AOEFL_ERR",
+    "AOECMD_ATA", "AOE_SHELF_ANY", "AOE_SLOT_ANY", "ATA_ERR", "ATA_DF", "ATA_DRDY", "ATA_UNC",
+    "ATA_IDNF", "ATA_ABORTED", "LBA28_MAX", "SECTOR_SIZE",
+    "TAG_USER", "TAG_ENGINE", "GEN_MAX", "MAX_FRAMES", "MAX_PATHS", "BRIDGE_ID", "NBD_ID",
+    "NBD_CMD_READ", "NBD_CMD_WRITE", "NBD_CMD_DISC", "NBD_CMD_FLUSH", "NBD_CMD_FLAG_FUA",
+    "STATUS_AOE_ERROR", "STATUS_ATA_ERROR", "OP_READ", "OP_WRITE", "OP_FLUSH",
+    "AOEAFL_EXT", "AOEAFL_WRITE", "ATA_CMD_PIO_READ", "ATA_CMD_PIO_READ_EXT",
+    "ATA_CMD_PIO_WRITE", "ATA_CMD_PIO_WRITE_EXT", "ATA_CMD_FLUSH", "ATA_CMD_FLUSH_EXT",
+)
 
 
 def helper_mismatch(helper):
     """How a built helper disagrees with this aoe.py (constants, the fields both pumps
     share, the counters read by name), as a list of words; empty when they agree."""
-    problems = ["%s is %s in the helper, %s here" % (name, getattr(helper.lib, name, None), value)
-                for name, value in helper_constants().items()
-                if getattr(helper.lib, name, None) != value]
+    here = globals()
+    problems = ["%s is %s in the helper, %s here" % (name, getattr(helper.lib, name, None),
+                                                     here[name])
+                for name in HELPER_CONSTANTS if getattr(helper.lib, name, None) != here[name]]
     fields = lambda struct: {f for f, _ in helper.ffi.typeof(struct).fields}
     try:
         path_fields, counters = fields("struct aoe_path"), fields("struct aoe_counters")

@@ -191,7 +191,7 @@ static inline void answer_header(uint8_t *a, const uint8_t *req)
     memcpy(a, req + 6, 6);
     memcpy(a + 6, req, 6);
     memcpy(a + 12, req + 12, ATA_HDR_LEN - 12);
-    a[14] = AOE_VER_FLAGS | AOEFL_RSP;
+    a[14] = AOE_HVER | AOEFL_RSP;
     a[15] = 0;
     a[25] = 0;
     a[26] = 0;
@@ -245,7 +245,7 @@ NO_COVERAGE static void check_engine(const struct aoe_eng *e, uint32_t *seen, ui
     CHECK(pending == (uint32_t)e->pending_frames, "%u slots pending, counted %d", pending,
           e->pending_frames);
     uint32_t flying = 0;
-    for (int p = 0; p < AOE_MAX_PATHS; p++) {
+    for (int p = 0; p < MAX_PATHS; p++) {
         if (p >= e->npaths) {
             CHECK(e->fly_head[p] == NONE, "path %d of %d has frames in flight", p, e->npaths);
             continue;

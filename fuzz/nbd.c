@@ -61,8 +61,6 @@
 #define HELD_MAX        1024        /* request frames the target holds, the oldest lost */
 #define DRAIN_ROUNDS    4000
 #define HANDLE_BASE     0x6e62640000000000ull
-#define ATA_ABRT        0x04
-#define ATA_UNC         0x40
 #define MAC_INITIATOR   "\x02\x00\x00\x00\x00\x01"
 #define MAC_TARGET      "\x02\x00\x00\x00\x01\x01"
 
@@ -411,18 +409,18 @@ static void kernel_read(struct run *r, uint32_t most)
 NO_COVERAGE static uint64_t check_frame(struct run *r, const uint8_t *h, size_t len)
 {
     const struct aoe_eng *e = r->e;
-    CHECK(len >= ETH_MIN_FRAME, "request frame of %zu bytes", len);
+    CHECK(len >= ETH_ZLEN, "request frame of %zu bytes", len);
     CHECK(memcmp(h, MAC_TARGET, 6) == 0 && memcmp(h + 6, MAC_INITIATOR, 6) == 0 &&
-          h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_VER_FLAGS && h[15] == 0 &&
+          h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_HVER && h[15] == 0 &&
           h[16] == 0 && h[17] == 3 && h[18] == 7 && h[19] == AOECMD_ATA, "request header");
     uint32_t tag = be32(h + 20);
-    CHECK((tag & TAG_ENGINE) == TAG_ENGINE && !(__builtin_popcount(tag) & 1) &&
+    CHECK((tag & ENGINE_TAG) == ENGINE_TAG && !(__builtin_popcount(tag) & 1) &&
           (tag >> 16 & GEN_MAX) != 0 && tag_slot(tag) < e->max_frames, "request tag %08x", tag);
     CHECK(!(h[24] & AOEAFL_EXT) == !e->lba48, "aflags %02x", h[24]);
     uint64_t lba = header_lba(h);
     uint8_t count = h[26], cmd = h[27];
-    if (cmd == ATA_FLUSH || cmd == ATA_FLUSH_EXT) {
-        CHECK(count == 0 && !(h[24] & AOEAFL_WRITE) && len == ETH_MIN_FRAME, "flush frame");
+    if (cmd == ATA_CMD_FLUSH || cmd == ATA_CMD_FLUSH_EXT) {
+        CHECK(count == 0 && !(h[24] & AOEAFL_WRITE) && len == ETH_ZLEN, "flush frame");
         return 0;
     }
     CHECK(count >= 1 && count <= e->sectors_per_frame, "frame of %u sectors", count);
@@ -430,10 +428,11 @@ NO_COVERAGE static uint64_t check_frame(struct run *r, const uint8_t *h, size_t 
           "the device's end (%llu)", count, (unsigned long long)lba,
           (unsigned long long)r->sectors);
     if (!(h[24] & AOEAFL_WRITE)) {
-        CHECK(cmd == (e->lba48 ? ATA_READ_EXT : ATA_READ) && len == ETH_MIN_FRAME, "read frame");
+        CHECK(cmd == (e->lba48 ? ATA_CMD_PIO_READ_EXT : ATA_CMD_PIO_READ) && len == ETH_ZLEN,
+              "read frame");
         return 0;
     }
-    CHECK(cmd == (e->lba48 ? ATA_WRITE_EXT : ATA_WRITE) &&
+    CHECK(cmd == (e->lba48 ? ATA_CMD_PIO_WRITE_EXT : ATA_CMD_PIO_WRITE) &&
           len == ATA_HDR_LEN + (size_t)count * SECTOR_SIZE, "write frame");
     uint64_t version = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -478,20 +477,20 @@ static int serve(struct run *r, const struct held *f, int how, uint8_t err)
     const uint8_t *h = f->hdr;
     uint64_t lba = header_lba(h);
     uint8_t count = h[26];
-    size_t len = ETH_MIN_FRAME;
+    size_t len = ETH_ZLEN;
     if (how == SERVE_LOST)
         return 0;
     answer_header(a, h);
-    memset(a + ATA_HDR_LEN, 0, ETH_MIN_FRAME - ATA_HDR_LEN);
+    memset(a + ATA_HDR_LEN, 0, ETH_ZLEN - ATA_HDR_LEN);
     if (how == SERVE_AOE_ERROR) {
         a[14] |= AOEFL_ERR;
         a[15] = 2;                          /* bad argument */
     } else if (how == SERVE_ATA_ERROR ||
-               (h[27] == ATA_FLUSH_EXT && r->aborts_flush_ext)) {
-        a[25] = how == SERVE_ATA_ERROR && err & 1 ? ATA_UNC : ATA_ABRT;
+               (h[27] == ATA_CMD_FLUSH_EXT && r->aborts_flush_ext)) {
+        a[25] = how == SERVE_ATA_ERROR && err & 1 ? ATA_UNC : ATA_ABORTED;
         a[26] = count;
-        a[27] = 0x40 | ATA_ST_ERR;
-    } else if (h[27] == ATA_FLUSH || h[27] == ATA_FLUSH_EXT) {
+        a[27] = 0x40 | ATA_ERR;
+    } else if (h[27] == ATA_CMD_FLUSH || h[27] == ATA_CMD_FLUSH_EXT) {
         r->flush_seq = ++r->seq;
     } else if (h[24] & AOEAFL_WRITE) {
         struct nbd_request *q = &r->reqs[f->version - 1];
@@ -589,7 +588,7 @@ NO_COVERAGE static struct nbd_request *slot_request(struct run *r, uint32_t slot
 /* NbdBridged.completed: only failures come back. */
 static void completed(struct run *r, uint64_t id, int32_t status)
 {
-    CHECK(id & AOE_NBD_ID && status != 0, "completion %llx status %d", (unsigned long long)id,
+    CHECK(id & NBD_ID && status != 0, "completion %llx status %d", (unsigned long long)id,
           status);
     uint32_t slot = (uint32_t)id;
     int op = (int)(id >> 32 & 0xFF);
@@ -597,9 +596,9 @@ static void completed(struct run *r, uint64_t id, int32_t status)
     CHECK(op == OP_FLUSH ? q->command == NBD_CMD_FLUSH || q->flags & NBD_CMD_FLAG_FUA
                          : op == (q->command == NBD_CMD_READ ? OP_READ : OP_WRITE),
           "op %d for command %u", op, q->command);
-    if (op == OP_FLUSH && status == -(STATUS_ATA_ERR | ATA_ABRT) &&
-        r->e->flush_cmd == ATA_FLUSH_EXT) {
-        r->e->flush_cmd = ATA_FLUSH;        /* Engine.fall_back_flush, then again */
+    if (op == OP_FLUSH && status == -(STATUS_ATA_ERROR | ATA_ABORTED) &&
+        r->e->flush_cmd == ATA_CMD_FLUSH_EXT) {
+        r->e->flush_cmd = ATA_CMD_FLUSH;    /* Engine.fall_back_flush, then again */
         engine_submit(r, slot, OP_FLUSH, 0, 0);
         return;
     }
@@ -750,7 +749,7 @@ static int setup(struct run *r, struct script *in)
     struct aoe_eng *e = r->e = aoe_eng_new(3, 7, frames, gen_seed);
     CHECK(e, "aoe_eng_new(%d) failed", frames);
     e->lba48 = !(how & 1);
-    e->flush_cmd = e->lba48 ? ATA_FLUSH_EXT : ATA_FLUSH;
+    e->flush_cmd = e->lba48 ? ATA_CMD_FLUSH_EXT : ATA_CMD_FLUSH;
     e->sectors_per_frame = spf == 255 ? MAX_SPF : 1 + spf % 17;
     r->seen = calloc(e->max_frames, sizeof(*r->seen));
     r->disk = calloc(r->sectors, sizeof(*r->disk));

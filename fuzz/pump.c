@@ -5,7 +5,7 @@
  * script plays as the target.
  *
  * Input (bytes past the end read as 0):
- *   u16 frames      engine slots: 1 + frames % MAX_FRAMES (384)
+ *   u16 frames      engine slots: 1 + frames % SCRIPT_FRAMES (384)
  *   u16 gen_seed    where the slots' generations start; an odd one stands for
  *                   GEN_MAX - 2 - (gen_seed >> 1) % 4: they wrap after a few transmissions
  *   u8  setup       bit 0: lba48; bit 1: the other flush command; bit 2: small socket
@@ -44,7 +44,7 @@
 #include "harness.h"
 
 #define MAX_STEPS       64
-#define MAX_FRAMES      384
+#define SCRIPT_FRAMES   384
 #define MAX_SOCKETS     2
 #define LOG_SIZE        128         /* request frames remembered, the oldest forgotten */
 #define POISON          0xEE        /* the AoE error code of answers that must be dropped */
@@ -88,7 +88,7 @@ struct run {
     int nreqs, live;
     struct logged log[LOG_SIZE];
     uint32_t nlogged;               /* ever; log[n % LOG_SIZE] */
-    uint32_t expired[MAX_FRAMES];   /* the last pump's, at most one per slot */
+    uint32_t expired[SCRIPT_FRAMES]; /* the last pump's, at most one per slot */
     int nexpired;
     uint32_t *seen, mark;
 };
@@ -108,19 +108,19 @@ static uint64_t lba_limit(int lba48)
 NO_COVERAGE static void check_request_frame(struct run *r, int k, const uint8_t *h, size_t len)
 {
     const struct aoe_eng *e = r->e;
-    CHECK(len >= ETH_MIN_FRAME, "request frame of %zu bytes", len);
+    CHECK(len >= ETH_ZLEN, "request frame of %zu bytes", len);
     CHECK(memcmp(h + 6, initiator_macs[k], 6) == 0, "request from another MAC on socket %d", k);
     int to_path = 0;
     for (int p = 0; p < e->npaths; p++)
         if (e->paths[p].fd == r->sv[k][0] && memcmp(h, e->paths[p].dst, 6) == 0)
             to_path = 1;
     CHECK(to_path, "request to a MAC no path of socket %d has", k);
-    CHECK(h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_VER_FLAGS && h[15] == 0 &&
+    CHECK(h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_HVER && h[15] == 0 &&
           h[16] == 0 && h[17] == 3 && h[18] == 7 && h[19] == AOECMD_ATA,
           "request header %02x%02x %02x %02x %02x%02x.%02x cmd %02x", h[12], h[13], h[14], h[15],
           h[16], h[17], h[18], h[19]);
     uint32_t tag = be32(h + 20);
-    CHECK((tag & TAG_ENGINE) == TAG_ENGINE && !(__builtin_popcount(tag) & 1) &&
+    CHECK((tag & ENGINE_TAG) == ENGINE_TAG && !(__builtin_popcount(tag) & 1) &&
           (tag >> 16 & GEN_MAX) != 0 && tag_slot(tag) < e->max_frames, "request tag %08x", tag);
     int ext = h[24] & AOEAFL_EXT, write = h[24] & AOEAFL_WRITE;
     CHECK((h[24] & ~(AOEAFL_EXT | AOEAFL_WRITE)) == 0 && h[25] == 0 && h[34] == 0 && h[35] == 0,
@@ -130,15 +130,16 @@ NO_COVERAGE static void check_request_frame(struct run *r, int k, const uint8_t 
               h[31], h[32], h[33]);
     uint64_t lba = header_lba(h);
     uint8_t count = h[26], cmd = h[27];
-    if (cmd == ATA_FLUSH || cmd == ATA_FLUSH_EXT) {
-        CHECK(cmd == e->flush_cmd && !write && count == 0 && lba == 0 && len == ETH_MIN_FRAME,
+    if (cmd == ATA_CMD_FLUSH || cmd == ATA_CMD_FLUSH_EXT) {
+        CHECK(cmd == e->flush_cmd && !write && count == 0 && lba == 0 && len == ETH_ZLEN,
               "flush %02x count %u lba %llu len %zu", cmd, count, (unsigned long long)lba, len);
         return;
     }
     CHECK(count >= 1 && count <= e->sectors_per_frame && lba + count <= lba_limit(ext),
           "request of %u sectors at %llu", count, (unsigned long long)lba);
     if (write) {
-        CHECK(cmd == (ext ? ATA_WRITE_EXT : ATA_WRITE), "write with command %02x", cmd);
+        CHECK(cmd == (ext ? ATA_CMD_PIO_WRITE_EXT : ATA_CMD_PIO_WRITE), "write with command %02x",
+              cmd);
         CHECK(len == ATA_HDR_LEN + (size_t)count * SECTOR_SIZE, "write of %u sectors in %zu "
               "bytes", count, len);
         for (uint32_t i = 0; i < count; i++) {
@@ -148,8 +149,9 @@ NO_COVERAGE static void check_request_frame(struct run *r, int k, const uint8_t 
                   (unsigned long long)lba, i);
         }
     } else {
-        CHECK(cmd == (ext ? ATA_READ_EXT : ATA_READ), "read with command %02x", cmd);
-        CHECK(len == ETH_MIN_FRAME, "read request of %zu bytes", len);
+        CHECK(cmd == (ext ? ATA_CMD_PIO_READ_EXT : ATA_CMD_PIO_READ), "read with command %02x",
+              cmd);
+        CHECK(len == ETH_ZLEN, "read request of %zu bytes", len);
     }
 }
 
@@ -235,10 +237,10 @@ static size_t build_answer(struct script *in, const struct logged *l, int m, uin
         break;
     case M_ATA_ERROR:
         a[25] = x;
-        a[27] = 0x40 | ATA_ST_ERR;
+        a[27] = 0x40 | ATA_ERR;
         break;
     case M_DEVICE_FAULT:
-        a[27] = 0x40 | ATA_ST_DF;
+        a[27] = 0x40 | ATA_DF;
         break;
     case M_TAG_BIT:
         put_tag(a, tag ^ 1u << (x % 32));
@@ -259,10 +261,10 @@ static size_t build_answer(struct script *in, const struct logged *l, int m, uin
         break;
     }
     case M_SLOT_OTHER:
-        put_tag(a, with_parity((tag & ~((SLOT_MAX - 1) << 1)) | (uint32_t)x << 1));
+        put_tag(a, with_parity((tag & ~((MAX_FRAMES - 1) << 1)) | (uint32_t)x << 1));
         break;
     case M_NOT_ENGINE:
-        put_tag(a, with_parity((tag & ~TAG_ENGINE) | (uint32_t)(x % 3) << 30));
+        put_tag(a, with_parity((tag & ~ENGINE_TAG) | (uint32_t)(x % 3) << 30));
         poison(a);
         break;
     case M_SRC_MAC:
@@ -290,7 +292,7 @@ static size_t build_answer(struct script *in, const struct logged *l, int m, uin
         poison(a);
         break;
     case M_NOT_RESPONSE:
-        a[14] = AOE_VER_FLAGS;
+        a[14] = AOE_HVER;
         poison(a);
         break;
     case M_AFLAGS:
@@ -321,10 +323,10 @@ static size_t build_answer(struct script *in, const struct logged *l, int m, uin
         len = ATA_HDR_LEN + (size_t)sectors * SECTOR_SIZE;
         stamp_sectors(a + ATA_HDR_LEN, header_lba(a), sectors, READ_VERSION);
     }
-    if (len < ETH_MIN_FRAME) {
-        memset(a + len, 0, ETH_MIN_FRAME - len);
+    if (len < ETH_ZLEN) {
+        memset(a + len, 0, ETH_ZLEN - len);
         if (m != M_DATA_LENGTH)
-            len = ETH_MIN_FRAME;
+            len = ETH_ZLEN;
     }
     return len;
 }
@@ -342,13 +344,13 @@ NO_COVERAGE static void complete(struct run *r, uint64_t id, int32_t status, int
           (unsigned long long)id);
     struct request *q = &r->reqs[id - FIRST_ID];
     CHECK(q->live, "request %llu completed twice", (unsigned long long)id);
-    CHECK(status != -(STATUS_AOE_ERR | POISON), "request %llu took an answer that must be "
+    CHECK(status != -(STATUS_AOE_ERROR | POISON), "request %llu took an answer that must be "
           "dropped", (unsigned long long)id);
     if (failing_all)
         CHECK(status == FAIL_STATUS, "aoe_fail_all gave status %d", status);
     else
-        CHECK(status == 0 || (-status & ~0xFF) == STATUS_AOE_ERR ||
-              (-status & ~0xFF) == STATUS_ATA_ERR, "request %llu status %d",
+        CHECK(status == 0 || (-status & ~0xFF) == STATUS_AOE_ERROR ||
+              (-status & ~0xFF) == STATUS_ATA_ERROR, "request %llu status %d",
               (unsigned long long)id, status);
     /* what the failures listed tell, when they are all listed */
     int listed = !failing_all && !q->unlisted;
@@ -586,7 +588,7 @@ NO_COVERAGE static void check_all(struct run *r)
 
 static int setup(struct run *r, struct script *in)
 {
-    int frames = 1 + next_u16(in) % MAX_FRAMES;
+    int frames = 1 + next_u16(in) % SCRIPT_FRAMES;
     uint16_t gen_seed = next_u16(in);
     if (gen_seed & 1)
         gen_seed = GEN_MAX - 2 - (gen_seed >> 1) % 4;
@@ -594,7 +596,7 @@ static int setup(struct run *r, struct script *in)
     struct aoe_eng *e = r->e = aoe_eng_new(3, 7, frames, gen_seed);
     CHECK(e, "aoe_eng_new(%d) failed", frames);
     e->lba48 = how & 1;
-    e->flush_cmd = (how & 1) != !!(how & 2) ? ATA_FLUSH_EXT : ATA_FLUSH;
+    e->flush_cmd = (how & 1) != !!(how & 2) ? ATA_CMD_FLUSH_EXT : ATA_CMD_FLUSH;
     e->sectors_per_frame = spf == 255 ? MAX_SPF : 1 + spf % 17;
     for (int k = 0; k < (how & 8 ? 2 : 1); k++, r->nsock++)
         if (path_sockets(r->sv[k], how & 4 ? ATA_HDR_LEN + e->sectors_per_frame * SECTOR_SIZE

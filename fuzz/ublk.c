@@ -349,8 +349,8 @@ NO_COVERAGE static void completed(struct run *r, uint64_t id, int32_t status)
     struct tag *g = &r->tags[t];
     CHECK(g->state == TAG_POSTED && g->taken, "completion %#llx of no request",
           (unsigned long long)id);
-    if (id & AOE_BRIDGE_ID) {
-        CHECK(status != 0 && !g->own && id == (AOE_BRIDGE_ID | (uint64_t)g->op << 16 | t),
+    if (id & BRIDGE_ID) {
+        CHECK(status != 0 && !g->own && id == (BRIDGE_ID | (uint64_t)g->op << 16 | t),
               "bridged completion %#llx status %d", (unsigned long long)id, status);
         add_result(r, t, -EIO);
     } else {
@@ -418,17 +418,17 @@ static void commit_results(struct run *r)
 NO_COVERAGE static void target_take(struct run *r, int sock, const uint8_t *h, size_t len)
 {
     struct aoe_eng *e = r->e;
-    CHECK(len >= ETH_MIN_FRAME, "a %zu-byte frame", len);
+    CHECK(len >= ETH_ZLEN, "a %zu-byte frame", len);
     int path = -1;
     for (int p = 0; p < e->npaths; p++)
         if (r->path_sock[p] == sock && memcmp(h, target_macs[p], 6) == 0)
             path = p;
     CHECK(path >= 0 && memcmp(h + 6, initiator_mac, 6) == 0, "a frame to a MAC of no path");
-    CHECK(h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_VER_FLAGS && h[15] == 0 &&
+    CHECK(h[12] == 0x88 && h[13] == 0xA2 && h[14] == AOE_HVER && h[15] == 0 &&
           h[16] == 0 && h[17] == 3 && h[18] == 7 && h[19] == AOECMD_ATA && h[25] == 0 &&
           h[34] == 0 && h[35] == 0, "a malformed request header");
     uint32_t tag = be32(h + 20), s = tag_slot(tag), gen = tag >> 16 & GEN_MAX;
-    CHECK((tag & TAG_ENGINE) == TAG_ENGINE && !(__builtin_popcount(tag) & 1) && gen &&
+    CHECK((tag & ENGINE_TAG) == ENGINE_TAG && !(__builtin_popcount(tag) & 1) && gen &&
           s < e->max_frames, "request tag %#x", tag);
     /* Read right after the pump that sent it: its slot still holds this transmission. */
     const struct aoe_frame *f = &e->frames[s];
@@ -439,19 +439,19 @@ NO_COVERAGE static void target_take(struct run *r, int sock, const uint8_t *h, s
     CHECK(t < r->depth, "a frame of request %#llx, of no tag", (unsigned long long)id);
     struct tag *g = &r->tags[t];
     CHECK(g->state == TAG_POSTED && g->taken &&
-          (id & AOE_BRIDGE_ID ? !g->own && id == (AOE_BRIDGE_ID | (uint64_t)g->op << 16 | t)
+          (id & BRIDGE_ID ? !g->own && id == (BRIDGE_ID | (uint64_t)g->op << 16 | t)
                               : g->own && id == (uint64_t)t),
           "a frame of request %#llx, of no ublk request", (unsigned long long)id);
     uint8_t cmd = h[27], count = h[26];
     int write = g->op == UBLK_IO_OP_WRITE, read = g->op == UBLK_IO_OP_READ;
     uint64_t lba = 0;
     if (g->op == UBLK_IO_OP_FLUSH) {
-        CHECK(cmd == e->flush_cmd && count == 0 && len == ETH_MIN_FRAME && h[24] == (r->lba48 ?
+        CHECK(cmd == e->flush_cmd && count == 0 && len == ETH_ZLEN && h[24] == (r->lba48 ?
               AOEAFL_EXT : 0), "tag %d's flush frame: command %#x count %u", t, cmd, count);
     } else {
         CHECK(read || write, "a frame for tag %d's op %u", t, g->op);
-        uint8_t want = r->lba48 ? (write ? ATA_WRITE_EXT : ATA_READ_EXT)
-                                : (write ? ATA_WRITE : ATA_READ);
+        uint8_t want = r->lba48 ? (write ? ATA_CMD_PIO_WRITE_EXT : ATA_CMD_PIO_READ_EXT)
+                                : (write ? ATA_CMD_PIO_WRITE : ATA_CMD_PIO_READ);
         CHECK(cmd == want && h[24] == ((r->lba48 ? AOEAFL_EXT : 0) | (write ? AOEAFL_WRITE : 0)),
               "tag %d: command %#x aflags %#x", t, cmd, h[24]);
         CHECK(r->lba48 || ((h[31] & 0xF0) == 0xE0 && h[32] == 0 && h[33] == 0),
@@ -466,7 +466,7 @@ NO_COVERAGE static void target_take(struct run *r, int sock, const uint8_t *h, s
               "tag %d: a frame's data not in its buffer", t);
         CHECK(in_device(g->sectors, lba, count) && (r->lba48 || lba + count <= 1ull << 28),
               "a frame for sectors %llu+%u outside the device", (unsigned long long)lba, count);
-        CHECK(len == (write ? ATA_HDR_LEN + (size_t)count * SECTOR_SIZE : ETH_MIN_FRAME),
+        CHECK(len == (write ? ATA_HDR_LEN + (size_t)count * SECTOR_SIZE : ETH_ZLEN),
               "a %zu-byte frame for %u sectors", len, count);
         if (write) {
             CHECK(!r->readonly, "a write to a read-only device");
@@ -514,17 +514,17 @@ static size_t build_answer(struct run *r, const struct held *hd, int how, uint32
                            uint8_t *a)
 {
     answer_header(a, hd->hdr);
-    size_t len = ETH_MIN_FRAME;
-    memset(a + ATA_HDR_LEN, 0, ETH_MIN_FRAME - ATA_HDR_LEN);
+    size_t len = ETH_ZLEN;
+    memset(a + ATA_HDR_LEN, 0, ETH_ZLEN - ATA_HDR_LEN);
     if (how == ANSWER_ATA_ERROR) {
         a[27] = 0x41;                       /* DRDY | ERR */
-        a[25] = ATA_ER_ABRT;
+        a[25] = ATA_ABORTED;
         a[26] = hd->count;
     } else if (how == ANSWER_AOE_ERROR) {
         a[14] |= AOEFL_ERR;
         a[15] = 2;                          /* bad argument */
     } else if (how == ANSWER_DF) {
-        a[27] = 0x40 | ATA_ST_DF;
+        a[27] = 0x40 | ATA_DF;
     } else if (hd->read) {
         for (unsigned i = 0; i < hd->count; i++)
             disk_read(r, hd->lba + i, a + ATA_HDR_LEN + (size_t)i * SECTOR_SIZE);
@@ -810,7 +810,7 @@ static void setup_process(struct run *r)
     CHECK(ring_fd >= 0, "eventfd: %s", strerror(errno));
     for (int k = 0; k < NSOCK; k++)
         CHECK(path_sockets(r->sv[k], 0) == 0, "socketpair: %s", strerror(errno));
-    r->seen = calloc(SLOT_MAX, sizeof(*r->seen));
+    r->seen = calloc(MAX_FRAMES, sizeof(*r->seen));
     CHECK(r->seen, "out of memory");
 }
 
@@ -854,8 +854,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     CHECK(r->e, "aoe_eng_new: %s", strerror(errno));
     struct aoe_eng *e = r->e;
     e->lba48 = (uint8_t)r->lba48;
-    e->flush_cmd = (r->lba48 ? ATA_FLUSH_EXT : ATA_FLUSH) ^ (flags & 0x40 ? ATA_FLUSH_EXT ^
-                                                             ATA_FLUSH : 0);
+    e->flush_cmd = (r->lba48 ? ATA_CMD_FLUSH_EXT : ATA_CMD_FLUSH) ^
+                   (flags & 0x40 ? ATA_CMD_FLUSH_EXT ^ ATA_CMD_FLUSH : 0);
     e->sectors_per_frame = r->spf;
     for (int p = 0; p < npaths; p++) {
         r->path_sock[p] = p == 2;
