@@ -118,6 +118,61 @@ struct aoe_tx_batch;
 #define GEN_MAX         0x3FFF      /* generations run 1..GEN_MAX in bits 16..29 */
 #define MAX_FRAMES      0x8000      /* slots in bits 1..15; bit 0 is the parity */
 
+/* Request ids (aoe_submit's req_id), laid out here once; aoe.py decodes them with the
+ * functions below too:
+ *   BRIDGE_ID | op << 16 | tag    a request the ublk bridge took (op: UBLK_IO_OP_*)
+ *   NBD_ID | op << 32 | slot      a request of the nbd bridge, submitted by it or by
+ *                                 aoe.py (op: OP_*)
+ *   PROBE_REQ                     aoe.py's probe of a target that went silent
+ *   any other                     aoe.py's own (a ublk tag, a counter; all below 2^32) */
+#define BRIDGE_ID       (1ULL << 62)
+#define NBD_ID          (1ULL << 61)
+#define PROBE_REQ       (1ULL << 40)
+#define BRIDGE_ID_FIELDS 0xFFFFFFULL        /* op and tag */
+#define NBD_ID_FIELDS   0xFFFFFFFFFFULL     /* op and slot */
+
+static inline uint64_t ublk_request_id(unsigned op, unsigned tag)
+{
+    return BRIDGE_ID | (uint64_t)(op & 0xFF) << 16 | (tag & 0xFFFF);
+}
+
+/* Whether id is one ublk_request_id made (every other bit clear). */
+static inline int is_ublk_request_id(uint64_t id)
+{
+    return (id & ~BRIDGE_ID_FIELDS) == BRIDGE_ID;
+}
+
+static inline unsigned ublk_request_op(uint64_t id)
+{
+    return (unsigned)(id >> 16 & 0xFF);
+}
+
+static inline unsigned ublk_request_tag(uint64_t id)
+{
+    return (unsigned)(id & 0xFFFF);
+}
+
+static inline uint64_t nbd_request_id(unsigned op, uint32_t slot)
+{
+    return NBD_ID | (uint64_t)(op & 0xFF) << 32 | slot;
+}
+
+/* Whether id is one nbd_request_id made (every other bit clear). */
+static inline int is_nbd_request_id(uint64_t id)
+{
+    return (id & ~NBD_ID_FIELDS) == NBD_ID;
+}
+
+static inline unsigned nbd_request_op(uint64_t id)
+{
+    return (unsigned)(id >> 32 & 0xFF);
+}
+
+static inline uint32_t nbd_request_slot(uint64_t id)
+{
+    return (uint32_t)id;
+}
+
 /* A request's status: 0, -(STATUS_AOE_ERROR | AoE error code),
  * -(STATUS_ATA_ERROR | ATA error register) or -errno. */
 #define STATUS_AOE_ERROR 0x100
@@ -2252,9 +2307,6 @@ struct ublk_req {
 struct ublk_ctrl;
 struct ublk_queue;
 
-/* Requests the bridge takes from the queue go to the engine under this id | op << 16 | tag. */
-#define BRIDGE_ID (1ULL << 62)
-
 int ublk_ctrl_open(struct ublk_ctrl **out);
 void ublk_ctrl_close(struct ublk_ctrl *c);
 int ublk_ctrl_ring_fd(struct ublk_ctrl *c);
@@ -2587,7 +2639,7 @@ int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, in
 static int bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
 {
     struct ublk_queue *q = e->bq;
-    uint64_t id = BRIDGE_ID | (uint64_t)r->op << 16 | r->tag;
+    uint64_t id = ublk_request_id(r->op, r->tag);
     if (!e->bridge_on)
         return -EAGAIN;
     if (r->op == UBLK_IO_OP_FLUSH) {        /* start_sector is meaningless here */
@@ -2633,9 +2685,9 @@ static void bridge_settle(struct aoe_eng *e)
     int kept = 0;
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
-        if ((ev.req_id & BRIDGE_ID) && ev.status == 0) {
-            uint16_t tag = (uint16_t)(ev.req_id & 0xffff);
-            e->bq_tags[e->bq_ncommit] = tag;
+        if (is_ublk_request_id(ev.req_id) && ev.status == 0) {
+            unsigned tag = ublk_request_tag(ev.req_id);
+            e->bq_tags[e->bq_ncommit] = (uint16_t)tag;
             e->bq_results[e->bq_ncommit++] = (int32_t)e->bq_bytes[tag];
         } else {
             e->done[kept++] = ev;
@@ -2681,7 +2733,6 @@ static void bridge_settle(struct aoe_eng *e)
 enum { NBD_SLOT_FREE, NBD_SLOT_DATA, NBD_SLOT_ENGINE, NBD_SLOT_HANDED, NBD_SLOT_REPLY };
 
 /* ABI-BEGIN: the nbd bridge */
-#define NBD_ID      (1ULL << 61)
 #define NBD_CMD_READ    0
 #define NBD_CMD_WRITE   1
 #define NBD_CMD_DISC    2
@@ -2915,11 +2966,6 @@ int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error)
     return 0;
 }
 
-static uint64_t nbd_id(int op, uint32_t slot)
-{
-    return NBD_ID | (uint64_t)op << 32 | slot;
-}
-
 /* A request read whole: into the engine, or to aoe.py. */
 static void nbd_start(struct aoe_eng *e, uint32_t i)
 {
@@ -2931,13 +2977,13 @@ static void nbd_start(struct aoe_eng *e, uint32_t i)
         uint64_t lba = s->offset / SECTOR_SIZE, count = s->length / SECTOR_SIZE;
         int op = s->command == NBD_CMD_READ ? OP_READ : OP_WRITE;
         if (s->command == NBD_CMD_FLUSH)
-            rc = aoe_submit(e, nbd_id(OP_FLUSH, i), OP_FLUSH, 0, 0, NULL);
+            rc = aoe_submit(e, nbd_request_id(OP_FLUSH, i), OP_FLUSH, 0, 0, NULL);
         else if ((s->command != NBD_CMD_READ && (s->command != NBD_CMD_WRITE || e->bq_readonly)) ||
                  s->offset % SECTOR_SIZE || s->length % SECTOR_SIZE || !count ||
                  lba > e->bq_sectors || count > e->bq_sectors - lba)
             rc = -EINVAL;
         else
-            rc = aoe_submit(e, nbd_id(op, i), op, lba, (uint32_t)count, nbd_data(b, i));
+            rc = aoe_submit(e, nbd_request_id(op, i), op, lba, (uint32_t)count, nbd_data(b, i));
     }
     if (rc < 0) {
         s->state = NBD_SLOT_HANDED;
@@ -3075,8 +3121,8 @@ static void nbd_settle(struct aoe_eng *e)
     int kept = 0;
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
-        uint32_t slot = (uint32_t)(ev.req_id & 0xFFFFFFFFu);
-        if (!(ev.req_id & NBD_ID) || slot >= b->nslots ||
+        uint32_t slot = nbd_request_slot(ev.req_id);
+        if (!is_nbd_request_id(ev.req_id) || slot >= b->nslots ||
             (b->slots[slot].state != NBD_SLOT_ENGINE && b->slots[slot].state != NBD_SLOT_HANDED)) {
             e->done[kept++] = ev;
             continue;
@@ -3084,7 +3130,7 @@ static void nbd_settle(struct aoe_eng *e)
         struct nbd_slot *s = &b->slots[slot];
         if (ev.status == 0 && s->fua) {
             s->fua = 0;
-            ev.status = aoe_submit(e, nbd_id(OP_FLUSH, slot), OP_FLUSH, 0, 0, NULL);
+            ev.status = aoe_submit(e, nbd_request_id(OP_FLUSH, slot), OP_FLUSH, 0, 0, NULL);
         } else if (ev.status == 0) {
             nbd_queue_reply(b, slot, 0);
         }

@@ -1090,8 +1090,6 @@ PATH_LOST_LIMIT = 4              # expiries with no answer before a path counts 
 PATH_RETRY_US = 2000000          # a silent path is tried again after this
 MAX_FRAMES = 1 << 15             # tag slots per engine (bits 1-15 of the tag)
 MAX_PATHS = 16                   # paths one engine uses at most
-BRIDGE_ID = 1 << 62              # ids of requests the helper's ublk bridge took from the queue
-NBD_ID = 1 << 61                 # ids of requests the helper's nbd bridge read from the socket
 GEN_MAX = 0x3FFF                 # generations run 1..GEN_MAX (bits 16-29)
 MIN_REORDER_US = 200             # a frame overtaken by an answer is lost after this at least
 REORDER_MAX_FACTOR = 64          # ... and after at most this many quarter round trips
@@ -1103,10 +1101,43 @@ LONE_SPIN_MAX_US = 1000          # ... request this many round trips, at most th
 LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
 LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
                                  # window is halved
+# Request ids, laid out as in the helper (its "Request ids"; a test holds the two equal):
+# BRIDGE_ID | op << 16 | tag for a ublk request the helper's bridge took from the queue,
+# NBD_ID | op << 32 | slot for a request of the helper's nbd bridge, PROBE_REQ for the
+# daemon's liveness probe, anything else (below 2^32) the caller's own.
+BRIDGE_ID = 1 << 62
+BRIDGE_ID_FIELDS = 0xFFFFFF      # op and tag
+NBD_ID = 1 << 61
+NBD_ID_FIELDS = 0xFFFFFFFFFF     # op and slot
+PROBE_REQ = 1 << 40
 PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
                  "resent_spurious", "send_eagain", "errors", "frames_in_place")
 PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac",
               "echo")
+
+
+def ublk_request_id(op, tag):
+    """The engine id of ublk request `tag` (op UBLK_IO_OP_*) taken by the helper's bridge."""
+    return BRIDGE_ID | (op & 0xFF) << 16 | tag & 0xFFFF
+
+
+def ublk_request_of(rid):
+    """(op, tag) of an id ublk_request_id made; None for any other id."""
+    if rid & ~BRIDGE_ID_FIELDS != BRIDGE_ID:
+        return None
+    return rid >> 16 & 0xFF, rid & 0xFFFF
+
+
+def nbd_request_id(op, slot):
+    """The engine id of the request in slot `slot` of the helper's nbd bridge (op OP_*)."""
+    return NBD_ID | (op & 0xFF) << 32 | slot & 0xFFFFFFFF
+
+
+def nbd_request_of(rid):
+    """(op, slot) of an id nbd_request_id made; None for any other id."""
+    if rid & ~NBD_ID_FIELDS != NBD_ID:
+        return None
+    return rid >> 32 & 0xFF, rid & 0xFFFFFFFF
 
 
 def status_text(status):
@@ -1635,7 +1666,8 @@ class HelperPump:
     def nbd_unbridge(self):
         """End the nbd bridge (before its socket closes): what the engine holds for it fails."""
         self.lib.aoe_nbd_bridge(self.eng, -1, 0, 0, 0, 0)
-        self.buffers = {rid: pin for rid, pin in self.buffers.items() if not rid & NBD_ID}
+        self.buffers = {rid: pin for rid, pin in self.buffers.items()
+                        if nbd_request_of(rid) is None}
 
     def nbd_events(self):
         """What the last pump() left for Python: (the stream ended, its error or 0, the
@@ -1676,7 +1708,8 @@ HELPER_CONSTANTS = (
     "ETH_P_AOE", "ETH_ZLEN", "ATA_HDR_LEN", "AOE_HDR_LEN", "AOE_HVER", "AOEFL_RSP", "AOEFL_ERR",
     "AOECMD_ATA", "AOE_SHELF_ANY", "AOE_SLOT_ANY", "ATA_ERR", "ATA_DF", "ATA_DRDY", "ATA_UNC",
     "ATA_IDNF", "ATA_ABORTED", "LBA28_MAX", "SECTOR_SIZE",
-    "TAG_USER", "TAG_ENGINE", "GEN_MAX", "MAX_FRAMES", "MAX_PATHS", "BRIDGE_ID", "NBD_ID",
+    "TAG_USER", "TAG_ENGINE", "GEN_MAX", "MAX_FRAMES", "MAX_PATHS",
+    "BRIDGE_ID", "BRIDGE_ID_FIELDS", "NBD_ID", "NBD_ID_FIELDS", "PROBE_REQ",
     "NBD_CMD_READ", "NBD_CMD_WRITE", "NBD_CMD_DISC", "NBD_CMD_FLUSH", "NBD_CMD_FLAG_FUA",
     "STATUS_AOE_ERROR", "STATUS_ATA_ERROR", "OP_READ", "OP_WRITE", "OP_FLUSH",
     "AOEAFL_EXT", "AOEAFL_WRITE", "ATA_CMD_PIO_READ", "ATA_CMD_PIO_READ_EXT",
@@ -2152,7 +2185,6 @@ RING_FEATURES = (
     (IORING_SETUP_COOP_TASKRUN, "coop-taskrun"),
 )
 QUIESCE_TIMEOUT_MS = 10000        # how long QUIESCE_DEV may wait for a tag the daemon is not using
-PROBE_REQ = 1 << 40               # engine request id of the liveness probe (tags are < 2^16)
 PROBE_INTERVAL = 1.0              # seconds between probes of a down target
 PROBE_DEADSECS = 2                # a probe fails after this long without an answer
 DETACH_DEADSECS = 5               # while detaching, give up on a silent target after this long
@@ -2721,8 +2753,9 @@ class UblkBackend(BlockBackend):
 
     def completed(self, rid, status):
         """An engine request ended: the answer for its ublk tag, or a flush sent again."""
-        if rid & BRIDGE_ID:                       # only failures come back from the helper
-            tag, op, nbytes = rid & 0xFFFF, (rid >> 16) & 0xFF, 0
+        bridged = ublk_request_of(rid)
+        if bridged is not None:                   # only failures come back from the helper
+            (op, tag), nbytes = bridged, 0
             start = self.lib.ublk_queue_start_sector(self.queue, tag)
         else:
             tag = rid
@@ -3454,14 +3487,14 @@ class NbdBridged:
 
     def _engine(self, slot, op, lba, count, buf):
         try:
-            self.engine.submit(op, lba, count, buf, req_id=NBD_ID | op << 32 | slot)
+            self.engine.submit(op, lba, count, buf, req_id=nbd_request_id(op, slot))
         except AoeError as e:
             self.log(str(e))
             self.pump.nbd_reply(slot, errno.EIO)
 
     def completed(self, rid, status):
         """Only failures come back from the pump."""
-        slot, op = rid & 0xFFFFFFFF, (rid >> 32) & 0xFF
+        op, slot = nbd_request_of(rid)
         if self.backend.failed(op, status):
             return self._engine(slot, OP_FLUSH, 0, 0, None)
         self.pump.nbd_reply(slot, errno.EIO)

@@ -43,14 +43,19 @@ struct ublk_dev_params {
 ABI_BLOCK = re.compile(r"/\* ABI-BEGIN.*?\*/(.*?)/\* ABI-END \*/", re.S)
 
 
+INLINE_BODY = re.compile(r"^static inline ([^;{]*\))\s*\{.*?^\}$", re.S | re.M)
+
+
 def cdef_from(source):
     """cffi's cdef from the C source's ABI blocks: a struct's fields after its "private"
     line become "...;", every #define's value and every array length named by a constant
-    is left for the compiler to fill in ("...")."""
+    is left for the compiler to fill in ("..."), and a static inline function is declared
+    by its prototype (Python calls the one definition)."""
     blocks = ABI_BLOCK.findall(source)
     if not blocks:
         raise cffi.CDefError("_aoeio.c has no ABI-BEGIN ... ABI-END block")
     text = "\n".join(blocks)
+    text = INLINE_BODY.sub(r"\1;", text)
     text = re.sub(r"/\* private \*/.*?\n};", "...;\n};", text, flags=re.S)
     text = re.sub(r"^#define\s+(\w+)\s.*$", r"#define \1 ...", text, flags=re.M)
     text = re.sub(r"\[[A-Z_][A-Z0-9_]*\]", "[...]", text)

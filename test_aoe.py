@@ -657,6 +657,33 @@ def test_helper_and_aoe_py_share_one_definition(monkeypatch):
 
 
 @pytest.mark.engine
+def test_request_ids_are_made_and_read_alike_by_the_helper_and_aoe_py():
+    """The helper's bridges make request ids and aoe.py reads them back (and makes the nbd
+    bridge's itself): both sides encode alike and decode every id alike, the edges of each
+    field, the other layouts' ids and ids with one stray bit included."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    lib = helper.lib
+    ublk = [(op, tag) for op in (0, 1, 2, 5, 0xFF) for tag in (0, 1, 0x7FFF, 0xFFFF)]
+    nbd = [(op, slot) for op in (aoe.OP_READ, aoe.OP_WRITE, aoe.OP_FLUSH, 0xFF)
+           for slot in (0, 1, 0xFFFF, 0xFFFFFFFF)]
+    ids = [aoe.ublk_request_id(op, tag) for op, tag in ublk]
+    ids += [aoe.nbd_request_id(op, slot) for op, slot in nbd]
+    assert ids == [lib.ublk_request_id(op, tag) for op, tag in ublk] + \
+        [lib.nbd_request_id(op, slot) for op, slot in nbd]
+    ids += [aoe.PROBE_REQ, 0, 1, 0xFFFF, 0xFFFFFFFF, 2 ** 64 - 1, aoe.BRIDGE_ID | aoe.NBD_ID]
+    ids += [rid ^ 1 << bit for rid in ids[:len(ublk) + len(nbd)] for bit in (24, 40, 63)]
+    for rid in ids:
+        as_ublk = (lib.ublk_request_op(rid), lib.ublk_request_tag(rid))
+        as_nbd = (lib.nbd_request_op(rid), lib.nbd_request_slot(rid))
+        assert aoe.ublk_request_of(rid) == (as_ublk if lib.is_ublk_request_id(rid) else None)
+        assert aoe.nbd_request_of(rid) == (as_nbd if lib.is_nbd_request_id(rid) else None)
+    assert [aoe.ublk_request_of(aoe.ublk_request_id(op, tag)) for op, tag in ublk] == ublk
+    assert [aoe.nbd_request_of(aoe.nbd_request_id(op, slot)) for op, slot in nbd] == nbd
+    assert aoe.ublk_request_of(aoe.PROBE_REQ) is None is aoe.nbd_request_of(aoe.PROBE_REQ)
+
+
+@pytest.mark.engine
 @pytest.mark.parametrize("kind", ["python", "helper"])
 def test_engine_names_the_frames_the_target_failed_and_keeps_the_others(kind):
     """A read of four frames whose second and fourth the target fails (ABRT, then UNC) ends
@@ -703,7 +730,7 @@ def test_ublk_failed_read_completes_up_to_its_first_failed_frame():
     request is not a READ."""
     abrt = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
     read, write = aoe.UBLK_IO_OP_READ, aoe.UBLK_IO_OP_WRITE
-    bridged = lambda op, tag: aoe.BRIDGE_ID | op << 16 | tag
+    bridged = aoe.ublk_request_id
     failed = {3: [(137, 17, abrt), (120, 17, abrt)], bridged(read, 7): [(1034, 17, abrt)],
               4: [(100, 17, abrt)], 5: [(150, 2, abrt)], bridged(read, 9): [(5000, 1, abrt)],
               bridged(write, 8): [(1017, 17, abrt)]}

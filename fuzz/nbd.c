@@ -564,7 +564,7 @@ static void engine_submit(struct run *r, uint32_t slot, int op, uint64_t lba, ui
     int refused = r->dead ||
                   (op != OP_FLUSH && (count == 0 || lba + count > r->sectors ||
                                       (!e->lba48 && lba + count > 0x0FFFFFFF)));
-    if (refused || aoe_submit(e, nbd_id(op, slot), op, lba, (uint32_t)count,
+    if (refused || aoe_submit(e, nbd_request_id((unsigned)op, slot), op, lba, (uint32_t)count,
                               op == OP_FLUSH ? NULL : aoe_nbd_buf(e, slot)) < 0)
         reply(r, slot, EIO);
 }
