@@ -24,7 +24,7 @@
  *   srv_classify's unreadable sectors (a READ touching them goes to aoe.py) =
  *       the reads AoeTarget._ata fails for serve --fault-bad
  *       (test_serve_fast_path_answers_exactly_like_python[bad]);
- *   bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
+ *   ublk_bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
  *       which sees every request the bridge declines (the VM's attach checks);
  *   nbd_start's = NbdBackend.refusal and Engine.submit's bounds
  *       (test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine and
@@ -243,18 +243,19 @@ struct aoe_eng {
                                                      * most max_frames ... */
     int failed_unlisted;                            /* ... and how many more there were */
     int inflight_frames; int pending_frames; int active_requests;
-    /* ublk bridge (aoe_eng_bridge): aoe_pump takes requests from a ublk queue itself */
+    /* The bridge aoe_pump serves itself, if any (see "Bridges" below): a ublk queue
+     * (aoe_eng_bridge) or the kernel's nbd socket (aoe_nbd_bridge). */
     int bridge_on;                          /* 0: hand every request to aoe.py (e.g. target down) */
-    int nhanded; struct ublk_req *handed;   /* requests left to aoe.py by the last aoe_pump */
-    int bridge_finished;                    /* every tag of the queue is dead: stopped or aborted */
-    int bridge_error;                       /* last failure of a ublk call (or of the nbd
-                                             * socket) inside aoe_pump, -errno */
-    uint64_t bq_sectors;                    /* device size: requests past it go to aoe.py */
-    /* nbd bridge (aoe_nbd_bridge): aoe_pump serves the NBD protocol on the kernel's socket;
-     * bridge_on, bridge_finished, bridge_error and bq_sectors mean the same for it */
-    int nbd_nhanded; struct nbd_req *nbd_handed;    /* requests left to aoe.py by the last
-                                                     * aoe_pump */
-    int nbd_open;                           /* requests read from the socket, not yet answered */
+    int bridge_finished;                    /* its source is gone: every tag of the queue dead
+                                             * (stopped or aborted), or the nbd stream ended */
+    int bridge_error;                       /* last failure of a ublk call or of the nbd socket
+                                             * inside aoe_pump, -errno */
+    uint64_t bridge_sectors;                /* device size: requests past it go to aoe.py */
+    int nhanded;                            /* requests left to aoe.py by the last aoe_pump: */
+    struct ublk_req *ublk_handed;           /* ... the ublk bridge's, */
+    struct nbd_req *nbd_handed;             /* ... the nbd bridge's */
+    int nbd_open;                           /* nbd requests read from the socket, not yet
+                                             * answered */
     int spin_us;                            /* waiting for answers with no extra_fd: poll the
                                              * sockets this long before sleeping (aoe.py sets it) */
     int lone_spin_us;                       /* a bridge with at most one request in hand: poll
@@ -282,13 +283,9 @@ struct aoe_eng {
     struct mmsghdr rx_msg[RX_BATCH];
     struct iovec rx_iov[RX_BATCH][3];       /* header, the aimed-at frame's data, the rest */
     uint32_t rx_aim[RX_BATCH];              /* the frame each receive slot is aimed at, or NONE */
-    struct nbd_bridge *nb;                  /* the bridged nbd socket, or NULL */
-    struct ublk_queue *bq;                  /* the bridged queue, or NULL */
-    int bq_readonly;
-    int bq_ncommit;
-    uint32_t *bq_bytes;                     /* per tag: bytes the bridged request moves */
-    uint16_t *bq_tags;                      /* completions to commit */
-    int32_t *bq_results;
+    const struct aoe_bridge_ops *bridge;    /* the bridge's functions, or NULL: none */
+    void *bridge_state;                     /* ... and its own state */
+    int bridge_readonly;                    /* writes go to aoe.py (which refuses them) */
 };
 
 int64_t aoe_now_us(void);
@@ -348,13 +345,31 @@ struct aoe_tx_batch {
 };
 
 
-static int bridge_take(struct aoe_eng *e);
-static void bridge_settle(struct aoe_eng *e);
-static void bridge_release(struct aoe_eng *e);
-static void nbd_take(struct aoe_eng *e);
-static void nbd_settle(struct aoe_eng *e);
-static short nbd_poll_events(const struct aoe_eng *e);
-static void nbd_release(struct aoe_eng *e);
+/*
+ * What aoe_pump asks of a bridge: the one place where it meets the ublk and nbd
+ * bridges (their sections below implement it).  A bridge takes requests from its
+ * source and submits them to the engine itself, or hands them to aoe.py (e->nhanded);
+ * it answers those that succeed, and leaves every other event in done[] for aoe.py.
+ */
+struct aoe_bridge_ops {
+    void (*take)(struct aoe_eng *e);                /* what the source sent: into the
+                                                     * engine, or handed to aoe.py */
+    void (*settle)(struct aoe_eng *e);              /* the requests in done[] that succeeded
+                                                     * answered, taken out of done[] */
+    short (*poll_events)(const struct aoe_eng *e);  /* what to wait for on the source's fd
+                                                     * (aoe_pump's extra_fd) */
+    void (*release)(struct aoe_eng *e);             /* its state freed (bridge_state) */
+};
+
+/* The engine's bridge ended: its state freed, aoe_pump on its own again. */
+static void bridge_end(struct aoe_eng *e)
+{
+    if (e->bridge)
+        e->bridge->release(e);
+    e->bridge = NULL;
+    e->bridge_state = NULL;
+    e->nhanded = 0;
+}
 
 int64_t aoe_now_us(void)
 {
@@ -513,8 +528,7 @@ void aoe_eng_free(struct aoe_eng *e)
 {
     if (!e)
         return;
-    bridge_release(e);
-    nbd_release(e);
+    bridge_end(e);
     for (int i = 0; i < e->nfds; i++)
         free(e->tx[i]);
     free(e->frames);
@@ -1224,11 +1238,9 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     if (!e)
         return -EINVAL;
     e->done = e->done_buf;
-    e->ndone = e->nexpired = e->nhanded = e->nbd_nhanded = e->nfailed = e->failed_unlisted = 0;
-    if (e->bq)
-        bridge_take(e);
-    if (e->nb)
-        nbd_take(e);
+    e->ndone = e->nexpired = e->nhanded = e->nfailed = e->failed_unlisted = 0;
+    if (e->bridge)
+        e->bridge->take(e);
     for (int p = 0; p < e->npaths; p++) {
         struct aoe_path *pa = &e->paths[p];
         pa->rtt_n = pa->rtt_max_us = pa->spurious = pa->needed = pa->late = 0;
@@ -1258,27 +1270,18 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
     for (;;) {
         int64_t now = aoe_now_us();
         collect_expired(e, now);
-        if (e->bq) {                        /* bridged requests never come back to aoe.py */
-            bridge_settle(e);
+        if (e->bridge) {                    /* bridged requests that succeed never come back */
+            e->bridge->settle(e);
             if (extra_ready) {
                 extra_ready = 0;
-                bridge_take(e);
-                send_pending(e);
+                e->bridge->take(e);
             }
+            if (e->pending_frames)
+                send_pending(e);            /* the requests taken, nbd's FUA flushes */
             if (e->nhanded || e->bridge_finished)
                 break;
-        }
-        if (e->nb) {                        /* as for ublk: only failures come back */
-            nbd_settle(e);
-            if (extra_ready) {
-                extra_ready = 0;
-                nbd_take(e);
-            }
-            send_pending(e);                /* the requests taken, FUA's flushes */
-            if (e->nbd_nhanded || e->bridge_finished)
-                break;
             if (extra_fd >= 0)
-                pfd[e->nfds].events = nbd_poll_events(e);
+                pfd[e->nfds].events = e->bridge->poll_events(e);
         }
         if (e->ndone || e->nexpired || extra_ready)
             break;
@@ -1296,7 +1299,7 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
          * last event saves two wake-ups per request, and an idle device still sleeps.
          * Each poll's return also runs the ring's task work, which posts ublk's requests. */
         int64_t spin_end = extra_fd < 0 ? (e->inflight_frames > 0 ? now + e->spin_us : 0)
-                         : (e->bq || e->nb) && e->active_requests <= 1
+                         : e->bridge && e->active_requests <= 1
                                ? e->last_event_us + e->lone_spin_us : 0;
         if (spin_end > until)
             spin_end = until;
@@ -1333,10 +1336,8 @@ int aoe_pump(struct aoe_eng *e, int timeout_us, int extra_fd)
         send_pending(e);                    /* a hard error shows at the next pump's first send */
     }
     collect_expired(e, aoe_now_us());
-    if (e->bq)
-        bridge_settle(e);
-    if (e->nb)
-        nbd_settle(e);
+    if (e->bridge)
+        e->bridge->settle(e);
     return e->ndone;
 }
 
@@ -2577,129 +2578,163 @@ int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const i
 }
 
 /* ========================================================================== */
-/* Bridge: ublk requests straight into the frame engine                        */
+/* Bridges: ublk requests straight into the frame engine                       */
 /* ========================================================================== */
 /*
- * With a bridge, aoe_pump reaps the queue's new requests and submits READ,
- * WRITE and FLUSH to the engine under id BRIDGE_ID | op << 16 | tag, and
- * commits the ones that succeed, so a request that goes well never reaches
+ * A bridge (struct aoe_bridge_ops) feeds the engine from the kernel's block layer
+ * inside aoe_pump.  With the ublk bridge, aoe_pump reaps the queue's new requests
+ * and submits READ, WRITE and FLUSH to the engine under ublk_request_id(op, tag),
+ * and commits the ones that succeed, so a request that goes well never reaches
  * Python.  Failed ones come back in done[] with that id for aoe.py to decide
  * (EIO, the flush fallback); requests the bridge does not take (bridge_on 0,
  * other ops, past the end, writes to a read-only device, engine full) are
- * handed to aoe.py in handed[].
+ * handed to aoe.py in ublk_handed[].
  */
 
-static void bridge_release(struct aoe_eng *e)
-{
-    free(e->handed);
-    free(e->bq_bytes);
-    free(e->bq_tags);
-    free(e->bq_results);
-    e->handed = NULL;
-    e->bq_bytes = NULL;
-    e->bq_tags = NULL;
-    e->bq_results = NULL;
-    e->bq = NULL;
-    e->nhanded = e->bq_ncommit = 0;
-}
+struct ublk_bridge {
+    struct ublk_queue *q;
+    int ncommit;                            /* completions gathered to commit */
+    uint32_t *bytes;                        /* per tag: bytes the bridged request moves */
+    uint16_t *tags;                         /* the completions to commit */
+    int32_t *results;
+    struct ublk_req *handed;                /* e->ublk_handed */
+};
 
 /* What either bridge starts with: the device's size, admission on. */
-static void bridge_open(struct aoe_eng *e, uint64_t sectors, int readonly)
+static void bridge_open(struct aoe_eng *e, const struct aoe_bridge_ops *ops, void *state,
+                        uint64_t sectors, int readonly)
 {
-    e->bq_sectors = sectors;
-    e->bq_readonly = readonly != 0;
+    e->bridge = ops;
+    e->bridge_state = state;
+    e->bridge_sectors = sectors;
+    e->bridge_readonly = readonly != 0;
     e->bridge_on = 1;
     e->bridge_finished = 0;
     e->bridge_error = 0;
 }
 
-/* Bridge queue q (of a device of `sectors` sectors) to the engine; q NULL ends
- * the bridge (do that before closing the queue). */
-int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly)
+static void ublk_bridge_release(struct aoe_eng *e)
 {
-    if (!e)
-        return -EINVAL;
-    bridge_release(e);
-    if (!q)
-        return 0;
-    size_t n = (size_t)q->depth;
-    e->handed = calloc(n, sizeof(*e->handed));
-    e->bq_bytes = calloc(n, sizeof(*e->bq_bytes));
-    e->bq_tags = calloc(n, sizeof(*e->bq_tags));
-    e->bq_results = calloc(n, sizeof(*e->bq_results));
-    if (!e->handed || !e->bq_bytes || !e->bq_tags || !e->bq_results) {
-        bridge_release(e);
-        return -ENOMEM;
-    }
-    e->bq = q;
-    bridge_open(e, sectors, readonly);
-    return 0;
+    struct ublk_bridge *ub = e->bridge_state;
+    if (!ub)
+        return;
+    free(ub->handed);
+    free(ub->bytes);
+    free(ub->tags);
+    free(ub->results);
+    free(ub);
+    e->ublk_handed = NULL;
 }
 
-static int bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
+static int ublk_bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
 {
-    struct ublk_queue *q = e->bq;
+    struct ublk_bridge *ub = e->bridge_state;
     uint64_t id = ublk_request_id(r->op, r->tag);
     if (!e->bridge_on)
         return -EAGAIN;
     if (r->op == UBLK_IO_OP_FLUSH) {        /* start_sector is meaningless here */
-        e->bq_bytes[r->tag] = 0;
+        ub->bytes[r->tag] = 0;
         return aoe_submit(e, id, OP_FLUSH, 0, 0, NULL);
     }
-    if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || e->bq_readonly))
+    if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || e->bridge_readonly))
         return -EOPNOTSUPP;
-    if (!r->nr_sectors || r->start_sector > e->bq_sectors ||
-        r->nr_sectors > e->bq_sectors - r->start_sector)
+    if (!r->nr_sectors || r->start_sector > e->bridge_sectors ||
+        r->nr_sectors > e->bridge_sectors - r->start_sector)
         return -ERANGE;
-    e->bq_bytes[r->tag] = r->nr_sectors * SECTOR_SIZE;
+    ub->bytes[r->tag] = r->nr_sectors * SECTOR_SIZE;
     return aoe_submit(e, id, r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE, r->start_sector,
-                      r->nr_sectors, q->bufs + (size_t)r->tag * q->buf_size);
+                      r->nr_sectors, ub->q->bufs + (size_t)r->tag * ub->q->buf_size);
 }
 
 /* Reap what the kernel sent: submit it, or hand it to aoe.py. */
-static int bridge_take(struct aoe_eng *e)
+static void ublk_bridge_take(struct aoe_eng *e)
 {
-    struct ublk_queue *q = e->bq;
+    struct ublk_bridge *ub = e->bridge_state;
     struct ublk_req r;
     for (;;) {
-        int n = ublk_queue_reap(q, 1, &r, 0);
+        int n = ublk_queue_reap(ub->q, 1, &r, 0);
         if (n == -ENODEV) {
             e->bridge_finished = 1;
-            return 0;
+            return;
         }
         if (n < 0) {
             if (n != -EINTR)
                 e->bridge_error = n;
-            return n;
+            return;
         }
         if (n == 0)
-            return 0;
-        if (bridge_submit(e, &r) < 0)
-            e->handed[e->nhanded++] = r;
+            return;
+        if (ublk_bridge_submit(e, &r) < 0)
+            ub->handed[e->nhanded++] = r;
     }
 }
 
 /* Commit the bridged requests that succeeded; leave every other event in done[]. */
-static void bridge_settle(struct aoe_eng *e)
+static void ublk_bridge_settle(struct aoe_eng *e)
 {
+    struct ublk_bridge *ub = e->bridge_state;
     int kept = 0;
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
         if (is_ublk_request_id(ev.req_id) && ev.status == 0) {
             unsigned tag = ublk_request_tag(ev.req_id);
-            e->bq_tags[e->bq_ncommit] = (uint16_t)tag;
-            e->bq_results[e->bq_ncommit++] = (int32_t)e->bq_bytes[tag];
+            ub->tags[ub->ncommit] = (uint16_t)tag;
+            ub->results[ub->ncommit++] = (int32_t)ub->bytes[tag];
         } else {
             e->done[kept++] = ev;
         }
     }
     e->ndone = kept;
-    if (e->bq_ncommit) {
-        int ret = ublk_queue_commit(e->bq, e->bq_ncommit, e->bq_tags, e->bq_results);
+    if (ub->ncommit) {
+        int ret = ublk_queue_commit(ub->q, ub->ncommit, ub->tags, ub->results);
         if (ret < 0)
             e->bridge_error = ret;
-        e->bq_ncommit = 0;
+        ub->ncommit = 0;
     }
+}
+
+/* The ring fd shows new requests. */
+static short ublk_bridge_poll_events(const struct aoe_eng *e)
+{
+    (void)e;
+    return POLLIN;
+}
+
+static const struct aoe_bridge_ops ublk_bridge_ops = {
+    .take = ublk_bridge_take,
+    .settle = ublk_bridge_settle,
+    .poll_events = ublk_bridge_poll_events,
+    .release = ublk_bridge_release,
+};
+
+/* Bridge queue q (of a device of `sectors` sectors) to the engine; q NULL ends
+ * the bridge (do that before closing the queue).  -EINVAL while the engine
+ * serves an nbd socket. */
+int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly)
+{
+    if (!e)
+        return -EINVAL;
+    if (e->bridge && e->bridge != &ublk_bridge_ops)
+        return q ? -EINVAL : 0;
+    bridge_end(e);
+    if (!q)
+        return 0;
+    size_t n = (size_t)q->depth;
+    struct ublk_bridge *ub = calloc(1, sizeof(*ub));
+    if (!ub)
+        return -ENOMEM;
+    ub->q = q;
+    ub->handed = calloc(n, sizeof(*ub->handed));
+    ub->bytes = calloc(n, sizeof(*ub->bytes));
+    ub->tags = calloc(n, sizeof(*ub->tags));
+    ub->results = calloc(n, sizeof(*ub->results));
+    bridge_open(e, &ublk_bridge_ops, ub, sectors, readonly);
+    if (!ub->handed || !ub->bytes || !ub->tags || !ub->results) {
+        bridge_end(e);
+        return -ENOMEM;
+    }
+    e->ublk_handed = ub->handed;
+    return 0;
 }
 
 /* ========================================================================== */
@@ -2783,7 +2818,16 @@ struct nbd_bridge {
     uint32_t reading;               /* the write whose data is arriving, or NONE */
     uint32_t in_start, in_end;      /* unparsed bytes in in[] */
     uint8_t in[NBD_IN_SIZE];
+    struct nbd_req *handed;         /* e->nbd_handed */
 };
+
+static const struct aoe_bridge_ops nbd_bridge_ops;
+
+/* The engine's nbd bridge, or NULL. */
+static struct nbd_bridge *nbd_of(const struct aoe_eng *e)
+{
+    return e->bridge == &nbd_bridge_ops ? e->bridge_state : NULL;
+}
 
 static uint8_t *nbd_data(const struct nbd_bridge *b, uint32_t i)
 {
@@ -2793,19 +2837,19 @@ static uint8_t *nbd_data(const struct nbd_bridge *b, uint32_t i)
 
 static void nbd_release(struct aoe_eng *e)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     if (!b)
         return;
-    for (uint32_t i = 0; i < b->nslots; i++)
-        free(b->slots[i].big);
+    if (b->slots)
+        for (uint32_t i = 0; i < b->nslots; i++)
+            free(b->slots[i].big);
     if (b->bufs)
         munmap(b->bufs, b->bufs_len);
     free(b->slots);
+    free(b->handed);
     free(b);
-    free(e->nbd_handed);
-    e->nb = NULL;
     e->nbd_handed = NULL;
-    e->nbd_nhanded = e->nbd_open = 0;
+    e->nbd_open = 0;
 }
 
 /* Bridge the nbd socket fd (non-blocking; aoe.py keeps it open) with `slots`
@@ -2815,11 +2859,11 @@ static void nbd_release(struct aoe_eng *e)
 int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint64_t sectors,
                    int readonly)
 {
-    if (!e || e->bq)
+    if (!e || (e->bridge && e->bridge != &nbd_bridge_ops))
         return -EINVAL;
-    if (e->nb && e->active_requests)
+    if (e->bridge && e->active_requests)
         aoe_fail_all(e, -ECANCELED);
-    nbd_release(e);
+    bridge_end(e);
     if (fd < 0)
         return 0;
     if (slots <= 0 || slots > 0xFFFF || buf_size < SECTOR_SIZE)
@@ -2828,19 +2872,19 @@ int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint
     struct nbd_bridge *b = calloc(1, sizeof(*b));
     if (!b)
         return -ENOMEM;
-    e->nb = b;
+    bridge_open(e, &nbd_bridge_ops, b, sectors, readonly);
     b->fd = fd;
     b->nslots = (uint32_t)slots;
     b->buf_size = (unsigned)((buf_size + page - 1) & ~(page - 1));
     b->bufs_len = (size_t)slots * b->buf_size;
     b->slots = calloc((size_t)slots, sizeof(*b->slots));
-    e->nbd_handed = calloc((size_t)slots, sizeof(*e->nbd_handed));
+    b->handed = calloc((size_t)slots, sizeof(*b->handed));
     void *bufs = mmap(NULL, b->bufs_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                       -1, 0);
-    if (bufs == MAP_FAILED || !b->slots || !e->nbd_handed) {
+    if (bufs == MAP_FAILED || !b->slots || !b->handed) {
         if (bufs != MAP_FAILED)
             munmap(bufs, b->bufs_len);
-        nbd_release(e);
+        bridge_end(e);
         return -ENOMEM;
     }
     b->bufs = bufs;
@@ -2849,16 +2893,17 @@ int aoe_nbd_bridge(struct aoe_eng *e, int fd, int slots, unsigned buf_size, uint
         b->slots[i].next = i + 1 < b->nslots ? i + 1 : NONE;
     b->free_head = 0;
     b->out_head = b->out_tail = b->reading = NONE;
-    bridge_open(e, sectors, readonly);
+    e->nbd_handed = b->handed;
     return 0;
 }
 
 /* Slot i's buffer (a request aoe.py submits itself uses it). */
 void *aoe_nbd_buf(struct aoe_eng *e, uint32_t slot)
 {
-    if (!e || !e->nb || slot >= e->nb->nslots)
+    const struct nbd_bridge *b = e ? nbd_of(e) : NULL;
+    if (!b || slot >= b->nslots)
         return NULL;
-    return nbd_data(e->nb, slot);
+    return nbd_data(b, slot);
 }
 
 static void nbd_finish(struct aoe_eng *e, int error)
@@ -2882,7 +2927,7 @@ static void nbd_free_slot(struct nbd_bridge *b, uint32_t i)
  * broken they are dropped. */
 static void nbd_flush_out(struct aoe_eng *e)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     while (b->out_head != NONE) {
         struct iovec iov[NBD_OUT_IOV];
         int n = 0;
@@ -2957,11 +3002,11 @@ static void nbd_queue_reply(struct nbd_bridge *b, uint32_t i, int32_t error)
  * an errno.  Returns 0, or -EINVAL when the slot is not aoe.py's to answer. */
 int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error)
 {
-    if (!e || !e->nb || slot >= e->nb->nslots || error < 0 ||
-        (e->nb->slots[slot].state != NBD_SLOT_HANDED &&
-         e->nb->slots[slot].state != NBD_SLOT_ENGINE))
+    struct nbd_bridge *b = e ? nbd_of(e) : NULL;
+    if (!b || slot >= b->nslots || error < 0 ||
+        (b->slots[slot].state != NBD_SLOT_HANDED && b->slots[slot].state != NBD_SLOT_ENGINE))
         return -EINVAL;
-    nbd_queue_reply(e->nb, slot, error);
+    nbd_queue_reply(b, slot, error);
     nbd_flush_out(e);
     return 0;
 }
@@ -2969,7 +3014,7 @@ int aoe_nbd_reply(struct aoe_eng *e, uint32_t slot, int32_t error)
 /* A request read whole: into the engine, or to aoe.py. */
 static void nbd_start(struct aoe_eng *e, uint32_t i)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     struct nbd_slot *s = &b->slots[i];
     int rc = -EAGAIN;
     s->state = NBD_SLOT_ENGINE;
@@ -2978,16 +3023,17 @@ static void nbd_start(struct aoe_eng *e, uint32_t i)
         int op = s->command == NBD_CMD_READ ? OP_READ : OP_WRITE;
         if (s->command == NBD_CMD_FLUSH)
             rc = aoe_submit(e, nbd_request_id(OP_FLUSH, i), OP_FLUSH, 0, 0, NULL);
-        else if ((s->command != NBD_CMD_READ && (s->command != NBD_CMD_WRITE || e->bq_readonly)) ||
+        else if ((s->command != NBD_CMD_READ &&
+                  (s->command != NBD_CMD_WRITE || e->bridge_readonly)) ||
                  s->offset % SECTOR_SIZE || s->length % SECTOR_SIZE || !count ||
-                 lba > e->bq_sectors || count > e->bq_sectors - lba)
+                 lba > e->bridge_sectors || count > e->bridge_sectors - lba)
             rc = -EINVAL;
         else
             rc = aoe_submit(e, nbd_request_id(op, i), op, lba, (uint32_t)count, nbd_data(b, i));
     }
     if (rc < 0) {
         s->state = NBD_SLOT_HANDED;
-        e->nbd_handed[e->nbd_nhanded++] = (struct nbd_req){
+        b->handed[e->nhanded++] = (struct nbd_req){
             .slot = i, .command = s->command, .flags = s->flags,
             .offset = s->offset, .length = s->length };
     }
@@ -2997,14 +3043,14 @@ static void nbd_start(struct aoe_eng *e, uint32_t i)
  * read from the stream get a buffer of its own. */
 static int nbd_inside(const struct aoe_eng *e, const struct nbd_slot *s)
 {
-    uint64_t size = e->bq_sectors * SECTOR_SIZE;
+    uint64_t size = e->bridge_sectors * SECTOR_SIZE;
     return s->length <= size && s->offset <= size - s->length;
 }
 
 /* Parse one request header from in[]; 0, or -1 when the bridge is finished. */
 static int nbd_parse(struct aoe_eng *e)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     const uint8_t *h = b->in + b->in_start;
     b->in_start += NBD_REQUEST_LEN;
     if (be32(h) != NBD_REQUEST_MAGIC) {
@@ -3051,7 +3097,8 @@ static ssize_t nbd_recv(struct aoe_eng *e, void *buf, size_t len, int *drained)
 {
     if (*drained)
         return 0;
-    ssize_t n = recv(e->nb->fd, buf, len, MSG_DONTWAIT);
+    const struct nbd_bridge *b = e->bridge_state;
+    ssize_t n = recv(b->fd, buf, len, MSG_DONTWAIT);
     if (n > 0) {
         *drained = (size_t)n < len;
         return n;
@@ -3067,7 +3114,7 @@ static ssize_t nbd_recv(struct aoe_eng *e, void *buf, size_t len, int *drained)
 /* Read what the kernel sent while there are slots for it. */
 static void nbd_take(struct aoe_eng *e)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     int drained = 0;
     while (!e->bridge_finished) {
         if (b->reading != NONE) {
@@ -3117,7 +3164,7 @@ static void nbd_take(struct aoe_eng *e)
  * write's flush first); leave every other event in done[]. */
 static void nbd_settle(struct aoe_eng *e)
 {
-    struct nbd_bridge *b = e->nb;
+    struct nbd_bridge *b = e->bridge_state;
     int kept = 0;
     for (int i = 0; i < e->ndone; i++) {
         struct aoe_event ev = e->done[i];
@@ -3145,7 +3192,7 @@ static void nbd_settle(struct aoe_eng *e)
  * them, room while answers wait. */
 static short nbd_poll_events(const struct aoe_eng *e)
 {
-    const struct nbd_bridge *b = e->nb;
+    const struct nbd_bridge *b = e->bridge_state;
     short ev = 0;
     if (b->reading != NONE || b->free_head != NONE)
         ev |= POLLIN;
@@ -3153,3 +3200,10 @@ static short nbd_poll_events(const struct aoe_eng *e)
         ev |= POLLOUT;
     return ev;
 }
+
+static const struct aoe_bridge_ops nbd_bridge_ops = {
+    .take = nbd_take,
+    .settle = nbd_settle,
+    .poll_events = nbd_poll_events,
+    .release = nbd_release,
+};

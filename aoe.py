@@ -1637,7 +1637,7 @@ class HelperPump:
 
     def bridge_resize(self, sectors):
         """The bridged device's new size: requests past it are handed over (and fail)."""
-        self.eng.bq_sectors = sectors
+        self.eng.bridge_sectors = sectors
 
     def bridge_admit(self, on):
         """Whether the bridge submits requests itself (off: every one is handed over)."""
@@ -1648,7 +1648,7 @@ class HelperPump:
         or 0, the requests handed over)."""
         eng = self.eng
         error, eng.bridge_error = eng.bridge_error, 0
-        return bool(eng.bridge_finished), error, [eng.handed[i] for i in range(eng.nhanded)]
+        return bool(eng.bridge_finished), error, [eng.ublk_handed[i] for i in range(eng.nhanded)]
 
     # The nbd bridge: pump() reads the kernel's requests from an nbd socket itself,
     # submits them under ids NBD_ID | op << 32 | slot and answers those that succeed;
@@ -1675,7 +1675,7 @@ class HelperPump:
         eng = self.eng
         error, eng.bridge_error = eng.bridge_error, 0
         return (bool(eng.bridge_finished), error,
-                [eng.nbd_handed[i] for i in range(eng.nbd_nhanded)])
+                [eng.nbd_handed[i] for i in range(eng.nhanded)])
 
     def nbd_buffer(self, slot, length):
         return self.ffi.buffer(self.lib.aoe_nbd_buf(self.eng, slot), length)

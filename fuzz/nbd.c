@@ -573,7 +573,7 @@ static void engine_submit(struct run *r, uint32_t slot, int op, uint64_t lba, ui
 NO_COVERAGE static struct nbd_request *slot_request(struct run *r, uint32_t slot)
 {
     CHECK(slot < r->nslots, "slot %u of %u", slot, r->nslots);
-    const struct nbd_slot *s = &r->e->nb->slots[slot];
+    const struct nbd_slot *s = &nbd_of(r->e)->slots[slot];
     CHECK(s->state == NBD_SLOT_ENGINE || s->state == NBD_SLOT_HANDED, "slot %u in state %u",
           slot, s->state);
     struct nbd_request *q = by_handle(r, s->handle);
@@ -639,15 +639,15 @@ static void pump(struct run *r)
     int rc = aoe_pump(e, 0, r->bridged);
     CHECK(rc >= 0 && rc == e->ndone, "aoe_pump returned %d with %d done", rc, e->ndone);
     CHECK((uint32_t)e->ndone <= e->max_frames && (uint32_t)e->nexpired <= e->max_frames &&
-          (uint32_t)e->nfailed <= e->max_frames && (uint32_t)e->nbd_nhanded <= r->nslots,
+          (uint32_t)e->nfailed <= e->max_frames && (uint32_t)e->nhanded <= r->nslots,
           "%d done, %d expired, %d failed, %d handed", e->ndone, e->nexpired, e->nfailed,
-          e->nbd_nhanded);
-    if (e->ndone || e->nbd_nhanded)
+          e->nhanded);
+    if (e->ndone || e->nhanded)
         r->progress = 1;
     for (int i = e->nexpired; i-- > 0;)
         aoe_resend(e, e->expired[i]);
     /* done[] and nbd_handed[] change under aoe_nbd_reply and aoe_submit: copies */
-    int ndone = e->ndone, nhanded = e->nbd_nhanded;
+    int ndone = e->ndone, nhanded = e->nhanded;
     struct aoe_event *done = malloc(sizeof(*done) * (size_t)(ndone + 1));
     struct nbd_req *handed = malloc(sizeof(*handed) * (size_t)(nhanded + 1));
     CHECK(done && handed, "out of memory");
@@ -693,7 +693,7 @@ NO_COVERAGE static void check_bridge(struct run *r, int whole)
 {
     struct aoe_eng *e = r->e;
     check_engine(e, r->seen, &r->mark, whole || e->max_frames <= 1024);
-    const struct nbd_bridge *b = e->nb;
+    const struct nbd_bridge *b = nbd_of(e);
     if (!b)
         return;
     uint32_t nfree = 0, nreply = 0, in_use = 0, reading = 0;
@@ -812,7 +812,7 @@ static void drain(struct run *r)
 static void teardown(struct run *r)
 {
     if (r->e) {
-        if (r->e->nb)
+        if (nbd_of(r->e))
             aoe_nbd_bridge(r->e, -1, 0, 0, 0, 0);
         check_engine(r->e, r->seen, &r->mark, 1);
         CHECK(r->e->active_requests == 0, "%d requests left", r->e->active_requests);

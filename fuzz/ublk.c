@@ -1,6 +1,6 @@
 /*
- * ublk.c - libFuzzer target: the ublk bridge (aoe_eng_bridge, bridge_take,
- * bridge_submit, bridge_settle over ublk_queue_reap, ublk_queue_commit and
+ * ublk.c - libFuzzer target: the ublk bridge (aoe_eng_bridge, ublk_bridge_take,
+ * ublk_bridge_submit, ublk_bridge_settle over ublk_queue_reap, ublk_queue_commit and
  * ublk_queue_prep) without the kernel.
  *
  * The queue talks to the kernel only through its io_uring: the SQ and CQ rings
@@ -653,7 +653,7 @@ static void pump(struct run *r)
     struct aoe_eng *e = r->e;
     for (int t = 0; t < r->depth; t++)
         if (r->tags[t].state == TAG_POSTED && !r->tags[t].taken) {
-            r->tags[t].taken = 1;                   /* the pump's bridge_take reaps them all */
+            r->tags[t].taken = 1;           /* the pump's ublk_bridge_take reaps them all */
             r->tags[t].taken_up = e->bridge_on;
             r->tags[t].sectors = r->sectors;
         }
@@ -669,7 +669,7 @@ static void pump(struct run *r)
     for (int i = e->nexpired; i-- > 0;)             /* Engine.poll: in reverse */
         CHECK(aoe_resend(e, e->expired[i]) == 0, "aoe_resend of expired slot %u", e->expired[i]);
     for (int i = 0; i < e->nhanded; i++)
-        start_handed(r, &e->handed[i]);
+        start_handed(r, &e->ublk_handed[i]);
     commit_results(r);
     target_receive(r);
     check_engine(e, r->seen, &r->mark, 1);
@@ -909,7 +909,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 e->bridge_on = !e->bridge_on;
             else if (r->sectors <= 2 * WINDOW)     /* UblkBackend.resize, where the disk
                                                      * model allows */
-                r->sectors = e->bq_sectors = (x >> 1) * 33u;
+                r->sectors = e->bridge_sectors = (x >> 1) * 33u;
             break;
         }
         default: {
