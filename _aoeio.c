@@ -13,22 +13,45 @@
  * "private" line are hidden from Python ("...;"), and every function aoe.py
  * calls has its prototype, which the compiler holds to the definition.
  *
- * Four decisions are made here as well as in aoe.py, for speed, and must stay
- * the same; a test holds each pair equal:
- *   aoe_pump's answer checks and drop reasons = PyPump's
+ * Some decisions are made here as well as in aoe.py, for speed.  The rule every
+ * fast path here follows: it may decline a case and hand it to aoe.py, never
+ * accept what aoe.py would refuse.  Each decision mirrored, and the test that
+ * holds the pair equal:
+ *   the constants of the ABI blocks = aoe.py's of the same names (HELPER_CONSTANTS),
+ *       struct aoe_path's and aoe_counters' fields = PumpPath's and PUMP_COUNTERS:
+ *       checked at load (helper_mismatch; test_helper_and_aoe_py_share_one_definition);
+ *   the request ids' layouts (ublk_request_id, nbd_request_id, PROBE_REQ and their
+ *       readers) = aoe.py's functions of the same names
+ *       (test_request_ids_are_made_and_read_alike_by_the_helper_and_aoe_py);
+ *   the request frames: aoe_submit's split into frames and build_header's bytes
+ *       (addresses, tag, ATA command for the op and LBA48, count, LBA) = PyPump's
+ *       (test_pumps_agree_and_take_only_true_answers compares every byte sent);
+ *   the tag and generation rule (frame_tag, tag_slot; handle_answer's "back": which
+ *       transmission an answer names, generations 1..GEN_MAX, 0 naming none) =
+ *       PyPump's (test_pumps_agree_and_take_only_true_answers,
+ *       test_a_tag_of_generation_0_answers_nothing);
+ *   handle_answer's checks and drop reasons = PyPump's
  *       (test_pumps_agree_and_take_only_true_answers: both pumps, scripted answers);
+ *   when a frame counts as lost (frame_lost: rto_us, or reorder_us once a frame sent
+ *       after it was answered) = PyPump._lost (test_pumps_agree_and_take_only_true_answers
+ *       drives both clauses);
  *   which frames of a request failed (aoe_eng.failed) = PyPump.failed
  *       (test_engine_names_the_frames_the_target_failed_and_keeps_the_others);
+ *   when aoe_pump spins (polls before it sleeps: spin_us while frames are in flight
+ *       and there is no extra_fd, lone_spin_us while a bridge holds at most one
+ *       request) = what Engine.spin_for sets them for
+ *       (test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers);
+ *   ublk admission (ublk_bridge_submit's opcode, bounds and read-only checks) =
+ *       UblkBackend._start's, which sees every request the bridge declines
+ *       (test_ublk_bridge_admits_only_what_python_would_submit);
+ *   nbd admission (nbd_start's) = NbdBackend.refusal and Engine.submit's bounds
+ *       (test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine and
+ *       test_nbd_server_takes_requests_however_the_stream_is_cut expect the same answers);
  *   srv_classify's order of checks and srv_decode's IDNF/ABRT answers =
  *       AoeTarget.handle's (test_serve_fast_path_answers_exactly_like_python);
  *   srv_classify's unreadable sectors (a READ touching them goes to aoe.py) =
  *       the reads AoeTarget._ata fails for serve --fault-bad
- *       (test_serve_fast_path_answers_exactly_like_python[bad]);
- *   ublk_bridge_submit's bounds, read-only and opcode checks = UblkBackend._start's,
- *       which sees every request the bridge declines (the VM's attach checks);
- *   nbd_start's = NbdBackend.refusal and Engine.submit's bounds
- *       (test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine and
- *       test_nbd_server_takes_requests_however_the_stream_is_cut expect the same answers).
+ *       (test_serve_fast_path_answers_exactly_like_python[bad]).
  */
 
 #ifndef _GNU_SOURCE
@@ -2332,7 +2355,6 @@ uint64_t ublk_queue_start_sector(struct ublk_queue *q, int tag);
 int ublk_queue_fetch_all(struct ublk_queue *q);
 int ublk_queue_reap(struct ublk_queue *q, int max, struct ublk_req *out, long long timeout_us);
 int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const int32_t *results);
-int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly);
 /* ABI-END */
 
 void ublk_queue_close(struct ublk_queue *q)
@@ -2591,6 +2613,23 @@ int ublk_queue_commit(struct ublk_queue *q, int n, const uint16_t *tags, const i
  * handed to aoe.py in ublk_handed[].
  */
 
+/* ABI-BEGIN: the ublk bridge */
+/* The engine op (OP_*) the bridge submits request r as, for a device of `sectors`
+ * sectors, or -errno: r is handed to aoe.py, which decides. */
+static inline int ublk_bridge_op(const struct ublk_req *r, uint64_t sectors, int readonly)
+{
+    if (r->op == UBLK_IO_OP_FLUSH)          /* start_sector is meaningless here */
+        return OP_FLUSH;
+    if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || readonly))
+        return -EOPNOTSUPP;
+    if (!r->nr_sectors || r->start_sector > sectors || r->nr_sectors > sectors - r->start_sector)
+        return -ERANGE;
+    return r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE;
+}
+
+int aoe_eng_bridge(struct aoe_eng *e, struct ublk_queue *q, uint64_t sectors, int readonly);
+/* ABI-END */
+
 struct ublk_bridge {
     struct ublk_queue *q;
     int ncommit;                            /* completions gathered to commit */
@@ -2632,18 +2671,16 @@ static int ublk_bridge_submit(struct aoe_eng *e, const struct ublk_req *r)
     uint64_t id = ublk_request_id(r->op, r->tag);
     if (!e->bridge_on)
         return -EAGAIN;
-    if (r->op == UBLK_IO_OP_FLUSH) {        /* start_sector is meaningless here */
+    int op = ublk_bridge_op(r, e->bridge_sectors, e->bridge_readonly);
+    if (op == OP_FLUSH) {
         ub->bytes[r->tag] = 0;
         return aoe_submit(e, id, OP_FLUSH, 0, 0, NULL);
     }
-    if (r->op != UBLK_IO_OP_READ && (r->op != UBLK_IO_OP_WRITE || e->bridge_readonly))
-        return -EOPNOTSUPP;
-    if (!r->nr_sectors || r->start_sector > e->bridge_sectors ||
-        r->nr_sectors > e->bridge_sectors - r->start_sector)
-        return -ERANGE;
+    if (op < 0)
+        return op;
     ub->bytes[r->tag] = r->nr_sectors * SECTOR_SIZE;
-    return aoe_submit(e, id, r->op == UBLK_IO_OP_READ ? OP_READ : OP_WRITE, r->start_sector,
-                      r->nr_sectors, ub->q->bufs + (size_t)r->tag * ub->q->buf_size);
+    return aoe_submit(e, id, op, r->start_sector, r->nr_sectors,
+                      ub->q->bufs + (size_t)r->tag * ub->q->buf_size);
 }
 
 /* Reap what the kernel sent: submit it, or hand it to aoe.py. */

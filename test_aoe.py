@@ -522,11 +522,17 @@ def pump_for(kind, sock, seed=7):
 
 def pump_script(kind):
     """Requests and hostile answers, the same for either pump; returns what the pump made of
-    them."""
+    them and every frame it sent."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with ours, theirs:
         pump, target = pump_for(kind, ours), ScriptedTarget(theirs)
-        done, expired = [], []
+        done, expired, sent = [], [], []
+
+        def requests():
+            """What the pump sent since last asked."""
+            frames = target.requests()
+            sent.extend(frames)
+            return frames
 
         def rounds(frames=()):
             """Send frames to the pump, a few at a time (a socketpair queues only ten), pumping."""
@@ -541,10 +547,10 @@ def pump_script(kind):
         bufs = {1: bytearray(8 * 512), 2: bytearray(4 * 512)}
         pump.submit(1, aoe.OP_READ, 100, 8, bufs[1])          # four frames
         pump.submit(2, aoe.OP_READ, 200, 4, bufs[2])          # two
-        pump.submit(3, aoe.OP_WRITE, 300, 4, os.urandom(4 * 512))   # two
+        pump.submit(3, aoe.OP_WRITE, 300, 4, sector_data(300, 4))   # two
         pump.submit(4, aoe.OP_FLUSH, 0, 0, None)              # one, once the window has room
         rounds()
-        reqs = target.requests()
+        reqs = requests()
         # the window
         assert [(a.lba, a.count) for a in (aoe.parse_ata(aoe.parse_frame(r)) for r in reqs)] == \
             [(100, 2), (102, 2), (104, 2), (106, 2), (200, 2), (202, 2), (300, 2), (302, 2)]
@@ -575,7 +581,7 @@ def pump_script(kind):
         ] + [target.answer(reqs[i]) for i in (0, 1, 2, 3, 4, 6)]         # 5 and 7 stay unanswered
           + [target.answer(reqs[0])])                                      # a duplicate: stale
         marks = [sorted(done), len(expired)]
-        flush = target.requests()
+        flush = requests()
         assert [aoe.parse_ata(aoe.parse_frame(r)).cmd_status for r in flush] == \
             [aoe.ATA_CMD_FLUSH_EXT]
         pump.paths[0].rto_us = 0                              # 5, 7 and the flush expire ...
@@ -586,7 +592,7 @@ def pump_script(kind):
         pump.paths[0].rto_us = 60000000
         marks += [len(expired)]
         rounds()
-        again = target.requests()
+        again = requests()
         assert [aoe.parse_ata(aoe.parse_frame(r)).lba for r in again] == [202, 302, 0]
         # the first transmission answers: spurious
         rounds([target.answer(reqs[5]),
@@ -596,11 +602,26 @@ def pump_script(kind):
         marks += [sorted(done)]
         # the one a resend completed, late: late
         rounds([target.answer(reqs[7])])
+        # the reorder clause: a frame sent before one that was answered is lost after
+        # reorder_us, long before rto_us; one sent after it is not
+        bufs.update({5: bytearray(512), 6: bytearray(512), 7: bytearray(512)})
+        for rid in (5, 6, 7):
+            pump.submit(rid, aoe.OP_READ, 400 + rid, 1, bufs[rid])
+            rounds()
+            time.sleep(0.002)                             # each sent at a later microsecond
+        first, middle, last = requests()
+        pump.paths[0].reorder_us = 1000
+        rounds([target.answer(middle)])
+        time.sleep(0.002)
+        rounds()
+        marks += [sorted(done)[-1:], len(expired)]        # 6 done, 5 lost, 7 waits
+        rounds([target.answer(first), target.answer(last)])
+        marks += [sorted(done)[-3:]]
         # the helper's own way of receiving (straight into the buffer) is counted apart
         nonzero = lambda counts: {k: v for k, v in counts.items()
                                   if v and k not in ("send_eagain", "frames_in_place")}
         return (marks, nonzero(pump.drops), nonzero(pump.stats), bytes(bufs[1]), bytes(bufs[2]),
-                pump.busy)
+                pump.busy, sent)
 
 
 @pytest.mark.engine
@@ -753,6 +774,43 @@ def test_ublk_failed_read_completes_up_to_its_first_failed_frame():
 
 
 @pytest.mark.engine
+@pytest.mark.parametrize("readonly", [False, True])
+def test_ublk_bridge_admits_only_what_python_would_submit(readonly):
+    """The helper's ublk bridge submits a request itself exactly when UblkBackend._start,
+    which gets every request the bridge hands over, would send it to the engine, and as
+    the same request: every opcode, read-only or not, empty, at the end, past it, and
+    ranges whose end overflows."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    ffi, sectors = helper.ffi, 64
+    ops = (aoe.UBLK_IO_OP_READ, aoe.UBLK_IO_OP_WRITE, aoe.UBLK_IO_OP_FLUSH,
+           aoe.UBLK_IO_OP_DISCARD, aoe.UBLK_IO_OP_WRITE_ZEROES, 0xFF)
+    ranges = [(0, 0), (0, 1), (0, sectors), (sectors - 1, 1), (sectors - 1, 2), (sectors, 0),
+              (sectors, 1), (sectors + 1, 1), (2 ** 64 - 1, 2), (1, 2 ** 32 - 1)]
+    tag_memory = ffi.new("char[]", sectors * aoe.SECTOR_SIZE)
+    tag_buf = ffi.cast("char *", tag_memory)          # as the queue's: ranges are not its own
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        for op in ops:
+            for start, count in ranges:
+                r = ffi.new("struct ublk_req *", {"tag": 3, "op": op, "nr_sectors": count,
+                                                  "start_sector": start})
+                bridged = helper.lib.ublk_bridge_op(r, sectors, readonly)
+                engine = aoe.Engine(lab_target([PairPort(ours, MAC_I)], [MAC_T], sectors=sectors))
+                submitted = []
+                engine.pump.submit = lambda rid, *request: submitted.append(request) or 0
+                backend = aoe.UblkBackend.__new__(aoe.UblkBackend)
+                backend.daemon = types.SimpleNamespace(state="up", readonly=readonly)
+                backend.engine, backend.ffi, backend.tag_buf = engine, ffi, {3: tag_buf}
+                backend.results, backend.inflight, backend.log = [], {}, lambda line: None
+                backend._start(r[0])
+                flush = bridged == aoe.OP_FLUSH
+                expected = [] if bridged < 0 else [(bridged, 0 if flush else start,
+                                                    0 if flush else count)]
+                assert [request[:3] for request in submitted] == expected, (op, start, count)
+
+
+@pytest.mark.engine
 @pytest.mark.parametrize("kind", ["python", "helper"])
 def test_a_tag_of_generation_0_answers_nothing(kind):
     """Generations run 1..GEN_MAX and wrap: a tag whose generation field is 0 names no
@@ -780,18 +838,21 @@ def test_a_tag_of_generation_0_answers_nothing(kind):
 def test_pumps_agree_and_take_only_true_answers():
     """PyPump and HelperPump, fed the same requests and the same hostile answers
     (corrupted, stale, duplicate, late, misdirected, short, another MAC or target),
-    complete the same requests with the right data, and count every drop alike."""
+    complete the same requests with the right data, count every drop alike, send the same
+    bytes, and give up the same frames as lost (after rto_us, and after reorder_us once a
+    frame sent later was answered)."""
     results = {kind: pump_script(kind) for kind in ("python", "helper")}
     assert results["python"] == results["helper"]
-    marks, drops, counters, buf1, buf2, busy = results["python"]
+    marks, drops, counters, buf1, buf2, busy, sent = results["python"]
     flush_failed = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
-    assert marks == [[(1, 0)], 0, 3, [(1, 0), (2, 0), (3, 0), (4, flush_failed)]]
+    assert marks == [[(1, 0)], 0, 3, [(1, 0), (2, 0), (3, 0), (4, flush_failed)],
+                     [(6, 0)], 4, [(5, 0), (6, 0), (7, 0)]]
     assert buf1 == sector_data(100, 8) and buf2 == sector_data(200, 4)
     assert drops == {"bad_tag": 1, "stale": 4, "late": 1, "bad_mac": 1, "short": 1, "echo": 4,
                      "foreign": 1, "not_response": 1}
-    assert counters == {"frames_sent": 12, "frames_resent": 3, "frames_recv": 9,
-                        "bytes_data": 8 * 1024, "resent_needed": 2, "resent_spurious": 1,
-                        "errors": 1}
+    assert counters == {"frames_sent": 15, "frames_resent": 3, "frames_recv": 12,
+                        "bytes_data": 8 * 1024 + 3 * 512, "resent_needed": 2,
+                        "resent_spurious": 1, "errors": 1}
     assert not busy
 
 @pytest.mark.engine
