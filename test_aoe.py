@@ -800,7 +800,7 @@ def test_ublk_bridge_admits_only_what_python_would_submit(readonly):
                 submitted = []
                 engine.pump.submit = lambda rid, *request: submitted.append(request) or 0
                 backend = aoe.UblkBackend.__new__(aoe.UblkBackend)
-                backend.daemon = types.SimpleNamespace(state="up", readonly=readonly)
+                backend.host = types.SimpleNamespace(up=True, readonly=readonly)
                 backend.engine, backend.ffi, backend.tag_buf = engine, ffi, {3: tag_buf}
                 backend.results, backend.inflight, backend.log = [], {}, lambda line: None
                 backend._start(r[0])
