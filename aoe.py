@@ -4315,6 +4315,119 @@ class BadSectors:
         self.sectors, self.error, self.delay = sectors, error, delay_ms / 1000.0
 
 
+# ATA meaning, apart from AoE (as vblade keeps ata.c apart from aoe.c): AtaDisk executes one
+# ATA command on an export; AoeTarget below checks who may ask and carries the registers
+# between the wire and the disk.
+ATA_READS = (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT)
+ATA_WRITES = (ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT)
+ATA_LBA48_COMMANDS = (ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE_EXT)
+ATA_FLUSHES = (ATA_CMD_FLUSH, ATA_CMD_FLUSH_EXT)
+ATA_POWER_ACTIVE = 0xFF          # CHECK POWER MODE's count: active or idle
+
+
+class AtaCommand:
+    """The registers a host writes for one ATA command, and a write's data.  The LBA is
+    as the host gave it: an LBA28 command uses its low 28 bits."""
+
+    __slots__ = ("cmd", "lba", "count", "features", "data")
+
+    def __init__(self, cmd, lba=0, count=0, features=0, data=b""):
+        self.cmd, self.lba, self.count, self.features, self.data = cmd, lba, count, features, data
+
+
+class AtaOutcome:
+    """The registers a command leaves: status, error and count (after an error, the
+    sectors not transferred; CHECK POWER MODE's power mode); the data read; and `delay`,
+    seconds to wait before telling (serve --fault-bad's slow unreadable sectors)."""
+
+    __slots__ = ("status", "error", "count", "data", "delay")
+
+    def __init__(self, status=ATA_DRDY, error=0, count=0, data=b"", delay=0.0):
+        self.status, self.error, self.count, self.data, self.delay = (status, error, count, data,
+                                                                      delay)
+
+    def __repr__(self):
+        return "AtaOutcome(status=%#x, error=%#x, count=%d, %d bytes, delay=%g)" % (
+            self.status, self.error, self.count, len(self.data), self.delay)
+
+
+class AtaDisk:
+    """An export as an ATA disk, knowing nothing of AoE: IDENTIFY DEVICE, READ/WRITE
+    SECTORS (EXT), FLUSH CACHE (EXT) and CHECK POWER MODE; any other command is aborted.
+    A command the transfer cannot carry (IDENTIFY of other than one sector, over
+    `max_count` sectors, a write short of its data) is refused: execute() returns None and
+    the caller answers as its protocol says.  Sectors read and written, and reads that
+    met an unreadable sector, are counted in `stats`."""
+
+    def __init__(self, export, identify, max_count, bad=None, stats=None):
+        self.export, self.identify, self.max_count = export, identify, max_count
+        self.bad = bad                            # BadSectors, or None
+        self.stats = collections.Counter() if stats is None else stats
+
+    def execute(self, command):
+        """An AtaOutcome, or None for a command refused."""
+        cmd = command.cmd
+        if cmd == ATA_CMD_ID_ATA:
+            return AtaOutcome(data=self.identify) if command.count == 1 else None
+        if cmd in ATA_READS or cmd in ATA_WRITES:
+            return self._transfer(command)
+        if cmd in ATA_FLUSHES:
+            return self._flush(command)
+        if cmd == ATA_CMD_CHK_POWER:
+            return AtaOutcome(count=ATA_POWER_ACTIVE)
+        return self._failed(command, ATA_ABORTED)
+
+    @staticmethod
+    def _failed(command, error, data=b"", delay=0.0):
+        """ERR with `error`; the count is what is left to transfer (as vblade says): all of
+        it but the sectors of `data`."""
+        return AtaOutcome(ATA_DRDY | ATA_ERR, error, command.count - len(data) // SECTOR_SIZE,
+                          data, delay)
+
+    def _transfer(self, command):
+        write, count = command.cmd in ATA_WRITES, command.count
+        if count > self.max_count or (write and len(command.data) < count * SECTOR_SIZE):
+            return None
+        lba = command.lba if command.cmd in ATA_LBA48_COMMANDS else command.lba & LBA28_MAX
+        if lba + count > self.export.sectors:
+            return self._failed(command, ATA_IDNF)
+        if write and self.export.readonly:
+            return self._failed(command, ATA_ABORTED)
+        try:
+            return self._write(command, lba) if write else self._read(command, lba)
+        except OSError:
+            return self._failed(command, ATA_UNC)
+
+    def _write(self, command, lba):
+        size = command.count * SECTOR_SIZE
+        if self.export.write(lba, command.data[:size]) != size:
+            return self._failed(command, ATA_UNC)
+        self.stats["sectors_written"] += command.count
+        return AtaOutcome()
+
+    def _read(self, command, lba):
+        """The sectors, or as a pread that stops at the first unreadable one: those before
+        it, failed with the unreadable sectors' error, late by their delay."""
+        first_bad = self.bad.sectors.first_in(lba, command.count) if self.bad else None
+        good = command.count if first_bad is None else first_bad - lba
+        data = self.export.read(lba, good)
+        self.stats["sectors_read"] += good
+        if len(data) != good * SECTOR_SIZE:
+            return self._failed(command, ATA_UNC)
+        if first_bad is not None:
+            self.stats["unreadable"] += 1
+            return self._failed(command, self.bad.error, data, self.bad.delay)
+        return AtaOutcome(data=data)
+
+    def _flush(self, command):
+        try:
+            if not self.export.readonly:
+                self.export.flush()
+        except OSError:
+            return self._failed(command, ATA_ABORTED)
+        return AtaOutcome()
+
+
 class FaultPlan:
     """Testing aid: drop, duplicate, delay (with jitter) or reorder a fraction of
     responses; and, as a hostile target would, send forged answers before the
@@ -4360,7 +4473,7 @@ class FaultPlan:
         except FrameError:
             return []
         if f.command != AOECMD_ATA or \
-                a.cmd_status not in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT) or \
+                a.cmd_status not in ATA_READS or \
                 len(reply) < ATA_HDR_LEN + a.count * SECTOR_SIZE:
             return []
         rng, data = self.rng, reply[ATA_HDR_LEN:ATA_HDR_LEN + a.count * SECTOR_SIZE]
@@ -4397,13 +4510,13 @@ class FaultPlan:
 
 
 class AoeTarget:
-    """The protocol side of a target: one request frame in, one response (or none) out."""
+    """The AoE side of a target (vblade's aoe.c): one request frame in, one response (or
+    none) out.  Config, masks and reservations are kept here; ATA commands go to self.disk."""
 
     def __init__(self, shelf, slot, export, mac, mtu, bufcnt=SERVE_BUFCNT, masks=(),
                  model="aoe.py export", serial=None, bad=None):
-        self.shelf, self.slot, self.export, self.mac = shelf, slot, export, mac
-        self.bad = bad                            # BadSectors, or None
-        self.later = HeldFrames()                 # answers to send later (bad.delay)
+        self.shelf, self.slot, self.mac = shelf, slot, mac
+        self.later = HeldFrames()                 # answers to send later (an outcome.delay)
         self.bufcnt = bufcnt
         self.scnt = min(255, frame_sectors(mtu))
         self.config = b""
@@ -4412,7 +4525,17 @@ class AoeTarget:
         self.drops = DropCounters()
         self.stats = collections.Counter()
         serial = serial or "%d.%d:%s" % (shelf, slot, socket.gethostname())
-        self.ident = build_identify(export.sectors, model, serial, "V" + __version__)
+        identify = build_identify(export.sectors, model, serial, "V" + __version__)
+        self.disk = AtaDisk(export, identify, self.scnt, bad, self.stats)
+
+    @property
+    def export(self):
+        """The disk's backing store (also read by serve's fast path and its fault plan)."""
+        return self.disk.export
+
+    @export.setter
+    def export(self, export):
+        self.disk.export = export
 
     def config_info(self, ccmd=AOECCMD_READ):
         return ConfigInfo(self.bufcnt, SERVE_FIRMWARE, self.scnt, 1, ccmd, self.config)
@@ -4462,65 +4585,23 @@ class AoeTarget:
         return pad_frame(self._reply_header(f, f.command, AOEFL_ERR, code) + bytes(f.body))
 
     def _ata(self, f):
+        """The AoE side of an ATA request: only to us by name, the reservation obeyed
+        (IDENTIFY excepted), a command the disk refuses answered "bad argument"; the
+        disk's registers go back with the request's aflags and LBA."""
         if f.shelf != self.shelf or f.slot != self.slot:
             self.drops["broadcast_ata"] += 1
             return None
         a = parse_ata(f)
-        cmd = a.cmd_status
-        if cmd != ATA_CMD_ID_ATA and self.reserved and f.src not in self.reserved:
+        if a.cmd_status != ATA_CMD_ID_ATA and self.reserved and f.src not in self.reserved:
             return self._ata_reply(f, a, AOEFL_ERR, AOEERR_RESERVED)
-        status, err, data, unreadable = ATA_DRDY, 0, b"", False
-        if cmd == ATA_CMD_ID_ATA:
-            if a.count != 1:
-                return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
-            data = self.ident
-        elif cmd in (ATA_CMD_PIO_READ, ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE,
-                     ATA_CMD_PIO_WRITE_EXT):
-            write = cmd in (ATA_CMD_PIO_WRITE, ATA_CMD_PIO_WRITE_EXT)
-            if a.count > self.scnt or (write and len(a.data) < a.count * SECTOR_SIZE):
-                return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
-            ext = cmd in (ATA_CMD_PIO_READ_EXT, ATA_CMD_PIO_WRITE_EXT)
-            lba = a.lba if ext else a.lba & LBA28_MAX
-            if lba + a.count > self.export.sectors:
-                status, err = ATA_DRDY | ATA_ERR, ATA_IDNF
-            elif write and self.export.readonly:
-                status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
-            else:
-                try:
-                    if write:
-                        if self.export.write(lba, a.data[:a.count * SECTOR_SIZE]) != \
-                                a.count * SECTOR_SIZE:
-                            status, err = ATA_DRDY | ATA_ERR, ATA_UNC
-                        else:
-                            self.stats["sectors_written"] += a.count
-                    else:
-                        first_bad = self.bad.sectors.first_in(lba, a.count) if self.bad else None
-                        good = a.count if first_bad is None else first_bad - lba
-                        data = self.export.read(lba, good)
-                        self.stats["sectors_read"] += good
-                        if len(data) != good * SECTOR_SIZE:
-                            status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
-                        elif first_bad is not None:
-                            status, err, unreadable = ATA_DRDY | ATA_ERR, self.bad.error, True
-                            self.stats["unreadable"] += 1
-                except OSError:
-                    status, err, data = ATA_DRDY | ATA_ERR, ATA_UNC, b""
-        elif cmd in (ATA_CMD_FLUSH, ATA_CMD_FLUSH_EXT):
-            try:
-                if not self.export.readonly:
-                    self.export.flush()
-            except OSError:
-                status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
-        elif cmd != ATA_CMD_CHK_POWER:
-            status, err = ATA_DRDY | ATA_ERR, ATA_ABORTED
-        # The count is what is left to transfer after an error (as vblade says): all of it,
-        # but the sectors before an unreadable one.
-        count = (0xFF if cmd == ATA_CMD_CHK_POWER
-                 else a.count - len(data) // SECTOR_SIZE if status & ATA_ERR else 0)
+        done = self.disk.execute(AtaCommand(a.cmd_status, a.lba, a.count, a.err_feature, a.data))
+        if done is None:
+            return self._ata_reply(f, a, AOEFL_ERR, AOEERR_BADARG)
         reply = pack_ata(f.src, self.mac, self.shelf, self.slot, f.tag,
-                         AtaFields(a.aflags, err, count, status, a.lba, data), AOEFL_RSP)
-        if unreadable and self.bad.delay:
-            self.later.add(time.monotonic() + self.bad.delay, reply)
+                         AtaFields(a.aflags, done.error, done.count, done.status, a.lba, done.data),
+                         AOEFL_RSP)
+        if done.delay:
+            self.later.add(time.monotonic() + done.delay, reply)
             return None
         return reply
 
@@ -4688,8 +4769,8 @@ class FastServe:
             srv.shelf, srv.slot, srv.readonly = (target.shelf, target.slot,
                                                  1 if export.readonly else 0)
             srv.base, srv.sectors, srv.scnt = export.base, export.sectors, target.scnt
-            if target.bad:
-                bad = target.bad.sectors
+            if target.disk.bad:
+                bad = target.disk.bad.sectors
                 rc = self.lib.aoe_srv_set_bad(srv, self.ffi.new("uint64_t[]", bad.starts),
                                               self.ffi.new("uint64_t[]", bad.ends),
                                               len(bad.starts))
