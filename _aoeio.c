@@ -47,11 +47,13 @@
  *   nbd admission (nbd_start's) = NbdBackend.refusal and Engine.submit's bounds
  *       (test_nbd_bridge_in_the_helper_serves_the_stream_through_the_engine and
  *       test_nbd_server_takes_requests_however_the_stream_is_cut expect the same answers);
- *   srv_classify's order of checks and srv_decode's IDNF/ABRT answers =
- *       AoeTarget.handle's (test_serve_fast_path_answers_exactly_like_python);
- *   srv_classify's unreadable sectors (a READ touching them goes to aoe.py) =
- *       the reads AoeTarget._ata fails for serve --fault-bad
- *       (test_serve_fast_path_answers_exactly_like_python[bad]).
+ *   srv_classify's order of checks = AoeTarget.handle's, the AoE framing
+ *       (test_serve_fast_path_answers_exactly_like_python);
+ *   srv_ata_takes, srv_ata_check and srv_ata_left, the ATA meaning of a
+ *       READ/WRITE (IDNF/ABRT, LBA28 or 48, what is handed over, unreadable
+ *       sectors included) = AtaDisk.execute's
+ *       (test_serve_fast_path_executes_ata_like_python, through aoe_srv_ata;
+ *       test_serve_fast_path_answers_exactly_like_python[bad], in frames).
  */
 
 #ifndef _GNU_SOURCE
@@ -1460,6 +1462,14 @@ int aoe_srv_set_lists(struct aoe_srv *s, const uint8_t *masks, int nmasks,
                       const uint8_t *reserved, int nreserved);
 int aoe_srv_set_bad(struct aoe_srv *s, const uint64_t *starts, const uint64_t *ends, int n);
 int aoe_srv_pump(struct aoe_srv *s, int timeout_us);
+
+/* One ATA command, without AoE around it, as the fast path executes it. */
+struct aoe_srv_ata {
+    uint8_t cmd, count;             /* in: the registers, the LBA as the frame carried it */
+    uint64_t lba;
+    uint8_t status, err, left;      /* out: as the answer carries them (left: its count) */
+};
+int aoe_srv_ata(struct aoe_srv *s, struct aoe_srv_ata *a, uint8_t *data, size_t len);
 /* ABI-END */
 
 static uint8_t *srv_frame(struct aoe_srv *s, int i)
@@ -1578,9 +1588,9 @@ static int srv_touches_bad(const struct aoe_srv *s, uint64_t lba, unsigned count
     return count && lo < s->nbad && s->bad_start[lo] < lba + count;
 }
 
-/* A request's LBA as AoeTarget._ata takes it: 48 bits when its aflags say
- * LBA48, else 28; and 28 at most for the LBA28 commands. */
-static uint64_t srv_lba(const uint8_t *h)
+/* A request's LBA as the frame carries it (parse_ata): 48 bits when its aflags
+ * say LBA48, else 28. */
+static uint64_t srv_frame_lba(const uint8_t *h)
 {
     uint64_t lba;
     if (h[24] & AOEAFL_EXT) {
@@ -1591,9 +1601,39 @@ static uint64_t srv_lba(const uint8_t *h)
         lba = (uint64_t)h[28] | (uint64_t)h[29] << 8 | (uint64_t)h[30] << 16 |
               (uint64_t)(h[31] & 0x0F) << 24;
     }
-    if (h[27] != ATA_CMD_PIO_READ_EXT && h[27] != ATA_CMD_PIO_WRITE_EXT)
-        lba &= LBA28_MAX;
     return lba;
+}
+
+/*
+ * The ATA meaning of a READ/WRITE, apart from AoE, as aoe.py's AtaDisk has it
+ * (vblade's ata.c): srv_ata_takes, whether the fast path executes the command
+ * at all; srv_ata_check, the answer known before any I/O; srv_ata_left, the
+ * count an answer carries.
+ */
+static int srv_ata_write(uint8_t cmd)
+{
+    return cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
+}
+
+/* The sector an LBA names for cmd: an LBA28 command uses its low 28 bits. */
+static uint64_t srv_ata_lba(uint8_t cmd, uint64_t lba)
+{
+    return cmd == ATA_CMD_PIO_READ_EXT || cmd == ATA_CMD_PIO_WRITE_EXT ? lba : lba & LBA28_MAX;
+}
+
+/* Whether the fast path executes cmd itself: a READ/WRITE that AtaDisk would
+ * not refuse (at most scnt sectors; a write with all its data) and no READ
+ * touching an unreadable sector (AtaDisk fails it, or answers IDNF).  Called
+ * with s->lock held. */
+static int srv_ata_takes(const struct aoe_srv *s, uint8_t cmd, uint64_t lba, unsigned count,
+                         size_t data_len)
+{
+    int write = srv_ata_write(cmd);
+    if (!write && cmd != ATA_CMD_PIO_READ && cmd != ATA_CMD_PIO_READ_EXT)
+        return 0;
+    if (count > (unsigned)s->scnt || (write && data_len < (size_t)count * SECTOR_SIZE))
+        return 0;
+    return write || !s->nbad || !srv_touches_bad(s, srv_ata_lba(cmd, lba), count);
 }
 
 static int mac_listed(const uint8_t (*list)[6], int n, const uint8_t *mac)
@@ -1641,51 +1681,57 @@ static int srv_classify(struct aoe_srv *s, const uint8_t *h, size_t len, int tru
     }
     if (h[19] != AOECMD_ATA || shelf != s->shelf || slot != s->slot || len < ATA_HDR_LEN)
         return SRV_SLOW;
-    uint8_t cmd = h[27];
-    if (cmd != ATA_CMD_PIO_READ && cmd != ATA_CMD_PIO_READ_EXT && cmd != ATA_CMD_PIO_WRITE &&
-        cmd != ATA_CMD_PIO_WRITE_EXT)
-        return SRV_SLOW;
     if (s->nreserved && !mac_listed((const uint8_t (*)[6])s->reserved, s->nreserved, h + 6))
-        return SRV_SLOW;                    /* aoe.py answers "reserved" */
-    int write = cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
-    if (h[26] > s->scnt || (write && len - ATA_HDR_LEN < (size_t)h[26] * SECTOR_SIZE))
-        return SRV_SLOW;                    /* aoe.py answers "bad argument" */
-    if (!write && s->nbad && srv_touches_bad(s, srv_lba(h), h[26]))
-        return SRV_SLOW;                    /* aoe.py fails it (or answers IDNF) */
-    return SRV_FAST;
+        return SRV_SLOW;                    /* aoe.py answers "reserved" (or IDENTIFY) */
+    return srv_ata_takes(s, h[27], srv_frame_lba(h), h[26], len - ATA_HDR_LEN) ? SRV_FAST
+                                                                               : SRV_SLOW;
 }
 
-/* One READ/WRITE of a batch: its request (answered in place) and how it went. */
+/* One READ/WRITE of a batch: its request (answered in place), its data and how
+ * it went. */
 struct srv_io {
-    uint8_t *h;
+    uint8_t *h, *data;
     uint64_t lba;
     uint8_t count, write, status, err;
 };
 
-/* Decode a request and check it against the export; no I/O yet.  The LBA of an
- * LBA28 request is re-encoded as its answer echoes it.  Same checks and answers
- * as AoeTarget._ata: IDNF past the end, ABRT for a write to a read-only export. */
-static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
+/* A READ/WRITE's answer as far as it is known before any I/O, as AtaDisk's:
+ * IDNF past the export's end, ABRT for a write to a read-only export. */
+static void srv_ata_check(const struct aoe_srv *s, uint8_t cmd, uint64_t lba, struct srv_io *io)
 {
-    uint8_t cmd = h[27];
-    uint64_t lba = srv_lba(h);
-    if (!(h[24] & AOEAFL_EXT)) {
-        h[31] = 0xE0 | (h[31] & 0x0F);
-        h[32] = h[33] = 0;
-    }
-    io->h = h;
-    io->lba = lba;
-    io->count = h[26];
-    io->write = cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
+    io->lba = srv_ata_lba(cmd, lba);
+    io->write = (uint8_t)srv_ata_write(cmd);
     io->status = ATA_DRDY;
     io->err = 0;
-    if (lba + io->count > s->sectors) {
+    if (io->lba + io->count > s->sectors) {
         io->status |= ATA_ERR;
         io->err = ATA_IDNF;
     } else if (io->write && s->readonly) {
         io->status |= ATA_ERR;
         io->err = ATA_ABORTED;
     }
+}
+
+/* The count an answer carries: what is left to transfer (as vblade says), all
+ * of it after an error, as the fast path never transfers part of a request. */
+static uint8_t srv_ata_left(const struct srv_io *io)
+{
+    return io->status & ATA_ERR ? io->count : 0;
+}
+
+/* Decode a request and check it; no I/O yet.  The LBA of an LBA28 request is
+ * re-encoded as its answer echoes it. */
+static void srv_decode(const struct aoe_srv *s, uint8_t *h, struct srv_io *io)
+{
+    uint64_t lba = srv_frame_lba(h);
+    if (!(h[24] & AOEAFL_EXT)) {
+        h[31] = 0xE0 | (h[31] & 0x0F);
+        h[32] = h[33] = 0;
+    }
+    io->h = h;
+    io->data = h + ATA_HDR_LEN;
+    io->count = h[26];
+    srv_ata_check(s, h[27], lba, io);
 }
 
 static int srv_moves_data(const struct srv_io *io)
@@ -1701,7 +1747,7 @@ static void srv_transfer(struct aoe_srv *s, struct srv_io *io, int n)
     struct iovec iov[SRV_BATCH];
     size_t total = 0;
     for (int i = 0; i < n; i++) {
-        iov[i].iov_base = io[i].h + ATA_HDR_LEN;
+        iov[i].iov_base = io[i].data;
         iov[i].iov_len = (size_t)io[i].count * SECTOR_SIZE;
         total += iov[i].iov_len;
     }
@@ -1739,7 +1785,7 @@ static size_t srv_finish(struct aoe_srv *s, const struct srv_io *io)
     h[14] = AOE_HVER | AOEFL_RSP;
     h[15] = 0;
     h[25] = io->err;
-    h[26] = io->status & ATA_ERR ? io->count : 0;
+    h[26] = srv_ata_left(io);
     h[27] = io->status;
     h[34] = h[35] = 0;
     size_t len = ATA_HDR_LEN + data;
@@ -1748,6 +1794,31 @@ static size_t srv_finish(struct aoe_srv *s, const struct srv_io *io)
         len = ETH_ZLEN;
     }
     return len;
+}
+
+/* Execute one ATA command as srv_batch would, for the test that holds the fast
+ * path's ATA meaning equal to AtaDisk's: data holds a write's len bytes, or
+ * room for a read's sectors.  Returns 1 when the fast path hands the command
+ * to aoe.py, else 0 with a's status, err and left set; -EINVAL for no room. */
+int aoe_srv_ata(struct aoe_srv *s, struct aoe_srv_ata *a, uint8_t *data, size_t len)
+{
+    if (!s || !a || (!data && len))
+        return -EINVAL;
+    pthread_mutex_lock(&s->lock);
+    int takes = srv_ata_takes(s, a->cmd, a->lba, a->count, len);
+    pthread_mutex_unlock(&s->lock);
+    if (!takes)
+        return 1;
+    if (len < (size_t)a->count * SECTOR_SIZE)
+        return -EINVAL;
+    struct srv_io io = { .data = data, .count = a->count };
+    srv_ata_check(s, a->cmd, a->lba, &io);
+    if (srv_moves_data(&io))
+        srv_transfer(s, &io, 1);
+    a->status = io.status;
+    a->err = io.err;
+    a->left = srv_ata_left(&io);
+    return 0;
 }
 
 /* Send n answers.  A full socket is waited for briefly; an answer it still

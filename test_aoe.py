@@ -3683,6 +3683,83 @@ def test_serve_fast_path_answers_exactly_like_python(tmp_path, readonly, bad):
 
 
 @pytest.mark.codec
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+def test_serve_fast_path_executes_ata_like_python(tmp_path, readonly):
+    """Below the AoE framing, command by command: what the helper's fast path executes
+    itself (aoe_srv_ata) ends with AtaDisk's status, error and count and the same data;
+    it hands to aoe.py exactly the commands AtaDisk refuses, those other than READ/WRITE
+    and the READs touching an unreadable sector.  LBAs at the export's edges, LBA28
+    commands past 2^28 (they wrap) and LBA48 ones (they do not); last, the file cut short
+    under the export (UNC)."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    sectors, ffi, lib = 2000, helper.ffi, helper.lib
+    image = make_file(tmp_path / "img", 1 << 20, 1 << 20)
+    bad = aoe.BadSectors(aoe.SectorSet.parse("0, 5, 64-79, 1999"))
+    target = aoe.AoeTarget(3, 7, aoe.Export(image, readonly, offset=8, length=sectors),
+                           bytes.fromhex("020000000001"), 1500, bad=bad)
+    disk, scnt = target.disk, target.scnt
+    transfers = aoe.ATA_READS + aoe.ATA_WRITES
+    seen = collections.Counter()
+
+    def compare(cmd, lba, count, data=b""):
+        expect = disk.execute(aoe.AtaCommand(cmd, lba, count, 0, data))
+        registers = ffi.new("struct aoe_srv_ata *", {"cmd": cmd, "lba": lba, "count": count})
+        room = len(data) if cmd in aoe.ATA_WRITES else count * 512
+        buf = ffi.new("uint8_t[]", max(1, room))
+        ffi.memmove(buf, data, len(data))
+        handed = lib.aoe_srv_ata(srv, registers, buf, room)
+        lba48 = cmd in (aoe.ATA_CMD_PIO_READ_EXT, aoe.ATA_CMD_PIO_WRITE_EXT)
+        sector = lba if lba48 else lba & aoe.LBA28_MAX
+        refused = (expect is None or cmd not in transfers
+                   or (cmd in aoe.ATA_READS and bad.sectors.touches(sector, count)))
+        where = (hex(cmd), hex(lba), count, len(data), expect)
+        assert handed == refused, where
+        if handed:
+            seen["handed"] += 1
+            return
+        got = (registers.status, registers.err, registers.left)
+        assert got == (expect.status, expect.error, expect.count) and not expect.delay, where
+        if cmd in aoe.ATA_READS and not expect.status & aoe.ATA_ERR:
+            assert ffi.buffer(buf, room)[:] == expect.data, where
+        seen[expect.error] += 1
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        srv = aoe.FastServe(helper, target, [DatagramPort(ours)], 1514).srvs[0]
+        lbas = [0, 1, 4, 5, 6, 63, 80, 1000, sectors - scnt, sectors - 2, sectors - 1, sectors,
+                1 << 28 | 5, (1 << 28) + 1000, (1 << 28) - 1, (1 << 48) - 1]
+        others = [aoe.ATA_CMD_ID_ATA, aoe.ATA_CMD_CHK_POWER, aoe.ATA_CMD_FLUSH,
+                  aoe.ATA_CMD_FLUSH_EXT, 0x00, 0xB0]
+        for cmd in transfers + tuple(others):
+            for lba in lbas:
+                for count in (0, 1, scnt, scnt + 1, 255):
+                    if cmd not in aoe.ATA_WRITES:
+                        compare(cmd, lba, count)
+                        continue
+                    data = os.urandom(count * 512)
+                    compare(cmd, lba, count, data)
+                    compare(cmd, lba, count, data[:-1])      # short of its data
+        os.truncate(image, (8 + 1000) * 512)
+        for cmd in aoe.ATA_READS:
+            for lba in (998, 999, 1000, 1500):
+                compare(cmd, lba, scnt)
+    assert seen["handed"] > 300 and seen[0] > 50 and seen[aoe.ATA_IDNF] > 50, seen
+    assert seen[aoe.ATA_UNC] == 6 and bool(seen[aoe.ATA_ABORTED]) == readonly, seen
+    # what AtaDisk does with the commands the fast path hands over
+    results = {cmd: disk.execute(aoe.AtaCommand(cmd, 7, 1))
+               for cmd in (aoe.ATA_CMD_ID_ATA, aoe.ATA_CMD_CHK_POWER, aoe.ATA_CMD_FLUSH, 0xB0)}
+    assert [(r.status, r.error, r.count, len(r.data)) for r in results.values()] == [
+        (aoe.ATA_DRDY, 0, 0, 512), (aoe.ATA_DRDY, 0, 0xFF, 0), (aoe.ATA_DRDY, 0, 0, 0),
+        (aoe.ATA_DRDY | aoe.ATA_ERR, aoe.ATA_ABORTED, 1, 0)]
+    assert disk.execute(aoe.AtaCommand(aoe.ATA_CMD_ID_ATA, 0, 2)) is None
+    failed = disk.execute(aoe.AtaCommand(aoe.ATA_CMD_PIO_READ_EXT, 4, 2))   # stops at 5
+    assert (failed.status, failed.error, failed.count, len(failed.data)) == \
+        (aoe.ATA_DRDY | aoe.ATA_ERR, aoe.ATA_ABORTED, 1, 512)
+    target.export.close()
+
+
+@pytest.mark.codec
 def test_serve_fast_path_batches_like_python(tmp_path):
     """Requests that arrive together are answered as one batch, where runs of
     back-to-back sectors share one preadv/pwritev: the answers still equal
