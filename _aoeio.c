@@ -1590,7 +1590,7 @@ static int srv_touches_bad(const struct aoe_srv *s, uint64_t lba, unsigned count
 
 /* A request's LBA as the frame carries it (parse_ata): 48 bits when its aflags
  * say LBA48, else 28. */
-static uint64_t srv_frame_lba(const uint8_t *h)
+static inline uint64_t srv_frame_lba(const uint8_t *h)
 {
     uint64_t lba;
     if (h[24] & AOEAFL_EXT) {
@@ -1610,13 +1610,13 @@ static uint64_t srv_frame_lba(const uint8_t *h)
  * at all; srv_ata_check, the answer known before any I/O; srv_ata_left, the
  * count an answer carries.
  */
-static int srv_ata_write(uint8_t cmd)
+static inline int srv_ata_write(uint8_t cmd)
 {
     return cmd == ATA_CMD_PIO_WRITE || cmd == ATA_CMD_PIO_WRITE_EXT;
 }
 
 /* The sector an LBA names for cmd: an LBA28 command uses its low 28 bits. */
-static uint64_t srv_ata_lba(uint8_t cmd, uint64_t lba)
+static inline uint64_t srv_ata_lba(uint8_t cmd, uint64_t lba)
 {
     return cmd == ATA_CMD_PIO_READ_EXT || cmd == ATA_CMD_PIO_WRITE_EXT ? lba : lba & LBA28_MAX;
 }
@@ -1625,8 +1625,8 @@ static uint64_t srv_ata_lba(uint8_t cmd, uint64_t lba)
  * not refuse (at most scnt sectors; a write with all its data) and no READ
  * touching an unreadable sector (AtaDisk fails it, or answers IDNF).  Called
  * with s->lock held. */
-static int srv_ata_takes(const struct aoe_srv *s, uint8_t cmd, uint64_t lba, unsigned count,
-                         size_t data_len)
+static inline int srv_ata_takes(const struct aoe_srv *s, uint8_t cmd, uint64_t lba,
+                                unsigned count, size_t data_len)
 {
     int write = srv_ata_write(cmd);
     if (!write && cmd != ATA_CMD_PIO_READ && cmd != ATA_CMD_PIO_READ_EXT)
@@ -1697,7 +1697,8 @@ struct srv_io {
 
 /* A READ/WRITE's answer as far as it is known before any I/O, as AtaDisk's:
  * IDNF past the export's end, ABRT for a write to a read-only export. */
-static void srv_ata_check(const struct aoe_srv *s, uint8_t cmd, uint64_t lba, struct srv_io *io)
+static inline void srv_ata_check(const struct aoe_srv *s, uint8_t cmd, uint64_t lba,
+                                 struct srv_io *io)
 {
     io->lba = srv_ata_lba(cmd, lba);
     io->write = (uint8_t)srv_ata_write(cmd);
@@ -1714,7 +1715,7 @@ static void srv_ata_check(const struct aoe_srv *s, uint8_t cmd, uint64_t lba, st
 
 /* The count an answer carries: what is left to transfer (as vblade says), all
  * of it after an error, as the fast path never transfers part of a request. */
-static uint8_t srv_ata_left(const struct srv_io *io)
+static inline uint8_t srv_ata_left(const struct srv_io *io)
 {
     return io->status & ATA_ERR ? io->count : 0;
 }
