@@ -21,7 +21,7 @@
  *       struct aoe_path's and aoe_counters' fields = PumpPath's and PUMP_COUNTERS:
  *       checked at load (helper_mismatch; test_helper_and_aoe_py_share_one_definition);
  *   the request ids' layouts (ublk_request_id, nbd_request_id, PROBE_REQ and their
- *       readers) = aoe.py's functions of the same names
+ *       readers) = aoe.py's UblkBridge.request_id and NbdBridge.request_id (and _of)
  *       (test_request_ids_are_made_and_read_alike_by_the_helper_and_aoe_py);
  *   the request frames: aoe_submit's split into frames and build_header's bytes
  *       (addresses, tag, ATA command for the op and LBA48, count, LBA) = PyPump's

@@ -1101,43 +1101,10 @@ LONE_SPIN_MAX_US = 1000          # ... request this many round trips, at most th
 LOSS_WEIGHT = 1 / 64             # how far one answer moves the loss estimate
 LOSS_CONGESTED = 0.25            # above this share of answers that only a resend got, the
                                  # window is halved
-# Request ids, laid out as in the helper (its "Request ids"; a test holds the two equal):
-# BRIDGE_ID | op << 16 | tag for a ublk request the helper's bridge took from the queue,
-# NBD_ID | op << 32 | slot for a request of the helper's nbd bridge, PROBE_REQ for the
-# daemon's liveness probe, anything else (below 2^32) the caller's own.
-BRIDGE_ID = 1 << 62
-BRIDGE_ID_FIELDS = 0xFFFFFF      # op and tag
-NBD_ID = 1 << 61
-NBD_ID_FIELDS = 0xFFFFFFFFFF     # op and slot
-PROBE_REQ = 1 << 40
 PUMP_COUNTERS = ("frames_sent", "frames_resent", "frames_recv", "bytes_data", "resent_needed",
                  "resent_spurious", "send_eagain", "errors", "frames_in_place")
 PUMP_DROPS = ("short", "not_response", "version", "foreign", "bad_tag", "stale", "late", "bad_mac",
               "echo")
-
-
-def ublk_request_id(op, tag):
-    """The engine id of ublk request `tag` (op UBLK_IO_OP_*) taken by the helper's bridge."""
-    return BRIDGE_ID | (op & 0xFF) << 16 | tag & 0xFFFF
-
-
-def ublk_request_of(rid):
-    """(op, tag) of an id ublk_request_id made; None for any other id."""
-    if rid & ~BRIDGE_ID_FIELDS != BRIDGE_ID:
-        return None
-    return rid >> 16 & 0xFF, rid & 0xFFFF
-
-
-def nbd_request_id(op, slot):
-    """The engine id of the request in slot `slot` of the helper's nbd bridge (op OP_*)."""
-    return NBD_ID | (op & 0xFF) << 32 | slot & 0xFFFFFFFF
-
-
-def nbd_request_of(rid):
-    """(op, slot) of an id nbd_request_id made; None for any other id."""
-    if rid & ~NBD_ID_FIELDS != NBD_ID:
-        return None
-    return rid >> 32 & 0xFF, rid & 0xFFFFFFFF
 
 
 def status_text(status):
@@ -1213,53 +1180,54 @@ class PyPump:
     _RSP = struct.Struct(">HBBHBBIBBBB6s")       # from offset 12: type .. ATA status, LBA
 
     def __init__(self, shelf, slot, lba48, spf, gen_seed, frames=MAX_FRAMES):
-        self.shelf, self.slot, self.lba48, self.spf = shelf, slot, lba48, spf
+        self._shelf, self._slot, self._lba48, self._spf = shelf, slot, lba48, spf
         self.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
         self.paths = []
         self.drops = DropCounters()
         self.stats = collections.Counter()
-        self.free = collections.deque(range(frames))
-        self.gen = [next_gen(gen_seed)] * frames  # each slot's last generation
+        self._free = collections.deque(range(frames))
+        self._gen = [next_gen(gen_seed)] * frames   # each slot's last generation
         # slot -> PumpFrame, waiting or done (until reused)
-        self.frames = {}
-        self.inflight = {}                        # slot -> PumpFrame in flight
-        self.pending = collections.deque()        # frames waiting for a window (done ones skipped)
-        self.requests = {}                        # req_id -> PumpRequest
-        self.done = []
+        self._frames = {}
+        self._inflight = {}                       # slot -> PumpFrame in flight
+        self._pending = collections.deque()       # frames waiting for a window (done ones skipped)
+        self._requests = {}                       # req_id -> PumpRequest
+        self._done = []
         self.failed = []                          # (req_id, lba, nsect, status) of failed frames
-        self.rxbuf = bytearray(65536)
-        self.rxview = memoryview(self.rxbuf)
-        self.poller = select.poll()
-        self.rr = 0
+        self._rxbuf = bytearray(65536)
+        self._rxview = memoryview(self._rxbuf)
+        self._poller = select.poll()
+        self._rr = 0
 
     def add_path(self, port, dst):
         path = PumpPath(len(self.paths), port, dst)
         # A read request is the header padded to the minimum frame; a write sends the
         # header (its first ATA_HDR_LEN bytes) and then the data
-        path.header = bytearray(pack_header(dst, port.mac, self.shelf, self.slot, AOECMD_ATA, 0)
+        path.header = bytearray(pack_header(dst, port.mac, self._shelf, self._slot, AOECMD_ATA, 0)
                                 + bytes(ETH_ZLEN - AOE_HDR_LEN))
         path.head = memoryview(path.header)[:ATA_HDR_LEN]
         self.paths.append(path)
-        self.poller.register(port.fileno(), select.POLLIN)
+        self._poller.register(port.fileno(), select.POLLIN)
         return len(self.paths) - 1
 
     @property
     def busy(self):
-        return bool(self.requests)
+        return bool(self._requests)
 
     @property
     def active_requests(self):
-        return len(self.requests)
+        return len(self._requests)
 
     def submit(self, req_id, op, lba, nsect, buf):
-        count = 1 if op == OP_FLUSH else (nsect + self.spf - 1) // self.spf
-        if count > len(self.free):
+        count = 1 if op == OP_FLUSH else (nsect + self._spf - 1) // self._spf
+        if count > len(self._free):
             return -errno.ENOSPC
-        aflags = (AOEAFL_EXT if self.lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
+        aflags = (AOEAFL_EXT if self._lba48 else 0) | (AOEAFL_WRITE if op == OP_WRITE else 0)
         req = PumpRequest(req_id, op, memoryview(buf).cast("B") if buf is not None else None, count,
-                          aflags, ata_opcode(op, self.lba48, self.flush_cmd))
-        self.requests[req_id] = req
-        frames, pending, free, spf, ext = self.frames, self.pending, self.free, self.spf, self.lba48
+                          aflags, ata_opcode(op, self._lba48, self.flush_cmd))
+        self._requests[req_id] = req
+        frames, pending, free = self._frames, self._pending, self._free
+        spf, ext = self._spf, self._lba48
         if op == OP_FLUSH:
             fr = PumpFrame(free.popleft(), req, 0, lba_bytes(0, ext), 0, 0)
             frames[fr.slot] = fr
@@ -1276,15 +1244,16 @@ class PyPump:
     def _pick_path(self):
         n = len(self.paths)
         for i in range(n):
-            p = self.paths[(self.rr + i) % n]
+            p = self.paths[(self._rr + i) % n]
             if p.enabled and p.outstanding < p.maxout:
-                self.rr = (self.rr + i + 1) % n
+                self._rr = (self._rr + i + 1) % n
                 return p
         return None
 
     def _send_pending(self):
         sent, t = 0, now_us()                     # one time for the batch, as the helper does
-        pending, gens, inflight, pack = self.pending, self.gen, self.inflight, self._ATA_REQ.pack_into
+        pending, gens, inflight = self._pending, self._gen, self._inflight
+        pack = self._ATA_REQ.pack_into
         one_path = self.paths[0] if len(self.paths) == 1 else None
         try:
             while pending:
@@ -1333,10 +1302,10 @@ class PyPump:
 
     def _finish_frame(self, fr, status, back):
         if fr.state == FRAME_INFLIGHT:
-            del self.inflight[fr.slot]
+            del self._inflight[fr.slot]
             fr.path.outstanding -= 1
         fr.state, fr.done_back = FRAME_DONE, back
-        self.free.append(fr.slot)                 # FIFO: late answers find the slot still done
+        self._free.append(fr.slot)                 # FIFO: late answers find the slot still done
         req, fr.req = fr.req, None
         if status:
             self.failed.append((req.req_id, fr.lba, fr.nsect, status))
@@ -1344,18 +1313,18 @@ class PyPump:
                 req.status = status
         req.frames_left -= 1
         if req.frames_left == 0:
-            del self.requests[req.req_id]
-            self.done.append((req.req_id, req.status))
+            del self._requests[req.req_id]
+            self._done.append((req.req_id, req.status))
 
     def _path_to(self, mac):
         return next((p for p in self.paths if p.dst == mac), None)
 
     def _receive(self, port_index_by_fd, timeout_ms=0):
-        drops, frames = self.drops, self.frames
-        buf, view = self.rxbuf, self.rxview
+        drops, frames = self.drops, self._frames
+        buf, view = self._rxbuf, self._rxview
         answers = data = 0                        # added up once: fewer dict updates
         try:
-            for fd, _ in self.poller.poll(timeout_ms):
+            for fd, _ in self._poller.poll(timeout_ms):
                 if fd not in port_index_by_fd:    # the caller's extra_fd
                     continue
                 sock = self.paths[port_index_by_fd[fd]].port.sock
@@ -1377,7 +1346,7 @@ class PyPump:
                     if not verfl & AOEFL_RSP:
                         drops["not_response"] += 1
                         continue
-                    if shelf != self.shelf or slot_no != self.slot or cmd != AOECMD_ATA:
+                    if shelf != self._shelf or slot_no != self._slot or cmd != AOECMD_ATA:
                         drops["foreign"] += 1
                         continue
                     fr = frames.get(tag >> 1 & (MAX_FRAMES - 1))
@@ -1395,7 +1364,7 @@ class PyPump:
                         continue
                     req = fr.req
                     if aflags & (AOEAFL_EXT | AOEAFL_WRITE) != req.aflags or count > fr.nsect or \
-                            raw_lba != fr.raw_lba and lba_value(raw_lba, self.lba48) != fr.lba:
+                            raw_lba != fr.raw_lba and lba_value(raw_lba, self._lba48) != fr.lba:
                         drops["echo"] += 1
                         continue
                     if verfl & AOEFL_ERR:
@@ -1469,28 +1438,28 @@ class PyPump:
         is readable), receive, send; returns (done, expired), expiry judged only after the
         sockets were read.  Each path's rtt_*, spurious and needed then describe this round;
         failed lists the frames the target failed in it."""
-        self.done, self.failed = [], []
+        self._done, self.failed = [], []
         for p in self.paths:
             p.rtt_n = p.rtt_sum_us = p.rtt_max_us = p.spurious = p.needed = p.late = 0
         by_fd = {p.port.fileno(): i for i, p in enumerate(self.paths)}
         self._receive(by_fd)
         self._send_pending()
         if extra_fd >= 0:
-            self.poller.register(extra_fd, select.POLLIN)
+            self._poller.register(extra_fd, select.POLLIN)
         try:
-            wait = self.inflight or extra_fd >= 0
-            self._receive(by_fd, max(0, timeout_us) // 1000 if wait and not self.done else 0)
+            wait = self._inflight or extra_fd >= 0
+            self._receive(by_fd, max(0, timeout_us) // 1000 if wait and not self._done else 0)
         finally:
             if extra_fd >= 0:
-                self.poller.unregister(extra_fd)
+                self._poller.unregister(extra_fd)
         self._send_pending()
         expired = []
         t = now_us()
-        for slot, fr in self.inflight.items():
+        for slot, fr in self._inflight.items():
             if not fr.reported and self._lost(fr, t):
                 fr.reported = True
                 expired.append(slot)
-        return self.done, expired
+        return self._done, expired
 
     @staticmethod
     def _lost(fr, t):
@@ -1503,204 +1472,154 @@ class PyPump:
         return self.stats["frames_recv"]
 
     def expired_path(self, slot):
-        return self.inflight[slot].path.index
+        return self._inflight[slot].path.index
 
     def resend(self, slot):
         """Send again first, with the slot's next generation; an answer to the transmission
         given up still completes the frame."""
-        fr = self.inflight.pop(slot)
+        fr = self._inflight.pop(slot)
         fr.path.outstanding -= 1
         fr.state = FRAME_PENDING
-        self.pending.appendleft(fr)
+        self._pending.appendleft(fr)
 
     def fail_all(self, status):
-        for fr in self.inflight.values():
+        for fr in self._inflight.values():
             fr.path.outstanding -= 1
-        for fr in self.frames.values():
+        for fr in self._frames.values():
             if fr.state != FRAME_DONE:
                 fr.state, fr.done_back, fr.req = FRAME_DONE, None, None
-                self.free.append(fr.slot)
-        self.inflight.clear()
-        self.pending.clear()
-        failed = [(req_id, status) for req_id in self.requests]
-        self.requests.clear()
+                self._free.append(fr.slot)
+        self._inflight.clear()
+        self._pending.clear()
+        failed = [(req_id, status) for req_id in self._requests]
+        self._requests.clear()
         return failed
 
     def close(self):
         pass
 
 
-class HelperPump:
-    """The frame mechanism in C (_aoeio): PyPump's interface, one call per batch.
+class CompiledEngine:
+    """The helper's frame engine (struct aoe_eng), what HelperPump drives and the helper's
+    bridges (UblkBridge, NbdBridge) reach it through: its cffi module (ffi, lib), the
+    engine itself (eng), and the pins, req_id -> cdata keeping a submitted request's
+    buffer alive while the engine may use it (dropped when its completion is read)."""
 
-    Python objects never see single frames here: requests go in whole, and
-    completions, expiries and RTT samples come back as arrays per pump()."""
-
-    def __init__(self, helper, shelf, slot, lba48, spf, gen_seed, frames=MAX_FRAMES):
+    def __init__(self, helper, shelf, slot, gen_seed, frames=MAX_FRAMES):
         self.ffi, self.lib = helper.ffi, helper.lib
         eng = self.lib.aoe_eng_new(shelf, slot, frames, gen_seed)
         if eng == self.ffi.NULL:
             raise AoeError("out of memory for the frame engine")
         self.eng = self.ffi.gc(eng, self.lib.aoe_eng_free)
-        self.eng.lba48 = 1 if lba48 else 0
-        self.eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
-        self.eng.sectors_per_frame = spf
+        self.pins = {}
+
+    def set_spin(self, spin_us, lone_spin_us):
+        """How long the pump polls before it sleeps (see Engine.spin_for); PyPump never
+        spins."""
+        self.eng.spin_us, self.eng.lone_spin_us = spin_us, lone_spin_us
+
+
+class HelperPump:
+    """The frame mechanism in C (_aoeio): exactly PyPump's interface, one call per batch.
+
+    Python objects never see single frames here: requests go in whole, and
+    completions, expiries and RTT samples come back as arrays per pump().  The
+    bridges that feed the same engine from the kernel live with their backends."""
+
+    def __init__(self, compiled, lba48, spf):
+        self._compiled = compiled
+        eng = self._eng = compiled.eng
+        eng.lba48 = 1 if lba48 else 0
+        eng.flush_cmd = ATA_CMD_FLUSH_EXT if lba48 else ATA_CMD_FLUSH
+        eng.sectors_per_frame = spf
         self.paths = []
-        # req_id -> cdata keeping the caller's buffer pinned
-        self.buffers = {}
 
     @property
     def flush_cmd(self):
-        return self.eng.flush_cmd
+        return self._eng.flush_cmd
 
     @flush_cmd.setter
     def flush_cmd(self, value):
-        self.eng.flush_cmd = value
+        self._eng.flush_cmd = value
 
     def add_path(self, port, dst):
-        index = self.lib.aoe_eng_add_path(self.eng, port.fileno(), port.mac, dst)
+        index = self._compiled.lib.aoe_eng_add_path(self._eng, port.fileno(), port.mac, dst)
         if index < 0:
             raise AoeError("%s: cannot add path: %s" % (port.name, os.strerror(-index)))
-        self.paths.append(self.eng.paths[index])  # a view of the C struct: writes go straight to C
+        self.paths.append(self._eng.paths[index])   # a view of the C struct: writes go to C
         return index
 
     @property
     def busy(self):
-        return self.eng.active_requests > 0
-
-    def set_spin(self, spin_us, lone_spin_us):
-        """How long the pump polls before it sleeps (see Engine.spin_for)."""
-        self.eng.spin_us, self.eng.lone_spin_us = spin_us, lone_spin_us
+        return self._eng.active_requests > 0
 
     @property
     def active_requests(self):
-        return self.eng.active_requests
+        return self._eng.active_requests
 
     def submit(self, req_id, op, lba, nsect, buf):
-        ptr = self.ffi.NULL
+        ffi, pins = self._compiled.ffi, self._compiled.pins
+        ptr = ffi.NULL
         if buf is not None:
-            ptr = self.ffi.from_buffer(buf, require_writable=(op == OP_READ))
-            self.buffers[req_id] = ptr
-        rc = self.lib.aoe_submit(self.eng, req_id, op, lba, nsect, ptr)
+            ptr = ffi.from_buffer(buf, require_writable=(op == OP_READ))
+            pins[req_id] = ptr
+        rc = self._compiled.lib.aoe_submit(self._eng, req_id, op, lba, nsect, ptr)
         if rc < 0:
-            self.buffers.pop(req_id, None)
+            pins.pop(req_id, None)
         return rc
 
     def pump(self, timeout_us, extra_fd=-1):
-        rc = self.lib.aoe_pump(self.eng, timeout_us, extra_fd)
+        compiled, eng = self._compiled, self._eng
+        rc = compiled.lib.aoe_pump(eng, timeout_us, extra_fd)
         if rc < 0 and rc != -errno.EINTR:
             raise AoeError("frame engine: %s" % os.strerror(-rc))
-        eng = self.eng
         done = self._events()
-        expired = self.ffi.unpack(eng.expired, eng.nexpired) if eng.nexpired else []
+        expired = compiled.ffi.unpack(eng.expired, eng.nexpired) if eng.nexpired else []
         return done, expired
 
     @property
     def failed(self):
         """The frames the target failed during the last pump, as PyPump.failed; None when
         more failed than the engine lists (then none is known)."""
-        eng = self.eng
+        eng = self._eng
         if eng.failed_unlisted:
             return None
         return [(f.req_id, f.lba, f.nsect, f.status) for f in eng.failed[0:eng.nfailed]]
 
     def _events(self):
         """The completions in eng.done, releasing their buffers."""
-        eng = self.eng
+        eng = self._eng
         done = [(eng.done[i].req_id, eng.done[i].status) for i in range(eng.ndone)]
         for req_id, _ in done:
-            self.buffers.pop(req_id, None)
+            self._compiled.pins.pop(req_id, None)
         return done
 
     @property
     def answered(self):
-        return self.eng.c.frames_recv
+        return self._eng.c.frames_recv
 
     def expired_path(self, slot):
-        return self.lib.aoe_frame_path(self.eng, slot)
+        return self._compiled.lib.aoe_frame_path(self._eng, slot)
 
     def resend(self, slot):
-        self.lib.aoe_resend(self.eng, slot)
+        self._compiled.lib.aoe_resend(self._eng, slot)
 
     def fail_all(self, status):
-        self.lib.aoe_fail_all(self.eng, status)
+        self._compiled.lib.aoe_fail_all(self._eng, status)
         return self._events()
-
-    # The ublk bridge: pump() takes the requests of a ublk queue itself, submits
-    # them under ids BRIDGE_ID | op << 16 | tag and commits those that succeed;
-    # failures come back among the completions, and the requests it does not
-    # take (admission off, other ops, out of range) through bridge_events().
-
-    def bridge(self, queue, sectors, readonly):
-        """Bridge a ublk queue (NULL: end the bridge, before the queue is closed); 0 or -errno."""
-        return self.lib.aoe_eng_bridge(self.eng, queue, sectors, 1 if readonly else 0)
-
-    def bridge_resize(self, sectors):
-        """The bridged device's new size: requests past it are handed over (and fail)."""
-        self.eng.bridge_sectors = sectors
-
-    def bridge_admit(self, on):
-        """Whether the bridge submits requests itself (off: every one is handed over)."""
-        self.eng.bridge_on = 1 if on else 0
-
-    def bridge_events(self):
-        """What the last pump() left for Python: (the queue is finished, the last ublk error
-        or 0, the requests handed over)."""
-        eng = self.eng
-        error, eng.bridge_error = eng.bridge_error, 0
-        return bool(eng.bridge_finished), error, [eng.ublk_handed[i] for i in range(eng.nhanded)]
-
-    # The nbd bridge: pump() reads the kernel's requests from an nbd socket itself,
-    # submits them under ids NBD_ID | op << 32 | slot and answers those that succeed;
-    # failures come back among the completions, and the requests it does not take
-    # through nbd_events(); both are answered with nbd_reply() or submitted under
-    # the same id.  bridge_admit and bridge_resize work for it as for ublk.
-
-    def nbd_bridge(self, sock, slots, buf_size, sectors, readonly):
-        """Serve the non-blocking stream socket `sock` with `slots` requests at once."""
-        rc = self.lib.aoe_nbd_bridge(self.eng, sock.fileno(), slots, buf_size, sectors,
-                                     1 if readonly else 0)
-        if rc < 0:
-            raise AoeError("nbd bridge: %s" % os.strerror(-rc))
-
-    def nbd_unbridge(self):
-        """End the nbd bridge (before its socket closes): what the engine holds for it fails."""
-        self.lib.aoe_nbd_bridge(self.eng, -1, 0, 0, 0, 0)
-        self.buffers = {rid: pin for rid, pin in self.buffers.items()
-                        if nbd_request_of(rid) is None}
-
-    def nbd_events(self):
-        """What the last pump() left for Python: (the stream ended, its error or 0, the
-        requests handed over)."""
-        eng = self.eng
-        error, eng.bridge_error = eng.bridge_error, 0
-        return (bool(eng.bridge_finished), error,
-                [eng.nbd_handed[i] for i in range(eng.nhanded)])
-
-    def nbd_buffer(self, slot, length):
-        return self.ffi.buffer(self.lib.aoe_nbd_buf(self.eng, slot), length)
-
-    def nbd_reply(self, slot, error):
-        """Answer a request handed over or failed (error: 0 or an errno)."""
-        if self.lib.aoe_nbd_reply(self.eng, slot, error) < 0:
-            raise AoeError("nbd bridge: slot %d is not waiting for an answer" % slot)
-
-    @property
-    def nbd_open(self):
-        return self.eng.nbd_open
 
     @property
     def stats(self):
-        c = self.eng.c
+        c = self._eng.c
         return collections.Counter({k: getattr(c, k) for k in PUMP_COUNTERS})
 
     @property
     def drops(self):
-        c = self.eng.c
+        c = self._eng.c
         return DropCounters({k: getattr(c, "drop_" + k) for k in PUMP_DROPS})
 
     def close(self):
-        self.buffers.clear()
+        self._compiled.pins.clear()
 
 
 # What aoe.py and the helper must agree on: constants of the same name and value on both sides.
@@ -1904,7 +1823,11 @@ class Engine:
     retransmit timeout from the smoothed RTT (see PathPolicy); every path that
     answers is used, and one that falls silent is set aside while others
     work; after `deadsecs` without any answer every request fails with
-    ETIMEDOUT.  `clock` (microseconds) is for tests."""
+    ETIMEDOUT.  `clock` (microseconds) is for tests.
+
+    With the helper, the pump is a HelperPump and `compiled` the CompiledEngine it
+    drives (the one way to ask whether this engine runs in C, and how the helper's
+    bridges reach it); without, a PyPump and None."""
 
     def __init__(self, target, deadsecs=DEFAULT_DEADSECS, maxout=DEFAULT_MAXOUT, helper=None,
                  clock=now_us, frames=MAX_FRAMES):
@@ -1917,11 +1840,13 @@ class Engine:
         self.sectors = target.identify.sectors
         self.spf = target.sectors_per_frame
         self.window = max(1, min(target.info.bufcnt or 1, maxout))
-        self.helper_used = helper is not None
         seed = random.getrandbits(14)
-        self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed, frames) \
-            if helper is None \
-            else HelperPump(helper, target.shelf, target.slot, self.lba48, self.spf, seed, frames)
+        if helper is None:
+            self.compiled = None
+            self.pump = PyPump(target.shelf, target.slot, self.lba48, self.spf, seed, frames)
+        else:
+            self.compiled = CompiledEngine(helper, target.shelf, target.slot, seed, frames)
+            self.pump = HelperPump(self.compiled, self.lba48, self.spf)
         t = clock()
         self.policy = []
         for p in target.paths[:MAX_PATHS]:
@@ -1989,8 +1914,8 @@ class Engine:
                       path.spurious, path.needed, path.late)
             self._apply(pol, path)
         self._set_aside_silent(t, lost)
-        if self.helper_used:
-            self.pump.set_spin(*self.spin_for())
+        if self.compiled is not None:
+            self.compiled.set_spin(*self.spin_for())
         for slot in reversed(expired):            # each goes to the head: keep them in order
             self.pump.resend(slot)
         self._revive_paths(t)
@@ -2474,6 +2399,131 @@ def open_in_thread(path, what, log):
     threading.Thread(target=scan, name="partition-scan", daemon=True).start()
 
 
+# --- the helper's bridges -----------------------------------------------------
+#
+# With the helper, the engine's pump takes the kernel's requests itself (from a
+# ublk queue or the nbd socket), submits them to the engine and answers those
+# that go well; Python sees only failures and the requests the bridge hands
+# over.  A bridge object is the backend's handle on its half of the helper
+# (Engine.compiled) and owns the request ids the two sides share, laid out as in
+# the helper's "Request ids" (a test holds the two equal):
+#   BRIDGE_ID | op << 16 | tag   a ublk request the bridge took (op UBLK_IO_OP_*)
+#   NBD_ID | op << 32 | slot     a request of the nbd bridge, submitted by it or here (op OP_*)
+#   PROBE_REQ                    the daemon's liveness probe
+#   anything else (below 2^32)   the backend's own
+
+BRIDGE_ID = 1 << 62
+BRIDGE_ID_FIELDS = 0xFFFFFF      # op and tag
+NBD_ID = 1 << 61
+NBD_ID_FIELDS = 0xFFFFFFFFFF     # op and slot
+PROBE_REQ = 1 << 40
+
+
+class HelperBridge:
+    """What both bridges share: the CompiledEngine whose pump they feed, admission, and
+    what the last pump left for Python."""
+
+    def __init__(self, compiled):
+        self._compiled = compiled
+
+    def admit(self, on):
+        """Whether the bridge submits requests itself (off: every one is handed over)."""
+        self._compiled.eng.bridge_on = 1 if on else 0
+
+    def _events(self, handed):
+        """(the kernel's side is finished, its last error or 0, the requests handed over)."""
+        eng = self._compiled.eng
+        error, eng.bridge_error = eng.bridge_error, 0
+        return bool(eng.bridge_finished), error, [handed[i] for i in range(eng.nhanded)]
+
+
+class UblkBridge(HelperBridge):
+    """The helper's ublk bridge: the pump takes a ublk queue's requests itself, submits
+    them under request_id(op, tag) and commits those that succeed; failures come back
+    among the engine's completions, and the requests it does not take (admission off,
+    other ops, out of range) through events()."""
+
+    @staticmethod
+    def request_id(op, tag):
+        """The engine id of ublk request `tag` (op UBLK_IO_OP_*) the bridge took."""
+        return BRIDGE_ID | (op & 0xFF) << 16 | tag & 0xFFFF
+
+    @staticmethod
+    def request_of(rid):
+        """(op, tag) of an id request_id made; None for any other id."""
+        if rid & ~BRIDGE_ID_FIELDS != BRIDGE_ID:
+            return None
+        return rid >> 16 & 0xFF, rid & 0xFFFF
+
+    def open(self, queue, sectors, readonly):
+        """Bridge the ublk queue `queue` of a device of `sectors` sectors; 0 or -errno."""
+        return self._compiled.lib.aoe_eng_bridge(self._compiled.eng, queue, sectors,
+                                                 1 if readonly else 0)
+
+    def close(self):
+        """End the bridge, before its queue is closed."""
+        self._compiled.lib.aoe_eng_bridge(self._compiled.eng, self._compiled.ffi.NULL, 0, 0)
+
+    def resize(self, sectors):
+        """The device's new size: requests past it are handed over (and fail)."""
+        self._compiled.eng.bridge_sectors = sectors
+
+    def events(self):
+        return self._events(self._compiled.eng.ublk_handed)
+
+
+class NbdBridge(HelperBridge):
+    """The helper's nbd bridge: the pump reads the kernel's requests from the nbd socket
+    itself, submits them under request_id(op, slot) and answers those that succeed;
+    failures come back among the engine's completions, and the requests it does not take
+    through events(); both are answered with reply() or submitted under the same id."""
+
+    @staticmethod
+    def request_id(op, slot):
+        """The engine id of the request in slot `slot` of the bridge (op OP_*)."""
+        return NBD_ID | (op & 0xFF) << 32 | slot & 0xFFFFFFFF
+
+    @staticmethod
+    def request_of(rid):
+        """(op, slot) of an id request_id made; None for any other id."""
+        if rid & ~NBD_ID_FIELDS != NBD_ID:
+            return None
+        return rid >> 32 & 0xFF, rid & 0xFFFFFFFF
+
+    def open(self, sock, slots, buf_size, sectors, readonly):
+        """Serve the non-blocking stream socket `sock` with `slots` requests at once."""
+        rc = self._compiled.lib.aoe_nbd_bridge(self._compiled.eng, sock.fileno(), slots,
+                                               buf_size, sectors, 1 if readonly else 0)
+        if rc < 0:
+            raise AoeError("nbd bridge: %s" % os.strerror(-rc))
+
+    def close(self):
+        """End the bridge (before its socket closes): what the engine holds for it fails,
+        and the slots' buffers go, so their pins go too."""
+        compiled = self._compiled
+        compiled.lib.aoe_nbd_bridge(compiled.eng, -1, 0, 0, 0, 0)
+        for rid in [rid for rid in compiled.pins if self.request_of(rid) is not None]:
+            del compiled.pins[rid]
+
+    def events(self):
+        return self._events(self._compiled.eng.nbd_handed)
+
+    def buffer(self, slot, length):
+        """Slot `slot`'s buffer, for a request handed over that is submitted here."""
+        return self._compiled.ffi.buffer(self._compiled.lib.aoe_nbd_buf(self._compiled.eng, slot),
+                                         length)
+
+    def reply(self, slot, error):
+        """Answer a request handed over or failed (error: 0 or an errno)."""
+        if self._compiled.lib.aoe_nbd_reply(self._compiled.eng, slot, error) < 0:
+            raise AoeError("nbd bridge: slot %d is not waiting for an answer" % slot)
+
+    @property
+    def open_requests(self):
+        """The requests the bridge holds (read and not yet answered)."""
+        return self._compiled.eng.nbd_open
+
+
 # --- ublk ---------------------------------------------------------------------
 
 def ublk_check(ret, what):
@@ -2555,7 +2605,7 @@ class UblkBackend(BlockBackend):
     def __init__(self, host, helper):
         self.host, self.engine, self.log = host, host.engine, host.log
         self.ffi, self.lib = helper.ffi, helper.lib
-        self.pump = host.engine.pump             # the helper's pump: the bridge is its part
+        self.bridge = UblkBridge(host.engine.compiled)
         self.max_sectors, self.depth = request_layout(host.target)
         self.control = UblkControl(helper)
         self.dev_id = None
@@ -2673,7 +2723,7 @@ class UblkBackend(BlockBackend):
 
     def _set_bounds(self, sectors):
         self.engine.sectors = sectors
-        self.pump.bridge_resize(sectors)
+        self.bridge.resize(sectors)
 
     def hand_over(self):
         """Pause the device for a new daemon (QUIESCE_DEV: the kernel stops handing out
@@ -2716,7 +2766,7 @@ class UblkBackend(BlockBackend):
         self.commit_tags = self.ffi.new("uint16_t[]", self.depth)
         self.commit_results = self.ffi.new("int32_t[]", self.depth)
         ublk_check(self.lib.ublk_queue_fetch_all(self.queue), "ublk FETCH_REQ")
-        ublk_check(self.pump.bridge(self.queue, self.engine.sectors, self.host.readonly),
+        ublk_check(self.bridge.open(self.queue, self.engine.sectors, self.host.readonly),
                    "bridge")
 
     def _control_served(self, nr, data0, what):
@@ -2740,7 +2790,7 @@ class UblkBackend(BlockBackend):
 
     def _close_queue(self):
         if self.queue is not None:
-            self.pump.bridge(self.ffi.NULL, 0, 0)
+            self.bridge.close()
             self.lib.ublk_queue_close(self.queue)
             self.queue = None
 
@@ -2749,11 +2799,11 @@ class UblkBackend(BlockBackend):
 
     def set_down(self, down):
         """While the target is down the pump hands every request over, and they fail here."""
-        self.pump.bridge_admit(not down)
+        self.bridge.admit(not down)
 
     def completed(self, rid, status):
         """An engine request ended: the answer for its ublk tag, or a flush sent again."""
-        bridged = ublk_request_of(rid)
+        bridged = UblkBridge.request_of(rid)
         if bridged is not None:                   # only failures come back from the helper
             (op, tag), nbytes = bridged, 0
             start = self.lib.ublk_queue_start_sector(self.queue, tag)
@@ -2782,7 +2832,7 @@ class UblkBackend(BlockBackend):
     def intake(self):
         """The requests the pump handed over, and the results to commit; False once the
         queue is gone (stopped or aborted)."""
-        finished, error, handed = self.pump.bridge_events()
+        finished, error, handed = self.bridge.events()
         if error:
             ublk_check(error, "ublk queue")
         if finished:
@@ -3201,8 +3251,9 @@ class NbdBackend(BlockBackend):
         """Serve the protocol on our end of the socket: in the helper's pump where it runs
         the engine, else here."""
         self.sock.setblocking(False)
-        pump = self.engine.pump
-        self.server = NbdBridged(self, pump) if isinstance(pump, HelperPump) else NbdStream(self)
+        compiled = self.engine.compiled
+        self.server = (NbdStream(self) if compiled is None
+                       else NbdBridged(self, NbdBridge(compiled)))
 
     def inside(self, offset, length):
         """The request's bytes lie inside the device: only then does a length read from the
@@ -3440,29 +3491,29 @@ class NbdStream:
 
 
 class NbdBridged:
-    """The NBD protocol served by the helper's pump (see HelperPump.nbd_bridge): requests
-    that go well never reach Python; failures and the requests it hands over come here."""
+    """The NBD protocol served by the helper's pump (see NbdBridge): requests that go
+    well never reach Python; failures and the requests it hands over come here."""
 
-    def __init__(self, backend, pump):
-        self.backend, self.pump, self.log = backend, pump, backend.log
+    def __init__(self, backend, bridge):
+        self.backend, self.bridge, self.log = backend, bridge, backend.log
         self.engine = backend.engine
         self.ended = False
-        pump.nbd_bridge(backend.sock, NBD_MAX_READ, backend.max_sectors * SECTOR_SIZE,
-                        self.engine.sectors, backend.host.readonly)
+        bridge.open(backend.sock, NBD_MAX_READ, backend.max_sectors * SECTOR_SIZE,
+                    self.engine.sectors, backend.host.readonly)
 
     @property
     def open(self):
-        return self.pump.nbd_open
+        return self.bridge.open_requests
 
     def wait_fd(self):
         return self.backend.sock.fileno()
 
     def set_down(self, down):
         """While the target is down the pump hands every request over, and they fail here."""
-        self.pump.bridge_admit(not down)
+        self.bridge.admit(not down)
 
     def intake(self):
-        finished, error, handed = self.pump.nbd_events()
+        finished, error, handed = self.bridge.events()
         if error == -errno.EPROTO:
             self.log("nbd: a request without the request magic: closing the socket")
         elif error:
@@ -3478,29 +3529,29 @@ class NbdBridged:
         """A request the pump handed over: answered here, or sent through the engine."""
         error = self.backend.refusal(r.command, r.offset, r.length)
         if error:
-            return self.pump.nbd_reply(r.slot, error)
+            return self.bridge.reply(r.slot, error)
         if r.command == NBD_CMD_FLUSH:
             return self._engine(r.slot, OP_FLUSH, 0, 0, None)
         op = OP_READ if r.command == NBD_CMD_READ else OP_WRITE
         self._engine(r.slot, op, r.offset // SECTOR_SIZE, r.length // SECTOR_SIZE,
-                     self.pump.nbd_buffer(r.slot, r.length))
+                     self.bridge.buffer(r.slot, r.length))
 
     def _engine(self, slot, op, lba, count, buf):
         try:
-            self.engine.submit(op, lba, count, buf, req_id=nbd_request_id(op, slot))
+            self.engine.submit(op, lba, count, buf, req_id=NbdBridge.request_id(op, slot))
         except AoeError as e:
             self.log(str(e))
-            self.pump.nbd_reply(slot, errno.EIO)
+            self.bridge.reply(slot, errno.EIO)
 
     def completed(self, rid, status):
         """Only failures come back from the pump."""
-        op, slot = nbd_request_of(rid)
+        op, slot = NbdBridge.request_of(rid)
         if self.backend.failed(op, status):
             return self._engine(slot, OP_FLUSH, 0, 0, None)
-        self.pump.nbd_reply(slot, errno.EIO)
+        self.bridge.reply(slot, errno.EIO)
 
     def close(self):
-        self.pump.nbd_unbridge()
+        self.bridge.close()
 
 
 def flush_block_device(path):
@@ -5830,7 +5881,7 @@ def io_range(args, target):
 
 def summary(target, engine, verb, nbytes, seconds):
     rate = nbytes / max(seconds, 1e-9) / 1e6
-    path = "helper" if engine.helper_used else "pure Python"
+    path = "pure Python" if engine.compiled is None else "helper"
     return ("%s %s %s in %.2f s (%.1f MB/s, %s)"
             % (verb, human_size(nbytes), target.name, seconds, rate, path))
 
@@ -6163,7 +6214,8 @@ def cmd_bench(args):
     finally:
         engine.close()
     if args.json:
-        emit_json({"device": target.name, "helper": engine.helper_used, "results": results})
+        emit_json({"device": target.name, "helper": engine.compiled is not None,
+                   "results": results})
     else:
         print("%-11s %8s %5s %10s %10s %10s %10s"
               % ("test", "block", "depth", "MB/s", "IOPS", "p50 ms", "p99 ms"))
@@ -6172,7 +6224,7 @@ def cmd_bench(args):
                   % (r["test"], human_size(r["block"]), r["depth"], r["mb_per_s"], r["iops"],
                      r["lat_p50_ms"], r["lat_p99_ms"]))
         print("(%s, %s data path)"
-              % (target.name, "helper" if engine.helper_used else "pure-Python"))
+              % (target.name, "pure-Python" if engine.compiled is None else "helper"))
     return EXIT_OK
 
 

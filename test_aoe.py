@@ -509,7 +509,7 @@ def pump_for(kind, sock, seed=7):
     if kind == "helper":
         helper = aoe.load_helper()
         need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
-        pump = aoe.HelperPump(helper, 3, 7, True, 2, seed, frames=64)
+        pump = aoe.HelperPump(aoe.CompiledEngine(helper, 3, 7, seed, frames=64), True, 2)
     else:
         # small: forged tags name slots past the end
         pump = aoe.PyPump(3, 7, True, 2, seed, frames=64)
@@ -684,12 +684,12 @@ def test_request_ids_are_made_and_read_alike_by_the_helper_and_aoe_py():
     field, the other layouts' ids and ids with one stray bit included."""
     helper = aoe.load_helper()
     need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
-    lib = helper.lib
+    lib, ublk_bridge, nbd_bridge = helper.lib, aoe.UblkBridge, aoe.NbdBridge
     ublk = [(op, tag) for op in (0, 1, 2, 5, 0xFF) for tag in (0, 1, 0x7FFF, 0xFFFF)]
     nbd = [(op, slot) for op in (aoe.OP_READ, aoe.OP_WRITE, aoe.OP_FLUSH, 0xFF)
            for slot in (0, 1, 0xFFFF, 0xFFFFFFFF)]
-    ids = [aoe.ublk_request_id(op, tag) for op, tag in ublk]
-    ids += [aoe.nbd_request_id(op, slot) for op, slot in nbd]
+    ids = [ublk_bridge.request_id(op, tag) for op, tag in ublk]
+    ids += [nbd_bridge.request_id(op, slot) for op, slot in nbd]
     assert ids == [lib.ublk_request_id(op, tag) for op, tag in ublk] + \
         [lib.nbd_request_id(op, slot) for op, slot in nbd]
     ids += [aoe.PROBE_REQ, 0, 1, 0xFFFF, 0xFFFFFFFF, 2 ** 64 - 1, aoe.BRIDGE_ID | aoe.NBD_ID]
@@ -697,11 +697,27 @@ def test_request_ids_are_made_and_read_alike_by_the_helper_and_aoe_py():
     for rid in ids:
         as_ublk = (lib.ublk_request_op(rid), lib.ublk_request_tag(rid))
         as_nbd = (lib.nbd_request_op(rid), lib.nbd_request_slot(rid))
-        assert aoe.ublk_request_of(rid) == (as_ublk if lib.is_ublk_request_id(rid) else None)
-        assert aoe.nbd_request_of(rid) == (as_nbd if lib.is_nbd_request_id(rid) else None)
-    assert [aoe.ublk_request_of(aoe.ublk_request_id(op, tag)) for op, tag in ublk] == ublk
-    assert [aoe.nbd_request_of(aoe.nbd_request_id(op, slot)) for op, slot in nbd] == nbd
-    assert aoe.ublk_request_of(aoe.PROBE_REQ) is None is aoe.nbd_request_of(aoe.PROBE_REQ)
+        assert ublk_bridge.request_of(rid) == (as_ublk if lib.is_ublk_request_id(rid) else None)
+        assert nbd_bridge.request_of(rid) == (as_nbd if lib.is_nbd_request_id(rid) else None)
+    assert [ublk_bridge.request_of(ublk_bridge.request_id(*u)) for u in ublk] == ublk
+    assert [nbd_bridge.request_of(nbd_bridge.request_id(*n)) for n in nbd] == nbd
+    assert ublk_bridge.request_of(aoe.PROBE_REQ) is None is nbd_bridge.request_of(aoe.PROBE_REQ)
+
+
+@pytest.mark.engine
+def test_both_pumps_have_one_public_surface():
+    """The Engine drives PyPump and HelperPump alike: the two offer exactly the same public
+    members (the helper's bridges and its spin live elsewhere)."""
+    helper = aoe.load_helper()
+    need(helper is not None, "needs the compiled helper: python3 build_ffi.py")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        pumps = [pump_for("python", ours), pump_for("helper", ours)]
+        public = [{name for name in dir(pump) if not name.startswith("_")} for pump in pumps]
+        assert public[0] == public[1]
+        assert {"submit", "pump", "paths", "flush_cmd", "failed", "stats", "close"} <= public[0]
+        for pump in pumps:
+            pump.close()
 
 
 @pytest.mark.engine
@@ -751,7 +767,7 @@ def test_ublk_failed_read_completes_up_to_its_first_failed_frame():
     request is not a READ."""
     abrt = -(aoe.STATUS_ATA_ERROR | aoe.ATA_ABORTED)
     read, write = aoe.UBLK_IO_OP_READ, aoe.UBLK_IO_OP_WRITE
-    bridged = aoe.ublk_request_id
+    bridged = aoe.UblkBridge.request_id
     failed = {3: [(137, 17, abrt), (120, 17, abrt)], bridged(read, 7): [(1034, 17, abrt)],
               4: [(100, 17, abrt)], 5: [(150, 2, abrt)], bridged(read, 9): [(5000, 1, abrt)],
               bridged(write, 8): [(1017, 17, abrt)]}
@@ -878,7 +894,7 @@ def test_helper_pump_spins_only_for_fast_paths_and_still_takes_only_true_answers
         assert engine.spin_for() == (0, aoe.LONE_SPIN_MAX_US)   # a slow target: capped
 
         pump, target = engine.pump, ScriptedTarget(theirs)
-        pump.set_spin(aoe.SPIN_US, 0)
+        engine.compiled.set_spin(aoe.SPIN_US, 0)
         path.rto_us = path.reorder_us = 60000000
         buf = bytearray(4 * 512)
         pump.submit(1, aoe.OP_READ, 40, 4, buf)
@@ -1030,7 +1046,7 @@ def test_nbd_server_takes_requests_however_the_stream_is_cut(answer_chance, cuts
     submitted = []
 
     class Engine:
-        dead = pump = None
+        dead = compiled = None
         sectors = NBD_DISK_SECTORS
 
         def submit(self, op, lba, count, buf, req_id):
